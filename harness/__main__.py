@@ -1,0 +1,66 @@
+"""Command line: `python -m harness COMMAND`.
+
+    run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, scored and logged
+    baseline                                            the FP and round-to-nearest rows
+    evaluate ARTIFACT                                   verify and score an exported artifact
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from harness.budget import TIME_BUDGET_SECONDS
+from harness.evaluate import EVAL_TOKENS
+
+BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
+
+
+def _run(args: argparse.Namespace) -> int:
+    from harness.runner import RunSpec, run_experiment
+
+    failed = 0
+    for prefix in BASELINES if args.command == "baseline" else [[]]:
+        spec = RunSpec(train_args=[*prefix, *args.train_args], description=args.description,
+                       budget_seconds=args.budget, eval_tokens=args.eval_tokens)  # fmt: skip
+        failed += run_experiment(spec).status in ("crash", "invalid")
+    return 1 if failed else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from harness import evaluate
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "eval.json"
+        code = evaluate.main([str(args.artifact), "--out", str(out), "--eval-tokens", str(args.eval_tokens)])
+        print(json.dumps(json.loads(out.read_text()), indent=1))
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    train_args: list[str] = []
+    if "--" in argv:  # everything after -- goes to train.py untouched
+        argv, train_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, about in (("run", "one experiment: train.py, verify, score, log"), ("baseline", "FP and RTN rows")):
+        sub = commands.add_parser(name, help=about)
+        sub.add_argument("--description", default="", help="one line for results.tsv")
+        sub.add_argument("--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds")
+        sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
+        sub.set_defaults(handler=_run, train_args=train_args)
+    sub = commands.add_parser("evaluate", help="verify and score an artifact folder")
+    sub.add_argument("artifact", type=Path)
+    sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
+    sub.set_defaults(handler=_evaluate)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,7 +153,7 @@ def load_verified(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> tup
             raise InvalidArtifact(f"{name}: declared shape {spec.get('shape')}, the model has {list(linear.weight.shape)}")
         tensors = by_layer.pop(name, {})
         weight = decode_layer(name, spec, tensors)
-        gap = (weight - linear.weight.float()).abs().max()
+        gap = (weight - linear.weight.detach().float()).abs().max()
         if gap > AGREEMENT_RTOL * weight.abs().max().clamp_min(1e-12):
             raise InvalidArtifact(
                 f"{name}: model.safetensors differs from the decoded codes by {float(gap):.3g} "

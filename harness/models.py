@@ -87,15 +87,17 @@ def _download(hub_id: str, models_dir: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from harness.sources import hub_reachable
+
+    offline_hint = f"offline, use the embedded default: python prepare.py --model {EMBEDDED_DEFAULT}"
+    if not hub_reachable():  # fail in a second rather than after a minute of retries
+        raise ModelError(f"cannot load {hub_id!r}: the model hub is unreachable (or HF_HUB_OFFLINE is set); {offline_hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(hub_id)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype="float32")
     except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all end here
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ModelError(
-            f"cannot load {hub_id!r} from the model hub ({reason}); "
-            f"offline, use the embedded default: python prepare.py --model {EMBEDDED_DEFAULT}"
-        ) from None
+        raise ModelError(f"cannot load {hub_id!r} from the model hub ({reason}); {offline_hint}") from None
     _save_plain(model, tokenizer, target)
     return target
 

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny real Llama with a real byte-level BPE tokenizer, prepared on WikiText-2.
+
+Everything is built in seconds: the tokenizer is trained on WikiText-2's valid split, the model
+is a 2-layer Llama from a config (random weights). Tests point the harness at temp folders
+through its environment variables, so nothing touches the checkout's data/, runs/ or results.tsv.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
+sys.path.insert(0, str(ROOT))
+
+TINY_VOCAB = 512
+TINY_GROUP = 32  # the tiny model's hidden size 48 gives one full group and one short one
+
+
+def build_tiny_model_dir(target: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train([str(WIKITEXT / "valid.txt")], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(target)
+    fast.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A data dir prepared by prepare.py: tiny model, WikiText-2 valid to train, test to evaluate."""
+    import prepare
+
+    data_dir = tmp_path_factory.mktemp("data")
+    code = prepare.main(["--model", str(tiny_model_dir), "--train", f"file:{WIKITEXT / 'valid.txt'}",
+                         "--eval", f"file:{WIKITEXT / 'test.txt'}", "--data-dir", str(data_dir)])  # fmt: skip
+    assert code == 0
+    return data_dir
+
+
+@pytest.fixture
+def harness_env(tiny_data_dir, tmp_path, monkeypatch) -> Path:
+    """Point the harness (and the processes it starts) at the tiny data and a temp results file."""
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tiny_data_dir))
+    monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results.tsv"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return tmp_path

@@ -1,0 +1,38 @@
+import time
+
+from harness.budget import Budget
+
+
+def test_step_cap_stops_training():
+    budget = Budget(seconds=1000, max_steps=3)
+    steps = 0
+    while not budget.done():
+        budget.step_done()
+        steps += 1
+    assert steps == 3
+
+
+def test_clock_starts_after_the_first_step_and_stops_training():
+    budget = Budget(seconds=0.2)
+    time.sleep(0.3)  # model loading and the first step are free
+    assert budget.elapsed == 0 and not budget.done()
+    budget.step_done()
+    steps = 1
+    while not budget.done():
+        time.sleep(0.05)
+        budget.step_done()
+        steps += 1
+    assert 0.2 <= budget.elapsed < 1.0 and steps >= 3
+
+
+def test_paused_time_is_not_charged():
+    budget = Budget(seconds=10)
+    budget.step_done()
+    with budget.paused():
+        time.sleep(0.3)
+    assert budget.elapsed < 0.1
+
+
+def test_budget_reads_the_harness_setting(monkeypatch):
+    monkeypatch.setenv("HARNESS_BUDGET_SECONDS", "12.5")
+    assert Budget.from_env(max_steps=4) == Budget(seconds=12.5, max_steps=4)

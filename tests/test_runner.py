@@ -1,0 +1,99 @@
+"""End to end on the tiny model: train.py runs as a child, the harness scores its artifact in
+another process, and every outcome, good or bad, becomes one row with a reason."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_GROUP
+from harness import results
+from harness.runner import RunSpec, run_experiment
+
+TINY_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "64", "--log-every", "1"]
+EVAL_TOKENS = 4096
+
+
+def run(tmp_path, train_args, script=None, **spec):
+    spec = RunSpec(train_args=train_args, budget_seconds=60, eval_tokens=EVAL_TOKENS, echo=False,
+                   train_script=script or ROOT / "train.py", results_path=tmp_path / "results.tsv",
+                   runs_dir=tmp_path / "runs", **spec)  # fmt: skip
+    return run_experiment(spec)
+
+
+def only_row(tmp_path):
+    frame = results.read(tmp_path / "results.tsv")
+    assert len(frame) == 1
+    return frame.iloc[0]
+
+
+def broken_train_script(tmp_path, old, new):
+    """train.py with one line changed: a real script failing the way a careless edit would."""
+    text = (ROOT / "train.py").read_text()
+    assert old in text
+    script = tmp_path / "train.py"
+    script.write_text(text.replace(old, new))
+    return script
+
+
+def test_a_tiny_qat_run_lands_a_verified_row(harness_env):
+    outcome = run(harness_env, [*TINY_FLAGS, "--steps", "4"])
+    assert outcome.status == "keep", outcome.reason
+    row = only_row(harness_env)
+    assert row["status"] == "keep" and row["steps"] == 4 and row["train_tokens"] == 4 * 2 * 64
+    assert 0 < row["val_bpb"] < 20 and row["bpw"] < 4 and row["peak_mem_gb"] > 0
+    assert row["eval_set"].endswith(f"test.txt:all@{EVAL_TOKENS}x1024")
+    assert json.loads(row["config"])["group_size"] == TINY_GROUP
+    log = (outcome.run_dir / "run.log").read_text()
+    assert "\n---\nval_bpb:" in log and "status:           keep" in log
+    assert (outcome.run_dir / "loss.csv").read_text().count("\n") == 5  # header + 4 steps
+
+
+def test_baselines_are_recorded_as_such(harness_env):
+    fp = run(harness_env, [*TINY_FLAGS, "--baseline", "fp"])
+    rtn = run(harness_env, [*TINY_FLAGS, "--baseline", "rtn"])
+    assert fp.status == rtn.status == "baseline"
+    assert fp.row["bpw"] == 32.0 and rtn.row["bpw"] < 4 and fp.row["steps"] == 0
+
+
+def test_nan_loss_stops_early_as_a_crash_row(harness_env):
+    script = broken_train_script(harness_env, "            loss = ce\n", "            loss = ce * float('nan')\n")
+    outcome = run(harness_env, [*TINY_FLAGS, "--distill-weight", "0"], script=script)
+    assert outcome.status == "crash" and "loss is nan at step 0" in outcome.reason
+    row = only_row(harness_env)
+    assert row["status"] == "crash" and str(row["val_bpb"]) == "nan"
+
+
+def test_an_exception_becomes_a_crash_row_with_its_message(harness_env):
+    script = broken_train_script(harness_env, "    cfg = parse_flags(argv)\n", "    raise RuntimeError('boom')\n")
+    outcome = run(harness_env, TINY_FLAGS, script=script)
+    assert outcome.status == "crash" and outcome.reason == "RuntimeError: boom"
+
+
+def test_a_hung_run_is_killed_and_recorded(harness_env):
+    script = harness_env / "hang.py"
+    script.write_text("import subprocess, time\nsubprocess.Popen(['sleep', '300'])\ntime.sleep(300)\n")
+    outcome = run(harness_env, [], script=script, time_limit=2)
+    assert outcome.status == "crash" and outcome.reason.startswith("killed after 2 s")
+    assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).stdout == b""  # whole group gone
+
+
+def test_an_unverifiable_export_is_invalid_not_scored(harness_env):
+    script = broken_train_script(harness_env, "            layers[name], plain = linear.export()\n",
+                                 "            _, plain = linear.export()\n")  # fmt: skip
+    outcome = run(harness_env, [*TINY_FLAGS, "--steps", "1"], script=script)
+    assert outcome.status == "invalid" and "not quantized" in outcome.reason
+    assert str(only_row(harness_env)["val_bpb"]) == "nan"
+
+
+def test_python_train_py_by_hand_goes_through_the_harness(harness_env):
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_RUN_DIR"}
+    env["HARNESS_BUDGET_SECONDS"] = "30"
+    done = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--steps", "2", "--description", "by hand"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "\n---\nval_bpb:" in done.stdout
+    row = only_row(harness_env)
+    assert row["description"] == "by hand" and row["steps"] == 2 and row["status"] == "keep"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from harness import models, paths, sources
-from harness.data import PREPARED, DataError, atomic_write_json, check_token_file, token_dtype, write_token_file
+from harness.data import PREPARED, DataError, atomic_write_bytes, atomic_write_json, check_token_file, token_dtype, write_token_file
 
 TOKENIZE_BATCH_DOCS = 16  # documents per tokenizer call: keeps the progress bar moving on long texts
 
@@ -101,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = data_dir / "tokens" / model_name
         out_dir.mkdir(parents=True, exist_ok=True)
         token_bytes_path = out_dir / "token_bytes.npy"
-        np.save(token_bytes_path, models.token_byte_lengths(tokenizer))
+        token_bytes = models.token_byte_lengths(tokenizer)
+        if not token_bytes_path.exists() or not np.array_equal(np.load(token_bytes_path), token_bytes):
+            buffer = io.BytesIO()
+            np.save(buffer, token_bytes)
+            atomic_write_bytes(token_bytes_path, buffer.getvalue())
         text_dir = data_dir / "text"
         try:
             train = prepare_split(train_source, sources.TRAIN, tokenizer, tokenizer_id, out_dir, text_dir)
@@ -122,17 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     def relative(path: Path) -> str:
         return str(path.resolve().relative_to(data_dir)) if path.resolve().is_relative_to(data_dir) else str(path)
 
-    atomic_write_json(
-        data_dir / PREPARED,
-        {
-            "model_name": model_name,
-            "model_dir": relative(model_dir),
-            "train": relative(train.path),
-            "eval": relative(evaluation.path),
-            "token_bytes": relative(token_bytes_path),
-            "sources": {"train": train_source, "eval": eval_source, "why": why},
-        },
-    )
+    record = {
+        "model_name": model_name,
+        "model_dir": relative(model_dir),
+        "train": relative(train.path),
+        "eval": relative(evaluation.path),
+        "token_bytes": relative(token_bytes_path),
+        "sources": {"train": train_source, "eval": eval_source, "why": why},
+    }
+    if not (data_dir / PREPARED).exists() or json.loads((data_dir / PREPARED).read_text()) != record:
+        atomic_write_json(data_dir / PREPARED, record)
     print(f"prepared: {data_dir / PREPARED}")
     return 0
 

@@ -20,8 +20,12 @@ BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
 
 
 def _run(args: argparse.Namespace) -> int:
-    from harness.runner import RunSpec, run_experiment
+    from harness.runner import RunSpec, check_ready, run_experiment
 
+    problem = check_ready()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     failed = 0
     for prefix in BASELINES if args.command == "baseline" else [[]]:
         spec = RunSpec(train_args=[*prefix, *args.train_args], description=args.description,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from harness import paths, results
 from harness.budget import BUDGET_ENV, TIME_BUDGET_SECONDS
+from harness.data import DataError, load_prepared
 from harness.evaluate import EVAL_TOKENS
 
 RUN_DIR_ENV = "HARNESS_RUN_DIR"  # tells train.py where to write, and that the harness is watching
@@ -262,8 +263,22 @@ def format_summary(row: dict, reason: str, total_seconds: float) -> str:
     return "\n".join(lines)
 
 
+def check_ready() -> str | None:
+    """Why no experiment can start (data not prepared, or corrupt), or None. Checked before a run
+    so that a missing `prepare.py` step is one clear line, not a crash row per attempt."""
+    try:
+        load_prepared(full_check=True)
+    except DataError as err:
+        return str(err)
+    return None
+
+
 def main_for_train_script(train_args: list[str]) -> int:
     """`python train.py ARGS` by hand: the same as `python -m harness run -- ARGS`."""
+    problem = check_ready()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     budget = float(os.environ.get(BUDGET_ENV, TIME_BUDGET_SECONDS))
     outcome = run_experiment(RunSpec(train_args=train_args, budget_seconds=budget))
     return 0 if outcome.status not in ("crash", "invalid") else 1

@@ -16,11 +16,12 @@ def run_prepare(model_dir, data_dir, *extra):
 def test_prepare_is_idempotent(tiny_model_dir, tmp_path, capsys):
     assert run_prepare(tiny_model_dir, tmp_path) == 0
     first = load_prepared(tmp_path, full_check=True)
-    stamps = {p: p.stat().st_mtime_ns for p in (first.train.path, first.eval.path)}
+    written = [first.train.path, first.eval.path, tmp_path / "prepared.json", *tmp_path.glob("tokens/*/token_bytes.npy")]
+    stamps = {p: p.stat().st_mtime_ns for p in written}
     capsys.readouterr()
     assert run_prepare(tiny_model_dir, tmp_path) == 0
     assert capsys.readouterr().out.count("up to date") == 2
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4  # nothing rewritten
     assert first.eval.meta["utf8_bytes"] == 1_256_449  # WikiText-2 test, as shared/README says
 
 

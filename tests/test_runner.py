@@ -97,3 +97,12 @@ def test_python_train_py_by_hand_goes_through_the_harness(harness_env):
     assert "\n---\nval_bpb:" in done.stdout
     row = only_row(harness_env)
     assert row["description"] == "by hand" and row["steps"] == 2 and row["status"] == "keep"
+
+
+def test_an_unprepared_checkout_gets_one_line_and_no_row(harness_env, monkeypatch):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(harness_env / "nothing-here"))
+    done = subprocess.run([sys.executable, "train.py", "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "HARNESS_RUN_DIR"}, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: no ") and "python prepare.py" in done.stderr
+    assert not (harness_env / "results.tsv").exists()

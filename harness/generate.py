@@ -29,7 +29,7 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int = NEW_TOKENS) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     # a config of our own: the model's may ask for sampling, temperature or a repetition penalty
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+                              pad_token_id=tokenizer.eos_token_id)  # one unpadded sequence: pad is never used
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

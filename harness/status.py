@@ -72,9 +72,12 @@ def since_cutoff(since: str, now: float | None = None) -> pd.Timestamp:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         return pd.Timestamp(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((now or time.time()) - seconds)))
     try:
-        return pd.Timestamp(since)
+        cutoff = pd.Timestamp(since)
     except ValueError:
         raise ValueError(f"--since {since!r}: give an age like 90m, 8h, 2d or a time like 2026-01-02T03:00") from None
+    if cutoff.tzinfo is not None:  # "...Z" or "+02:00": compare in local time, as rows are written
+        cutoff = pd.Timestamp(cutoff.to_pydatetime().astimezone().replace(tzinfo=None))
+    return cutoff
 
 
 def apply_filters(frame: pd.DataFrame, filters: Filters) -> pd.DataFrame:
@@ -142,13 +145,14 @@ def _table(frame: pd.DataFrame, columns: list[str]) -> str:
         shown["timestamp"] = shown["timestamp"].str.replace("T", " ").str[5:16]  # MM-DD HH:MM
     if "note" in shown:
         shown["note"] = shown["note"].map(lambda text: text if len(text) <= NOTE_WIDTH else text[: NOTE_WIDTH - 1] + "…")
+        shown["note"] = shown["note"].str.ljust(shown["note"].str.len().max())  # prose reads left-aligned
     shown = shown.fillna("").rename(columns={"train_seconds": "secs", "timestamp": "time"})
     return shown.to_string(index=False)
 
 
 def render(path: Path, filters: Filters | None = None, last: int | None = None) -> str:
     status = load(path, filters)
-    lines = [f"{path}: {len(status.rows)} rows" + (f", {status.skipped} malformed or foreign lines skipped" if status.skipped else "")]
+    lines = [f"{path}: {len(status.rows)} row{'' if len(status.rows) == 1 else 's'}" + (f", {status.skipped} malformed or foreign lines skipped" if status.skipped else "")]
     if status.rows.empty:
         return "\n".join([*lines, "no rows yet" if not path.exists() else "no rows match"]) + "\n"
     shown = status.rows.tail(last) if last else status.rows

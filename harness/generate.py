@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from harness.artifact import load_verified
+from harness.data import DataError, load_prepared
+from harness.formats import InvalidArtifact
 from harness.inspect_run import RunNotFound, find_run
 
 NEW_TOKENS = 40
@@ -50,11 +53,7 @@ class SideBySide:
 
 def compare(run_dir: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> SideBySide:
     """Greedy continuations of each prompt by both models."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from harness.artifact import load_verified
-    from harness.data import load_prepared
-    from harness.formats import InvalidArtifact
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: only when used
 
     prepared = load_prepared()
     model_dir = prepared.model_dir
@@ -95,8 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from harness.data import DataError
-
     try:
         run_dir = find_run(args.run)
         result = compare(run_dir, args.prompt or list(DEFAULT_PROMPTS), args.tokens)

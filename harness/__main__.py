@@ -3,11 +3,16 @@
     run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, scored and logged
     baseline                                            the FP and round-to-nearest rows
     evaluate ARTIFACT                                   verify and score an exported artifact
+    status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
+    plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
+    show RUN                                            a run's config, row, train.py diff and log tail
+    generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -17,6 +22,13 @@ from harness.budget import TIME_BUDGET_SECONDS
 from harness.evaluate import EVAL_TOKENS
 
 BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
+# viewers: subcommand -> (module with add_arguments(parser) and command(args) -> exit code, help)
+VIEWERS = {
+    "status": ("harness.status", "results.tsv as a table, best per track, Pareto front; --follow"),
+    "plot": ("harness.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
+    "show": ("harness.inspect_run", "one run: config, row, train.py diff against its parent, log tail"),
+    "generate": ("harness.generate", "greedy continuations: FP model vs the run's low-bit model"),
+}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -62,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("artifact", type=Path)
     sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     sub.set_defaults(handler=_evaluate)
+    for name, (module_name, about) in VIEWERS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=about)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.command)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -100,17 +100,25 @@ def append(row: dict, path: Path) -> None:
 def read(path: Path) -> pd.DataFrame:
     """All well-formed rows (numeric columns as floats, missing metrics as NaN); malformed lines
     and foreign statuses are skipped. An absent or empty file gives an empty frame."""
+    return read_counted(path)[0]
+
+
+def read_counted(path: Path) -> tuple[pd.DataFrame, int]:
+    """read(), plus how many non-blank lines after the header were skipped (all of them when the
+    header is foreign), so a viewer can say so."""
     if not path.exists() or path.stat().st_size == 0:
-        return pd.DataFrame(columns=list(COLUMNS))
+        return pd.DataFrame(columns=list(COLUMNS)), 0
+    with open(path, errors="replace") as handle:
+        data_lines = sum(1 for line in handle if line.strip()) - 1
     frame = pd.read_csv(
         path, sep="\t", dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python", quoting=3
     )
     if tuple(frame.columns) != COLUMNS:
-        return pd.DataFrame(columns=list(COLUMNS))
+        return pd.DataFrame(columns=list(COLUMNS)), max(data_lines, 0)
     frame = frame[frame["status"].isin(STATUSES)].copy()
     for column in NUMERIC:
         frame[column] = pd.to_numeric(frame[column].replace("", None), errors="coerce")
-    return frame.reset_index(drop=True)
+    return frame.reset_index(drop=True), data_lines - len(frame)
 
 
 def best_in_track(frame: pd.DataFrame, eval_set: str, model: str, track: str | None) -> float | None:

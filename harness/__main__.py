@@ -3,6 +3,7 @@
     run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, scored and logged
     baseline                                            the FP and round-to-nearest rows
     evaluate ARTIFACT                                   verify and score an exported artifact
+    agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return code
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from harness import agent
+
+    return agent.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args: list[str] = []
@@ -58,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("artifact", type=Path)
     sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     sub.set_defaults(handler=_evaluate)
+    from harness.agent import add_arguments as add_agent_arguments
+
+    sub = commands.add_parser("agent", help="autonomous experiments in tmux: LLM or Optuna proposals")
+    add_agent_arguments(sub)
+    sub.set_defaults(handler=_agent, train_args=train_args)
     args = parser.parse_args(argv)
     return args.handler(args)
 

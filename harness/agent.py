@@ -104,6 +104,12 @@ class Workspace:
         return git(["rev-parse", "HEAD"], self.path)
 
 
+def _pythonpath() -> str:
+    """The harness first (the run imports it from this checkout), then the user's entries."""
+    entries = [str(paths.ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    return os.pathsep.join(dict.fromkeys(entry for entry in entries if entry))
+
+
 def run_environment(train_py: Path) -> dict[str, str]:
     """What a run's pane needs, explicitly: the tmux server may have been started long ago by
     someone else. The harness reads the user's data, runs/ and results.tsv, and the worktree's
@@ -111,8 +117,7 @@ def run_environment(train_py: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if PASSED_ENV.match(k) and k not in SECRET_ENV}
     env.update(HARNESS_TRAIN_SCRIPT=str(train_py), HARNESS_DATA_DIR=str(paths.data_dir()),
                HARNESS_RUNS_DIR=str(paths.runs_dir()), HARNESS_RESULTS=str(paths.results_path()),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")  # fmt: skip
+               PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")  # fmt: skip
     return env
 
 

@@ -123,7 +123,7 @@ class LLMProposer:
 
     def propose(self, context: Context) -> Proposal:
         reply = self._complete(build_messages(context))
-        self.log("reply", text=(reply or "")[:4000])
+        self.log("reply", chars=len(reply or ""), text=(reply or "")[:4000])
         try:
             train_py, description = edited_train_py(context.train_py, reply)
         except EditRejected as err:

@@ -17,12 +17,23 @@ def tmux(tmp_path):
     box.server.kill()
 
 
-def alive(pid):
+def alive(pid, settle=5.0):
+    """Whether pid still runs, allowing a SIGKILL `settle` seconds to be delivered."""
+    ends = time.monotonic() + settle
+    while _running(pid) and time.monotonic() < ends:
+        time.sleep(0.1)
+    return _running(pid)
+
+
+def _running(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
     return state != "Z"
 
 
@@ -50,7 +61,7 @@ def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path):
     while not pid_file.exists() or not pid_file.read_text().strip():
         time.sleep(0.1)
     child = int(pid_file.read_text())
-    assert alive(child)
+    assert alive(child, settle=0)
     end = job.wait(timeout=2)
     assert end.how == "timeout" and end.exit_code is None
     assert not alive(child)

@@ -343,7 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--request-timeout", type=float, default=300.0, help="seconds per API call")
     llm.add_argument("--retries", type=int, default=3)
     llm.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (doubles)")
-    llm.add_argument("--max-tokens", type=int, default=2048)
+    llm.add_argument("--max-tokens", type=int, default=2048, help="reply length cap")
+    llm.add_argument("--train-chars", type=int, help="show the model only the first N characters of train.py")
     opt = parser.add_argument_group("optuna proposer")
     opt.add_argument("--search-space", type=Path, help="default: search_space.json next to train.py")
     opt.add_argument("--seed", type=int, default=None)
@@ -367,7 +368,7 @@ def main(args: argparse.Namespace) -> int:
     if args.proposer == "llm":
         proposer = LLMProposer(LLMConfig(model=args.model, base_url=args.base_url, api_key=api_key,
                                          timeout=args.request_timeout, retries=args.retries, backoff=args.backoff,
-                                         max_tokens=args.max_tokens), log=log)  # fmt: skip
+                                         max_tokens=args.max_tokens, train_chars=args.train_chars), log=log)  # fmt: skip
         log("proposer", kind="llm", model=args.model, base_url=str(proposer.client.base_url))
     else:
         space_file = args.search_space or workspace.train_py.parent / "search_space.json"

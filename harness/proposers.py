@@ -66,9 +66,14 @@ def _results_table(frame: pd.DataFrame) -> str:
     return frame.tail(RECENT_ROWS)[list(RESULT_COLUMNS)].to_csv(sep="\t", index=False, float_format="%.4f")
 
 
-def build_messages(context: Context) -> list[dict]:
+def build_messages(context: Context, train_chars: int | None = None) -> list[dict]:
+    """program.md as the system message; train.py (its first `train_chars` characters when the
+    model's context is small: the settings come first), the results and the last crash."""
+    shown = context.train_py
+    if train_chars is not None and len(shown) > train_chars:
+        shown = shown[: shown.rfind("\n", 0, train_chars) + 1] + "# ... (the rest of train.py is not shown)\n"
     user = (
-        f"Current train.py:\n```python\n{context.train_py}```\n\n"
+        f"Current train.py:\n```python\n{shown}```\n\n"
         f"Recent results (lower val_bpb is better):\n{_results_table(context.recent)}\n"
         + (f"\nThe last run crashed; the end of its log:\n```\n{context.crash_log}\n```\n" if context.crash_log else "")
         + f"\nPropose one change to train.py that should lower val_bpb.\n{EDIT_FORMAT}"
@@ -86,6 +91,7 @@ class LLMConfig:
     backoff: float = 2.0  # seconds before the first retry, doubled after each
     max_tokens: int = 2048
     temperature: float = 0.7
+    train_chars: int | None = None  # show only the start of train.py (small context windows)
 
 
 class LLMProposer:
@@ -122,7 +128,7 @@ class LLMProposer:
         raise Rejected(f"API unavailable after {self.config.retries + 1} attempts: {error}")
 
     def propose(self, context: Context) -> Proposal:
-        reply = self._complete(build_messages(context))
+        reply = self._complete(build_messages(context, self.config.train_chars))
         self.log("reply", chars=len(reply or ""), text=(reply or "")[:4000])
         try:
             train_py, description = edited_train_py(context.train_py, reply)

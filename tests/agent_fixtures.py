@@ -15,6 +15,7 @@ from pathlib import Path
 from conftest import ROOT, TINY_GROUP
 
 TINY_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "64", "--steps", "2"]
+TRAIN_PY = (ROOT / "train.py").read_text()
 API_KEY = "sk-qat-test-" + secrets.token_hex(8)  # distinctive: searched for in every file afterwards
 
 
@@ -99,6 +100,16 @@ def files_containing(root: Path, needle: str) -> list[Path]:
         if path.is_file() and not path.is_symlink() and needle.encode() in path.read_bytes():
             found.append(path)
     return found
+
+
+def assert_clean(repo, tag, kept_commits):
+    """The user's checkout untouched; the agent's branch holds exactly the kept commits, clean."""
+    assert git(repo, "status", "--porcelain") == "" and (repo / "train.py").read_text() == TRAIN_PY
+    assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    worktree = repo.parent / "runs" / f"agent-{tag}" / "worktree"
+    assert git(worktree, "status", "--porcelain", "--untracked-files=all") == ""
+    assert git(worktree, "rev-parse", "HEAD") == git(repo, "rev-parse", f"autoresearch/{tag}")
+    assert int(git(repo, "rev-list", "--count", f"main..autoresearch/{tag}")) == kept_commits
 
 
 def agent_events(runs: Path, tag: str) -> list[dict]:

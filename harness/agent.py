@@ -196,7 +196,8 @@ class Agent:
         job_dir = self.root / "jobs" / f"{self.jobs:04d}"
         console = job_dir / "console.log"
         timeout = self.config.run_timeout or hard_limit(self.config.budget_seconds) + EVAL_ALLOWANCE_SECONDS
-        job = self.tmux.start(f"exp{self.jobs}", self._script(proposal, console), job_dir, run_environment(self.workspace.train_py))
+        script = self._script(proposal, console)
+        job = self.tmux.start(f"exp{self.jobs}", script, job_dir, run_environment(self.workspace.train_py))
         self.log("started", job=job_dir.name, window=f"exp{self.jobs}", commit=commit, args=proposal.train_args)
         interrupted = False
         try:
@@ -258,7 +259,7 @@ class Agent:
 
     def loop(self) -> int:
         cfg = self.config
-        deadline = time.monotonic() + cfg.hours * 3600 if cfg.hours else None
+        deadline = time.monotonic() + cfg.hours * 3600 if cfg.hours is not None else None
         crashes, done = 0, 0
         self.log("start", tag=cfg.tag, branch=self.workspace.branch, worktree=str(self.workspace.path),
                  kept=self.workspace.kept[:7], session=cfg.session)  # fmt: skip
@@ -331,7 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-crashes", type=int, default=5, help="stop after N failures in a row")
     parser.add_argument("--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds per run")
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
-    parser.add_argument("--run-timeout", type=float, help="seconds before the agent stops a run (default: runner limit + 20 min)")
+    parser.add_argument("--run-timeout", type=float, help="seconds before the agent stops a run (default: the runner's "
+                        "limit + 20 min)")  # fmt: skip
     parser.add_argument("--track", choices=[name for name, _ in results.TRACKS], help="keep only runs in this bpw track")
     parser.add_argument("--session", default="autoresearch", help="tmux session name")
     parser.add_argument("--socket", help="tmux socket name (tmux -L); default: the default server")

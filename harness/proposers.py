@@ -160,11 +160,11 @@ def load_search_space(path: Path) -> dict:
             continue  # "_comment" keys
         if not flag.startswith("--") or not isinstance(spec, dict):
             raise SystemExit(f"{path}: {flag!r} must be a train.py flag (--name) mapped to an object")
-        kind = spec.get("type")
+        kind, log = spec.get("type"), spec.get("log", False)
         if kind == "float":
-            space[flag] = dist.FloatDistribution(spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step"))
+            space[flag] = dist.FloatDistribution(spec["low"], spec["high"], log=log, step=spec.get("step"))
         elif kind == "int":
-            space[flag] = dist.IntDistribution(spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step", 1))
+            space[flag] = dist.IntDistribution(spec["low"], spec["high"], log=log, step=spec.get("step", 1))
         elif kind == "categorical":
             space[flag] = dist.CategoricalDistribution(spec["choices"])
         else:
@@ -201,7 +201,8 @@ class OptunaProposer:
         trial = self.study.ask(self.space)
         self.pending[trial.number] = trial
         args = [part for flag, value in trial.params.items() for part in (flag, _flag_value(value))]
-        return Proposal(description=f"optuna trial {trial.number}: {' '.join(args)}", train_args=args, trial=trial.number)
+        description = f"optuna trial {trial.number}: {' '.join(args)}"
+        return Proposal(description=description, train_args=args, trial=trial.number)
 
     def tell(self, proposal: Proposal, result: Result) -> None:
         from optuna.trial import TrialState

@@ -18,8 +18,8 @@ from conftest import ROOT
 from harness import results
 from harness.__main__ import main as harness_main
 
-NAN_EDIT = block("        if not torch.isfinite(loss):", "        loss = loss * float('nan')\n        if not torch.isfinite(loss):",
-                 description="nan loss")  # fmt: skip
+NAN_CHECK = "        if not torch.isfinite(loss):"
+NAN_EDIT = block(NAN_CHECK, "        loss = loss * float('nan')\n" + NAN_CHECK, description="nan loss")
 KEY_PROBE_EDIT = block("    cfg = parse_flags(argv)", "    raise RuntimeError(os.environ.get('OPENAI_API_KEY', 'no key'))",
                        description="crash, showing the API key if the run could see it")  # fmt: skip
 INVALID_EDIT = block("            layers[name], plain = linear.export()", "            _, plain = linear.export()",
@@ -113,6 +113,13 @@ def test_a_server_that_keeps_failing_stops_the_loop_with_a_clear_message(user_re
     stop = agent_events(user_repo.parent / "runs", "t1")[-1]
     assert stop["event"] == "stop" and stop["clean"] is True
     assert not (user_repo.parent / "results.tsv").exists()  # no run happened, no row
+
+
+def test_hours_bound_the_session(user_repo, capsys):
+    with ScriptedServer([("reply", NAN_EDIT)]) as server:
+        code = harness_main([*llm_args(server, "--hours", "0"), "--", *TINY_FLAGS])
+    assert code == 0 and "0.0 hours are up (--hours)" in capsys.readouterr().out
+    assert server.requests == [] and not (user_repo.parent / "results.tsv").exists()
 
 
 def test_a_hanging_train_py_is_stopped_recorded_and_reset(user_repo):

@@ -12,9 +12,13 @@ from harness.tmux import RESULTS_WINDOW, Tmux
 
 @pytest.fixture
 def tmux(tmp_path):
-    box = Tmux("echo results here; sleep 600", cwd=tmp_path, session_name="t", socket_name="qat-test-" + secrets.token_hex(4))
+    box = Tmux("sleep 600", cwd=tmp_path, session_name="t", socket_name="qat-test-" + secrets.token_hex(4))
     yield box
     box.server.kill()
+
+
+def leads_own_group(pid):
+    return os.getpgid(pid) == pid
 
 
 def alive(pid, settle=5.0):
@@ -71,8 +75,8 @@ def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path):
 def test_a_killed_window_is_noticed_and_its_processes_reaped(tmux, tmp_path):
     job = tmux.start("doomed", "setsid sleep 300 &\necho $! > child.pid\nsleep 300", tmp_path / "job")
     pid_file = tmp_path / "job" / "child.pid"
-    while not pid_file.exists() or not pid_file.read_text().strip() or os.getpgid(int(pid_file.read_text())) != int(pid_file.read_text()):
-        time.sleep(0.1)
+    while not pid_file.exists() or not pid_file.read_text().strip() or not leads_own_group(int(pid_file.read_text())):
+        time.sleep(0.1)  # until the child has called setsid
     job._remember_groups()  # the driver's poll has seen the child before the window goes
     subprocess.run(["tmux", "-L", tmux.server.socket_name, "kill-window", "-t", "t:doomed"], check=True)
     end = job.wait(timeout=60)

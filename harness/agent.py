@@ -6,8 +6,10 @@
     runs/agent-<tag>/optuna.db     the Optuna study (resumed when the agent restarts)
 
 Each candidate train.py is a commit on the branch; a kept run leaves it there, anything else
-(discard, crash, invalid, a rejected reply) resets the branch to the last kept commit. The runs
-themselves are ordinary harness runs: rows in results.tsv, folders in runs/.
+(discard, crash, invalid, a rejected reply) resets the branch to the last kept commit. Optuna's
+candidates are flags for the kept train.py, so they add no commit: their flags are in the row's
+config column and in the study. The runs themselves are ordinary harness runs: rows in
+results.tsv, folders in runs/.
 """
 
 from __future__ import annotations

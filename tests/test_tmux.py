@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import harness.tmux
 from harness.tmux import RESULTS_WINDOW, Tmux
 
 
@@ -57,7 +58,8 @@ def test_the_environment_reaches_the_job(tmux, tmp_path):
     assert (tmp_path / "job" / "probe.txt").read_text() == "x y\n"
 
 
-def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path):
+def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness.tmux, "STOP_GRACE_SECONDS", 2.0)  # the job ignores SIGINT: no need to wait 20 s
     # a grandchild in its own session, as train.py is under the runner: SIGINT to the pane misses it
     script = "setsid sleep 300 &\necho $! > child.pid\ntrap '' INT\nsleep 300"
     job = tmux.start("slow", script, tmp_path / "job")

@@ -118,7 +118,8 @@ class LLMProposer:
                 return choices[0].message.content if choices else None
             except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError,
                     openai.RateLimitError) as err:  # fmt: skip
-                error = f"{type(err).__name__}: {err}"
+                cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+                error = f"{type(err).__name__}: {err}{cause}"
             except openai.APIError as err:  # 4xx other than 429: retrying will not help
                 raise Rejected(f"API error: {type(err).__name__}: {err}") from None
             self.log("api_error", attempt=attempt + 1, error=error)

@@ -7,6 +7,7 @@ raises Rejected with the reason it has none; after the run it is told the outcom
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,25 @@ train.py
 >>>>>>> REPLACE
 
 Each SEARCH text must match exactly one place in train.py. Only train.py may be edited."""
+_SETTING = re.compile(r"^([A-Z_]+) = ([0-9][0-9_.e+-]*)(  #.*)?$", re.MULTILINE)
+
+
+def worked_example(train_py: str) -> str:
+    """A complete reply editing a real setting line of this train.py (the learning rate if there
+    is one): small models follow an example far better than a description of the format."""
+    settings = {m.group(1): m for m in _SETTING.finditer(train_py)}
+    match = settings.get("LR") or next(iter(settings.values()), None)
+    if match is None:
+        return ""
+    try:
+        value = float(match.group(2).replace("_", ""))
+    except ValueError:
+        return ""
+    new = f"{value * 2:g}" if "." in match.group(2) or "e" in match.group(2) else str(int(value) * 2)
+    line = match.group(0)
+    changed = f"{match.group(1)} = {new}{match.group(3) or ''}"
+    return (f"\nFor example, a complete reply that doubles {match.group(1)}:\n\nDESCRIPTION: double {match.group(1)}\n"
+            f"train.py\n<<<<<<< SEARCH\n{line}\n=======\n{changed}\n>>>>>>> REPLACE\n")
 
 
 class Rejected(Exception):
@@ -76,7 +96,7 @@ def build_messages(context: Context, train_chars: int | None = None) -> list[dic
         f"Current train.py:\n```python\n{shown}```\n\n"
         f"Recent results (lower val_bpb is better):\n{_results_table(context.recent)}\n"
         + (f"\nThe last run crashed; the end of its log:\n```\n{context.crash_log}\n```\n" if context.crash_log else "")
-        + f"\nPropose one change to train.py that should lower val_bpb.\n{EDIT_FORMAT}"
+        + f"\nPropose one change to train.py that should lower val_bpb.\n{EDIT_FORMAT}\n{worked_example(context.train_py)}"
     )
     return [{"role": "system", "content": context.program}, {"role": "user", "content": user}]
 

@@ -56,3 +56,15 @@ def test_the_prompt_carries_program_train_py_results_and_the_crash():
     short = build_messages(context, train_chars=100)[1]["content"]
     assert "LR = 5e-4  # learning rate\n" in short and "the rest of train.py is not shown" in short
     assert short.count("x = 1\n") < 20
+
+
+def test_the_worked_example_in_the_prompt_is_itself_a_valid_edit_of_train_py():
+    from harness.edits import edited_train_py
+    from harness.proposers import worked_example
+
+    train_py = (ROOT / "train.py").read_text()
+    example = worked_example(train_py)
+    assert "<<<<<<< SEARCH" in example
+    new, description = edited_train_py(train_py, example.split(":", 1)[1])  # the reply after "doubles LR:"
+    assert new != train_py and description.startswith("double ")
+    assert worked_example("no settings here\n") == ""

@@ -7,6 +7,7 @@
     plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
     show RUN                                            a run's config, row, train.py diff and log tail
     generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
+    agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return code
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from harness import agent
+
+    return agent.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args: list[str] = []
@@ -79,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=about)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.command)
+    from harness.agent import add_arguments as add_agent_arguments
+
+    sub = commands.add_parser("agent", help="autonomous experiments in tmux: LLM or Optuna proposals")
+    add_agent_arguments(sub)
+    sub.set_defaults(handler=_agent, train_args=train_args)
     args = parser.parse_args(argv)
     return args.handler(args)
 

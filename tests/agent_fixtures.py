@@ -1,0 +1,116 @@
+"""Shared by the agent tests: a user's git repo holding train.py, and a scripted OpenAI-compatible
+chat-completions server on 127.0.0.1 (a real HTTP server the real openai client talks to)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from conftest import ROOT, TINY_GROUP
+
+TINY_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "64", "--steps", "2"]
+TRAIN_PY = (ROOT / "train.py").read_text()
+API_KEY = "sk-qat-test-" + secrets.token_hex(8)  # distinctive: searched for in every file afterwards
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_user_repo(path: Path, search_space: dict | None = None) -> Path:
+    """A checkout like the user's: train.py, program.md and a search space, committed on main."""
+    path.mkdir()
+    shutil.copy(ROOT / "train.py", path / "train.py")
+    shutil.copy(ROOT / "program.md", path / "program.md")
+    space = search_space or {"--lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                             "--warmup-steps": {"type": "int", "low": 0, "high": 4}}  # fmt: skip
+    (path / "search_space.json").write_text(json.dumps(space))
+    git(path, "init", "-q", "-b", "main")
+    git(path, "add", ".")
+    git(path, "-c", "user.name=user", "-c", "user.email=user@localhost", "commit", "-q", "-m", "start")
+    return path
+
+
+def completion(content: str | None) -> dict:
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": "scripted",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
+
+
+class ScriptedServer:
+    """Answers POST /v1/chat/completions with the next scripted action:
+    ("reply", text) | ("status", code) | ("slow", seconds, text); past the script, 500s."""
+
+    def __init__(self, script: list[tuple]):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization")})
+                action = owner.script.pop(0) if owner.script else ("status", 500)
+                if action[0] == "slow":
+                    time.sleep(action[1])
+                    action = ("reply", action[2])
+                if action[0] == "status":
+                    payload, code = {"error": {"message": "scripted failure", "type": "server_error"}}, action[1]
+                else:
+                    payload, code = completion(action[1]), 200
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (the slow case)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def block(search: str, replace: str, path: str = "train.py", description: str = "a change") -> str:
+    return f"DESCRIPTION: {description}\n{path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
+
+
+def files_containing(root: Path, needle: str) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and needle.encode() in path.read_bytes():
+            found.append(path)
+    return found
+
+
+def assert_clean(repo, tag, kept_commits):
+    """The user's checkout untouched; the agent's branch holds exactly the kept commits, clean."""
+    assert git(repo, "status", "--porcelain") == "" and (repo / "train.py").read_text() == TRAIN_PY
+    assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    worktree = repo.parent / "runs" / f"agent-{tag}" / "worktree"
+    assert git(worktree, "status", "--porcelain", "--untracked-files=all") == ""
+    assert git(worktree, "rev-parse", "HEAD") == git(repo, "rev-parse", f"autoresearch/{tag}")
+    assert int(git(repo, "rev-list", "--count", f"main..autoresearch/{tag}")) == kept_commits
+
+
+def agent_events(runs: Path, tag: str) -> list[dict]:
+    return [json.loads(line) for line in (runs / f"agent-{tag}" / "agent.jsonl").read_text().splitlines()]

@@ -451,7 +451,7 @@ class QuantLinear(nn.Linear):
         self.export_bits = FIXED_BITS.get(fmt) or cfg.progressive_bits or bits
         widths = {self.export_bits} if fixed else {bits, self.export_bits, *parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)}
         self.quantizers = {b: QUANTIZERS[fmt](b, cfg.group_size, self.in_features, cfg) for b in sorted(widths)}
-        self.bits = bits if not fixed else self.export_bits
+        self.own_bits = self.bits = bits if not fixed else self.export_bits  # own_bits: what it trains at unscheduled
         self.learn = cfg.learn_scale and QUANTIZERS[fmt].learnable
         self.qparams = nn.ModuleDict()
         if self.learn:
@@ -607,10 +607,10 @@ def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
 
 
 def set_bits(model: nn.Module, bits: int | None) -> None:
-    """Every variable-width layer (and switchable norm) computes at `bits`; None = each its own."""
+    """Every variable-width layer (and switchable norm) computes at `bits`; None = each at its own."""
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.quantizer.name not in FIXED_BITS:
-            m.bits = bits if bits in m.quantizers else m.export_bits
+            m.bits = bits if bits in m.quantizers else m.own_bits
         elif isinstance(m, SwitchableRMSNorm) and bits is not None and str(bits) in m.weights:
             m.bits = bits
 
@@ -928,7 +928,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             optimizer, trained = make_optimizer(model, cfg)
             ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
         lam = lambda_at(fraction, cfg)
-        bits = bits_at(step, cfg) if not stage["progressive"] else None
+        bits = cfg.progressive_bits if stage["progressive"] else bits_at(step, cfg)
         set_bits(model, bits)
         for layer in quant_linears(model).values():
             layer.lam = lam

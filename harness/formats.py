@@ -188,7 +188,8 @@ class Format:
         """values -> the weight the model computes with; most formats stop at the values."""
         return values
 
-    def n_groups(self, spec: dict) -> tuple[int, int]:
+    def group_shape(self, spec: dict) -> tuple[int, int]:
+        """(out, number of groups): the shape of a per-group parameter."""
         out_features, in_features = spec["shape"]
         return out_features, n_groups(in_features, self.group_size(spec))
 
@@ -200,7 +201,7 @@ class GroupScaled(Format):
     """A fixed grid of code values times one float16 scale per group: value = unit(code) * s."""
 
     def params(self, spec):
-        return {"scale": Param(self.n_groups(spec))}
+        return {"scale": Param(self.group_shape(spec))}
 
     def unit(self, codes: torch.Tensor, params: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -243,7 +244,7 @@ class Int(GroupScaled):
     def params(self, spec):
         params = super().params(spec)
         if not self.symmetric(spec):
-            params["zero"] = Param(self.n_groups(spec))
+            params["zero"] = Param(self.group_shape(spec))
         return params
 
     def unit(self, codes, params, spec):
@@ -279,7 +280,7 @@ class Microscaling(Format):
         return spec_int(spec, "block_size", default=32)
 
     def params(self, spec):
-        return {"exponent": Param(self.n_groups(spec), torch.uint8)}
+        return {"exponent": Param(self.group_shape(spec), torch.uint8)}
 
     def values(self, codes, params, spec):
         elements = self.element_values[codes]
@@ -309,7 +310,7 @@ class LUT(Format):
 
     def params(self, spec):
         out_features, in_features = spec["shape"]
-        params = {"lut": Param((*self.n_groups(spec), self.levels(spec)))}
+        params = {"lut": Param((*self.group_shape(spec), self.levels(spec)))}
         if rank := self.rank(spec):
             params.update(scale_a=Param((out_features, rank)), scale_b=Param((rank, in_features)))
         return params

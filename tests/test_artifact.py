@@ -71,7 +71,7 @@ BPW = [
 ]
 
 
-@pytest.mark.parametrize(("spec", "bpw"), BPW, ids=lambda s: s["format"] if isinstance(s, dict) else "")
+@pytest.mark.parametrize(("spec", "bpw"), BPW, ids=[f"{spec['format']}-{bpw:.3f}bpw" for spec, bpw in BPW])
 def test_an_honest_export_verifies_with_its_stored_bits(tiny_model_dir, tmp_path, spec, bpw):
     out = export(tiny_model_dir, tmp_path / "a", spec)
     model, report = load_verified(out)
@@ -232,7 +232,8 @@ def test_a_declared_lm_head_is_verified_and_counted_outside_the_decoder(tiny_mod
     assert report.other_mb == pytest.approx(without_head.other_mb + head_bytes / 1e6)
     torch.testing.assert_close(verified.get_input_embeddings().weight, embeddings)  # embeddings as stored
     tensors = load_file(tmp_path / "head" / QUANT_WEIGHTS)
-    head = decode_layer("lm_head", {**spec, "shape": [512, 48]}, {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith("lm_head.")})
+    stored = {key.removeprefix("lm_head."): value for key, value in tensors.items() if key.startswith("lm_head.")}
+    head = decode_layer("lm_head", {**spec, "shape": [512, 48]}, stored)
     assert torch.equal(verified.lm_head.weight, head) and not torch.equal(head, embeddings)
 
 

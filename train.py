@@ -172,9 +172,9 @@ class Quantizer:
     def levels(self) -> int:
         return 2**self.bits
 
-    def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor:
-        """What gradients follow: the identity (straight-through estimator) unless overridden."""
-        return w
+    def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor | None:
+        """A function of w whose gradient replaces the identity (straight-through); None = STE."""
+        return None
 
     def spec(self) -> dict:
         group = -1 if self.group == self.in_features else self.group
@@ -207,7 +207,7 @@ class Ternary(Quantizer):
         """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
         weights near a threshold a stronger gradient than those far from one."""
         if self.cfg.ternary_tanh <= 0:
-            return w
+            return None
         s, t, k = self.expand(p["scale"].detach()), self.cfg.ternary_threshold, self.cfg.ternary_tanh
         x = grouped(w, self.group) / s
         return ungrouped(s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t))), self.in_features)
@@ -401,6 +401,34 @@ class LUT(Quantizer):
         return super().export_params({**p, "lut": p["lut"].sort(-1).values})
 
 
+class FakeQuantize(torch.autograd.Function):
+    """decode(encode(w)) with the straight-through gradient to w and the true gradient to the
+    parameters (scales, LUT entries). Autograd would keep a float copy of the codes for the
+    parameters' gradient; this keeps them as uint8 and recomputes decode in backward instead
+    (1 byte per weight rather than 4: QAT's peak memory stays near FP training's)."""
+
+    @staticmethod
+    def forward(ctx, w, quantizer, keys, *values):
+        params = dict(zip(keys, values))
+        codes = quantizer.encode(w, params)
+        ctx.quantizer, ctx.keys = quantizer, keys
+        ctx.save_for_backward(codes.to(torch.uint8), *values)
+        return quantizer.decode(codes, params)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, *values = ctx.saved_tensors
+        wanted = [i for i in range(len(values)) if ctx.needs_input_grad[3 + i]]
+        grads = [None] * len(values)
+        if wanted:
+            with torch.enable_grad():
+                leaves = [v.detach().requires_grad_(i in wanted) for i, v in enumerate(values)]
+                decoded = ctx.quantizer.decode(codes.float(), dict(zip(ctx.keys, leaves)))
+                for i, g in zip(wanted, torch.autograd.grad(decoded, [leaves[i] for i in wanted], grad)):
+                    grads[i] = g
+        return grad, None, None, *grads
+
+
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
 FIXED_BITS = {"ternary": 2, "mxfp4": 4, "mxfp8": 8}  # formats whose bits no schedule can change
 
@@ -437,6 +465,13 @@ def parse_bits(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
+def new_adapter(rank: int, in_features: int, out_features: int) -> nn.ParameterDict:
+    """LoRA's A (rank, in) initialised like a Linear, B (out, rank) at zero: a no-op to start from."""
+    a = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return nn.ParameterDict({"a": nn.Parameter(a), "b": nn.Parameter(torch.zeros(out_features, rank))})
+
+
 class QuantLinear(nn.Linear):
     """A Linear computing with its quantized weight. The straight-through estimator is applied to
     the weight, w + (q(w) - w).detach(), so a step costs one matmul and the gradient reaches the
@@ -460,14 +495,12 @@ class QuantLinear(nn.Linear):
                     self.qparams[str(b)] = nn.ParameterDict({k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()})
         self.act_quant = bool(cfg.act_quant)
         self.lam = 1.0  # blend FP -> quantized (lambda warm-up); export ignores it
-        self.lora = nn.ModuleDict()  # bits -> ParameterDict(a, b); one entry unless precision is switchable
-        if cfg.lora_rank > 0:
-            for b in self.quantizers if cfg.switchable_bits else [self.export_bits]:
-                a = torch.empty(cfg.lora_rank, self.in_features, device=self.weight.device)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                self.lora[str(b)] = nn.ParameterDict({"a": nn.Parameter(a),
-                                                      "b": nn.Parameter(torch.zeros(self.out_features, cfg.lora_rank, device=a.device))})  # fmt: skip
-            self.lora.requires_grad_(False)
+        # LoRA adapters, bits -> {a, b}: one per width if precision is switchable, else one. They
+        # exist from the start (b = 0, so they add nothing) and train only in the LoRA stage.
+        adapter_widths = (self.quantizers if cfg.switchable_bits else [self.export_bits]) if cfg.lora_rank > 0 else []
+        adapters = {str(b): new_adapter(cfg.lora_rank, self.in_features, self.out_features) for b in adapter_widths}
+        self.lora = nn.ModuleDict(adapters).to(self.weight.device)
+        self.lora.requires_grad_(False)
         self.lora_scale, self.lora_dropout = cfg.lora_alpha / max(cfg.lora_rank, 1), nn.Dropout(cfg.lora_dropout)
         self.lora_on, self.frozen = False, {}  # frozen: bits -> quantized weight cached for the LoRA stage
 
@@ -488,9 +521,10 @@ class QuantLinear(nn.Linear):
             return self.frozen[self.bits]
         w, q = self.weight.float(), self.quantizer
         p = self.params(w)
-        codes = q.encode(w.detach(), {k: v.detach() for k, v in p.items()})
         proxy = q.surrogate(w, p)
-        w_q = q.decode(codes, p) + (proxy - proxy.detach())
+        w_q = FakeQuantize.apply(w if proxy is None else w.detach(), q, tuple(p), *p.values())
+        if proxy is not None:
+            w_q = w_q + (proxy - proxy.detach())
         return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
 
     def adapter(self) -> nn.ParameterDict | None:
@@ -508,19 +542,17 @@ class QuantLinear(nn.Linear):
         return y
 
     def freeze(self) -> None:
-        """LoRA stage: the codes stop moving, so the quantized weight is computed once."""
+        """LoRA stage: the codes stop moving (fully quantized), so the quantized weight of each
+        adapter's width is computed once."""
         self.weight.requires_grad_(False)
         self.qparams.requires_grad_(False)
-        self.frozen = {b: self._frozen_at(b) for b in self.quantizers if str(b) in self.lora or b == self.export_bits}
-        self.lora_on = True
-        self.lora.requires_grad_(True)
-
-    def _frozen_at(self, bits: int) -> torch.Tensor:
-        self.bits, lam, self.lam = bits, self.lam, 1.0
+        training_bits, self.lam, self.frozen = self.bits, 1.0, {}
         with torch.no_grad():
-            w = self.quantized_weight()
-        self.lam = lam
-        return w
+            for key in self.lora:
+                self.bits = int(key)
+                self.frozen[self.bits] = self.quantized_weight()
+        self.bits, self.lora_on = training_bits, True
+        self.lora.requires_grad_(True)
 
     def export(self) -> tuple[artifact.QuantizedLinear, nn.Linear]:
         """Codes + parameters for the artifact, and the plain Linear holding exactly what they
@@ -572,12 +604,6 @@ def all_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear except the output head (embeddings are not Linears)."""
-    head = model.get_output_embeddings()
-    return {name: m for name, m in all_linears(model).items() if m is not head}
-
-
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -595,8 +621,7 @@ def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
         chosen = format_for(name, cfg)
         if chosen is None:
             continue
-        if linear is head and model.config.tie_word_embeddings:  # a quantized head no longer shares the embedding
-            linear.weight = nn.Parameter(linear.weight.detach().clone())
+        if linear is head:  # the QuantLinear holds its own copy: the embedding stays as stored
             model.config.tie_word_embeddings = False
         swap_module(model, name, QuantLinear(linear, *chosen, cfg))
     if cfg.switchable_bits:
@@ -631,14 +656,15 @@ def distill_terms(logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace) -> 
     """KD terms. `teacher` holds either full-vocab "logits" (a live teacher) or, from the cache,
     "ids" (B, T, C) of candidate tokens with their "logits"; both distributions are then taken over
     the candidates (cached duplicates carry -inf and drop out)."""
-    ids, t_logits = teacher.get("ids"), teacher["logits"].float()
-    s_logits = logits.float() if ids is None else logits.float().gather(-1, ids)
-    valid = torch.isfinite(t_logits)
-    s_logits = s_logits.masked_fill(~valid, -torch.inf)
+    ids, t_logits, s_logits = teacher.get("ids"), teacher["logits"].float(), logits.float()
+    if ids is not None:  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps the KL finite
+        dropped = torch.isinf(t_logits)
+        t_logits, s_logits = t_logits.masked_fill(dropped, -1e4), s_logits.gather(-1, ids).masked_fill(dropped, -1e4)
     temp = cfg.distill_temp
     log_t, log_s = F.log_softmax(t_logits / temp, -1), F.log_softmax(s_logits / temp, -1)
-    kl = torch.where(valid, log_t.exp() * (log_t - log_s), torch.zeros_like(log_t)).sum(-1).mean() * temp**2
-    terms = {"kd": kl}
+    # KL(teacher || student) per position, times temp^2 so its gradient scale does not shrink as
+    # the temperature grows (Hinton et al., 2015)
+    terms = {"kd": F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * temp**2}
     top = t_logits.argmax(-1)  # candidate index of the teacher's top-1
     if cfg.hard_top1_weight > 0:
         terms["hard_top1"] = F.cross_entropy(s_logits.flatten(0, 1), top.flatten())
@@ -700,7 +726,7 @@ def load_teacher_cache(path: Path) -> dict[str, np.ndarray]:
     return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("windows", "ids", "logits")}
 
 
-def batch_at(step: int, prepared, cache: dict | None, cfg: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The batch of step `step`, a pure function of (seed, step): a resumed run draws exactly the
     batches the uninterrupted one would have. With a teacher cache, windows come from the cache."""
     rng = np.random.default_rng([cfg.seed, step])
@@ -710,9 +736,6 @@ def batch_at(step: int, prepared, cache: dict | None, cfg: SimpleNamespace) -> t
         teacher = {"ids": torch.from_numpy(cache["ids"][rows].astype(np.int64)),
                    "logits": torch.from_numpy(cache["logits"][rows].astype(np.float32))}  # fmt: skip
         return window[:, :-1], window[:, 1:], teacher
-    tokens = prepared.train.tokens()
-    if len(tokens) <= cfg.seq_len + 1:
-        raise DataError(f"{len(tokens)} tokens cannot fill one window of {cfg.seq_len + 1}")
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
     window = torch.from_numpy(tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64))
     return window[:, :-1], window[:, 1:], {}
@@ -867,48 +890,57 @@ class LossIsNotFinite(Exception):
     pass
 
 
-def make_optimizer(model: nn.Module, cfg: SimpleNamespace) -> tuple[torch.optim.Optimizer, dict]:
+def make_optimizer(model: nn.Module, cfg: SimpleNamespace) -> tuple[torch.optim.Optimizer, dict, "EMA | None"]:
+    """AdamW (and an EMA) over whatever currently requires grad: a new stage gets a fresh pair."""
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)), trained
+    optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return optimizer, trained, EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+
+def begin_lora_stage(model: nn.Module, ema: "EMA | None", cfg: SimpleNamespace) -> tuple:
+    if ema is not None:
+        ema.copy_to_model()  # freeze the averaged weights, not the last step's
+    start_lora_stage(model)
+    return make_optimizer(model, cfg)
+
+
+def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> tuple[int, tuple]:
+    """Load everything a bit-exact continuation needs. Batches need no state: batch_at(step)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    stage.update(state["stage"])
+    model.load_state_dict(state["model"])
+    if stage["lora"]:  # after loading: the cached quantized weights come from the restored latents
+        start_lora_stage(model)
+    optimizer, trained, ema = make_optimizer(model, cfg)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.shadow = state["ema"]
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"], (optimizer, trained, ema)
 
 
 def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     budget = Budget.from_env(max_steps=cfg.steps or None)
+    tokens = prepared.train.tokens()
+    if len(tokens) <= cfg.seq_len + 1:
+        raise DataError(f"{len(tokens)} training tokens cannot fill one window of {cfg.seq_len + 1}")
     cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device)) if cfg.teacher_cache_k and cfg.distill_weight > 0 else None
-    freeze_modules(model, cfg)
-    stage = {"lora": False, "progressive": False}
-    if cfg.lora_rank > 0 and cfg.lora_at <= 0:
-        start_lora_stage(model)
-        stage["lora"] = True
-    optimizer, trained = make_optimizer(model, cfg)
-    ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
     dtype = autocast_dtype(device, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-
+    freeze_modules(model, cfg)
+    stage = {"lora": cfg.lora_rank > 0 and cfg.lora_at <= 0, "progressive": False}
+    if stage["lora"]:
+        start_lora_stage(model)
+    optimizer, trained, ema = make_optimizer(model, cfg)
     step = 0
-    resume_from = find_checkpoint(cfg)
-    if resume_from is not None:
-        state = torch.load(resume_from, map_location=device, weights_only=False)
-        if state["stage"]["progressive"]:
-            stage["progressive"] = True
-        if state["stage"]["lora"] and not stage["lora"]:
-            start_lora_stage(model)
-            stage["lora"] = True
-            optimizer, trained = make_optimizer(model, cfg)
-            ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        model.load_state_dict(state["model"])
-        for layer in quant_linears(model).values():  # cached quantized weights of the restored latents
-            if layer.lora_on:
-                layer.freeze()
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.shadow = state["ema"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step = budget.steps = state["step"]
-        print(f"resumed from {resume_from} at step {step}")
+    checkpoint = find_checkpoint(cfg)
+    if checkpoint is not None:
+        step, (optimizer, trained, ema) = restore_checkpoint(checkpoint, model, scaler, stage, cfg, device)
+        budget.steps = step
 
     log = open(run_dir / "loss.csv", "w")
     log.write("step,loss,ce,lr,lambda,bits,tokens_per_s,train_seconds\n")
@@ -921,12 +953,8 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             start_progressive_stage(model)
             stage["progressive"] = True
         if cfg.lora_rank > 0 and not stage["lora"] and fraction >= cfg.lora_at:
-            if ema is not None:
-                ema.copy_to_model()  # freeze the averaged weights, not the last step's
-            start_lora_stage(model)
+            optimizer, trained, ema = begin_lora_stage(model, ema, cfg)
             stage["lora"] = True
-            optimizer, trained = make_optimizer(model, cfg)
-            ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
         lam = lambda_at(fraction, cfg)
         bits = cfg.progressive_bits if stage["progressive"] else bits_at(step, cfg)
         set_bits(model, bits)
@@ -936,9 +964,8 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        x, y, teacher_out = batch_at(step, prepared, cache, cfg)
-        x, y = x.to(device), y.to(device)
-        teacher_out = {k: v.to(device) for k, v in teacher_out.items()}
+        x, y, teacher_out = batch_at(step, tokens, cache, cfg)
+        x, y, teacher_out = x.to(device), y.to(device), {k: v.to(device) for k, v in teacher_out.items()}
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(input_ids=x).logits
             ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -963,6 +990,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             ema.update()
         step += 1
         budget.step_done()
+
         window_tokens += x.numel()
         rate = window_tokens / (time.perf_counter() - window_started)
         bar.n = 100 * budget.fraction
@@ -975,7 +1003,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             log.write(f"{step},{loss.item():.6f},{ce.item():.6f},{lr:.6g},{lam:.4f},{shown_bits},{rate:.1f},{budget.elapsed:.2f}\n")
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():  # the last step exports instead
             with budget.paused():
                 rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
                 save_checkpoint({"step": step, "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -984,7 +1012,6 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     log.close()
     if ema is not None:
         ema.copy_to_model()
-    set_bits(model, None)
     return budget
 
 

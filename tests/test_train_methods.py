@@ -193,16 +193,16 @@ def test_the_teacher_cache_round_trips_and_is_keyed_by_what_it_depends_on(harnes
     assert train.build_teacher_cache(prepared, cfg, torch.device("cpu")) == path  # reused, not rebuilt
     assert (path / "logits.npy").stat().st_mtime_ns == stamp
     assert train.teacher_cache_path(prepared, cfg_for("--teacher-cache-k", "16")) != train.teacher_cache_path(prepared, cfg)
-    x, y, batch_teacher = train.batch_at(7, prepared, cache, cfg)
-    x2, _, _ = train.batch_at(7, prepared, cache, cfg)
+    x, y, batch_teacher = train.batch_at(7, prepared.train.tokens(), cache, cfg)
+    x2, _, _ = train.batch_at(7, prepared.train.tokens(), cache, cfg)
     assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1]) and batch_teacher["ids"].shape == (4, 32, 14)
     rows = [i for i in range(10) if np.array_equal(cache["windows"][i, :-1], x[0].numpy())]
     assert rows and torch.equal(batch_teacher["logits"][0], torch.from_numpy(cache["logits"][rows[0]].astype(np.float32)))
 
 
 def test_batches_are_a_function_of_seed_and_step(harness_env):
-    prepared, cfg = load_prepared(), cfg_for("--seq-len", "16")
-    first, again, other = train.batch_at(3, prepared, None, cfg), train.batch_at(3, prepared, None, cfg), train.batch_at(4, prepared, None, cfg)
+    tokens, cfg = load_prepared().train.tokens(), cfg_for("--seq-len", "16")
+    first, again, other = (train.batch_at(step, tokens, None, cfg) for step in (3, 3, 4))
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
 
 

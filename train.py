@@ -98,7 +98,7 @@ FREEZE_LAST_MLPS = 0  # the last N layers' MLP latent weights stay fixed
 EMA_DECAY = 0.0  # > 0: export an exponential moving average of the trained parameters
 CHECKPOINT_EVERY = 0  # steps between checkpoints (model, optimizer, EMA, RNG); 0 = none
 CHECKPOINT_DIR = ""  # "" = <runs dir>/checkpoints/<hash of the training settings>
-RESUME = ""  # "auto": continue from the latest compatible checkpoint; or a checkpoint path
+RESUME = ""  # "auto": continue from the latest compatible checkpoint, or a path (bit-exact under --steps; a time budget restarts)
 # bookkeeping
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
 SEED = 0
@@ -585,7 +585,7 @@ class SwitchableRMSNorm(nn.Module):
 
     def __init__(self, norm: nn.Module, widths: list[int]):
         super().__init__()
-        self.eps = norm.variance_epsilon
+        self.eps, self.norm_class = norm.variance_epsilon, type(norm)
         self.weights = nn.ParameterDict({str(b): nn.Parameter(norm.weight.detach().clone()) for b in widths})
         self.bits = widths[0]
 
@@ -594,8 +594,9 @@ class SwitchableRMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weights[str(self.bits)] * h.to(x.dtype)
 
-    def export(self, bits: int, norm_class) -> nn.Module:
-        norm = norm_class(self.weights[str(bits)].shape[0], eps=self.eps)
+    def export(self, bits: int) -> nn.Module:
+        """The model's own norm class holding the exported width's weight."""
+        norm = self.norm_class(self.weights[str(bits)].shape[0], eps=self.eps)
         norm.weight.data.copy_(self.weights[str(bits)].detach())
         return norm
 
@@ -1022,13 +1023,11 @@ def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Pat
     """Write the artifact: codes + parameters for every quantized Linear, and an HF folder whose
     Linears hold exactly the decoded weights (the harness checks that they agree). Always the
     fully quantized model, whatever lambda or bit width the last step trained at."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
     model = model.float().cpu()
     layers, dense = {}, []
     for name, module in list(model.named_modules()):
         if isinstance(module, SwitchableRMSNorm):
-            swap_module(model, name, module.export(cfg.bits, LlamaRMSNorm))
+            swap_module(model, name, module.export(cfg.bits))
     for name, linear in all_linears(model).items():
         if isinstance(linear, QuantLinear):
             layers[name], plain = linear.export()

@@ -412,7 +412,8 @@ class FakeQuantize(torch.autograd.Function):
         params = dict(zip(keys, values))
         codes = quantizer.encode(w, params)
         ctx.quantizer, ctx.keys = quantizer, keys
-        ctx.save_for_backward(codes.to(torch.uint8), *values)
+        wants_codes = any(ctx.needs_input_grad[3:])  # only learnable parameters need them
+        ctx.save_for_backward(codes.to(torch.uint8) if wants_codes else None, *values)
         return quantizer.decode(codes, params)
 
     @staticmethod

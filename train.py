@@ -51,7 +51,7 @@ QUANT = "ternary"  # format of every decoder Linear: ternary | codebook | int | 
 BITS = 2  # bits per weight of codebook / int / log / lut (ternary and mxfp fix their own)
 GROUP_SIZE = 128  # weights per scale along in_features; -1 = one scale per output channel
 MODULE_QUANT = ""  # per-module overrides, first match wins: "mlp=codebook:2,self_attn=int:4,lm_head=int:8,o_proj=none"
-LEARN_SCALE = 1  # 1: scales/LUTs are parameters set by a calibration pass, then trained; 0: recomputed from w every step
+LEARN_SCALE = 1  # 1: scales/LUTs are parameters set by a calibration pass, then trained; 0: recalibrated from w every step
 INT_SYMMETRIC = 1  # int format: 1 = symmetric (c - 2^(k-1)) * s, 0 = affine min-max with a zero point
 TERNARY_THRESHOLD = 0.5  # ternary deadzone: |w| <= threshold * s becomes 0 (0.5 = round to nearest)
 TERNARY_TANH = 0.0  # > 0: gradients follow a tanh staircase of this sharpness instead of the identity STE
@@ -289,48 +289,29 @@ class Log(Quantizer):
         return ungrouped(torch.where(negative, -magnitude, magnitude), self.in_features)
 
 
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # code & 7 -> magnitude; bit 3 = sign
-E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
-
-
 class MXFP(Quantizer):
     """OCP Microscaling (MX v1.0): blocks of 32 share a power-of-two scale 2^(e - 127) stored as
-    an E8M0 byte; each element is an FP4 E2M1 or FP8 E4M3 number. The shared exponent is
-    floor(log2(absmax)) - emax(element), and elements beyond the element's max saturate."""
+    an E8M0 byte; each element is a small float (MXFP4, MXFP8 below). The shared exponent is
+    floor(log2(absmax)) - emax of the element format, and elements beyond its max saturate."""
 
     learnable = False
     block = 32
+    emax = 0  # exponent of the element format's largest power of two
 
     def __init__(self, bits, group, in_features, cfg):
         super().__init__(bits, self.block, in_features, cfg)
 
-    @property
-    def levels(self):
-        return 16 if self.name == "mxfp4" else 256
-
     def calibrate(self, w):
-        emax = 2 if self.name == "mxfp4" else 8  # 6 = 1.5 * 2^2, 448 = 1.75 * 2^8
         absmax = grouped(w, self.group).abs().amax(-1)
-        shared = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - emax
+        shared = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - self.emax
         return {"exponent": torch.clamp(shared, -127, 127) + 127}
 
     def encode(self, w, p):
         x = grouped(w, self.group) / torch.exp2(self.expand(p["exponent"]) - 127)
-        if self.name == "mxfp8":
-            return ungrouped(x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float(), self.in_features)
-        x = x.clamp(-6, 6)
-        below = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=False)
-        above = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=True)
-        magnitude = torch.where(above % 2 == 0, above, below)  # a tie goes to the even code (round half to even)
-        return ungrouped(magnitude + 8 * ((x < 0) & (magnitude > 0)), self.in_features)
+        return ungrouped(self.element_codes(x), self.in_features)
 
     def decode(self, codes, p):
-        c = grouped(codes, self.group)
-        if self.name == "mxfp8":
-            elements = c.to(torch.uint8).view(torch.float8_e4m3fn).float()
-        else:
-            magnitude = E2M1_VALUES.to(c.device)[(c % 8).long()]
-            elements = torch.where(c >= 8, -magnitude, magnitude)
+        elements = self.element_values(grouped(codes, self.group))
         return ungrouped(elements * torch.exp2(self.expand(p["exponent"]) - 127), self.in_features)
 
     def spec(self):
@@ -340,12 +321,37 @@ class MXFP(Quantizer):
         return {"exponent": p["exponent"].detach().to(torch.uint8).cpu()}
 
 
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # code & 7 -> magnitude; bit 3 = sign
+E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+
+
 class MXFP4(MXFP):
-    name = "mxfp4"
+    """E2M1 elements: sign, 2 exponent bits, 1 mantissa bit: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}."""
+
+    name, levels, emax = "mxfp4", 16, 2  # 6 = 1.5 * 2^2
+
+    def element_codes(self, x):
+        x = x.clamp(-6, 6)
+        below = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=False)
+        above = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=True)
+        magnitude = torch.where(above % 2 == 0, above, below)  # a tie goes to the even code (round half to even)
+        return magnitude + 8 * ((x < 0) & (magnitude > 0))
+
+    def element_values(self, c):
+        magnitude = E2M1_VALUES.to(c.device)[(c % 8).long()]
+        return torch.where(c >= 8, -magnitude, magnitude)
 
 
 class MXFP8(MXFP):
-    name = "mxfp8"
+    """E4M3 elements (bias 7, max 448, S.1111.111 = NaN): exactly torch.float8_e4m3fn's bits."""
+
+    name, levels, emax = "mxfp8", 256, 8  # 448 = 1.75 * 2^8
+
+    def element_codes(self, x):
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float()  # clamped: never NaN
+
+    def element_values(self, c):
+        return c.to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def kmeans_1d(x: torch.Tensor, k: int, iters: int = 12) -> torch.Tensor:

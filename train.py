@@ -159,7 +159,8 @@ MIN_SCALE = 2.0**-14  # smallest normal float16: a scale never rounds to 0
 
 class Quantizer:
     """Base of the formats: `bits`, `group` (along in_features). Subclasses define levels,
-    calibrate (w -> per-group params), encode (w, params -> codes), decode (codes, params -> w)."""
+    calibrate (w (out, in) -> per-group params (out, n_groups)), and encode / decode, which work on
+    grouped weights (out, n_groups, group) so a step pads and un-pads a weight only once."""
 
     name = ""
     learnable = True  # False: params are a function of w alone (recomputed every step)
@@ -173,7 +174,7 @@ class Quantizer:
         return 2**self.bits
 
     def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor | None:
-        """A function of w whose gradient replaces the identity (straight-through); None = STE."""
+        """A function of grouped w whose gradient replaces the identity (straight-through); None = STE."""
         return None
 
     def spec(self) -> dict:
@@ -197,11 +198,11 @@ class Ternary(Quantizer):
         return {"scale": group_absmean(w, self.group).clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
-        x = grouped(w, self.group) / self.expand(p["scale"])
-        return ungrouped(torch.sign(x) * (x.abs() > self.cfg.ternary_threshold) + 1, self.in_features)
+        x = w / self.expand(p["scale"])
+        return torch.sign(x).mul_(x.abs_() > self.cfg.ternary_threshold).add_(1)
 
     def decode(self, codes, p):
-        return ungrouped((grouped(codes, self.group) - 1) * self.expand(p["scale"]), self.in_features)
+        return (codes - 1) * self.expand(p["scale"])
 
     def surrogate(self, w, p):
         """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
@@ -209,8 +210,8 @@ class Ternary(Quantizer):
         if self.cfg.ternary_tanh <= 0:
             return None
         s, t, k = self.expand(p["scale"].detach()), self.cfg.ternary_threshold, self.cfg.ternary_tanh
-        x = grouped(w, self.group) / s
-        return ungrouped(s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t))), self.in_features)
+        x = w / s
+        return s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t)))
 
     def spec(self):
         return {"group_size": super().spec()["group_size"]}
@@ -231,11 +232,10 @@ class Codebook(Quantizer):
         return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
 
     def encode(self, w, p):
-        x = grouped(w, self.group) / self.expand(p["scale"]) + (self.levels - 1) / 2
-        return ungrouped(torch.clamp(torch.round(x), 0, self.levels - 1), self.in_features)
+        return (w / self.expand(p["scale"])).add_((self.levels - 1) / 2).round_().clamp_(0, self.levels - 1)
 
     def decode(self, codes, p):
-        return ungrouped((grouped(codes, self.group) - (self.levels - 1) / 2) * self.expand(p["scale"]), self.in_features)
+        return (codes - (self.levels - 1) / 2) * self.expand(p["scale"])
 
 
 class Int(Quantizer):
@@ -255,11 +255,10 @@ class Int(Quantizer):
         return self.levels // 2 if self.cfg.int_symmetric else self.expand(round_ste(p["zero"]))
 
     def encode(self, w, p):
-        x = grouped(w, self.group) / self.expand(p["scale"]) + self.offset(p)
-        return ungrouped(torch.clamp(torch.round(x), 0, self.levels - 1), self.in_features)
+        return (w / self.expand(p["scale"])).add_(self.offset(p)).round_().clamp_(0, self.levels - 1)
 
     def decode(self, codes, p):
-        return ungrouped((grouped(codes, self.group) - self.offset(p)) * self.expand(p["scale"]), self.in_features)
+        return (codes - self.offset(p)) * self.expand(p["scale"])
 
     def spec(self):
         return {**super().spec(), "symmetric": bool(self.cfg.int_symmetric)}
@@ -276,17 +275,16 @@ class Log(Quantizer):
 
     def encode(self, w, p):
         top = self.levels // 2 - 1
-        x = grouped(w, self.group) / self.expand(p["scale"])
+        x = w / self.expand(p["scale"])
         m = torch.round(torch.log2(x.abs().clamp_min(1e-30))) + top
         m = torch.where(m >= 1, m.clamp_max(top), torch.zeros_like(m))
-        return ungrouped(m + ((x < 0) & (m > 0)).float() * (self.levels // 2), self.in_features)
+        return m + ((x < 0) & (m > 0)).float() * (self.levels // 2)
 
     def decode(self, codes, p):
         half, top = self.levels // 2, self.levels // 2 - 1
-        c = grouped(codes, self.group)
-        m, negative = c % half, c >= half
+        m, negative = codes % half, codes >= half
         magnitude = torch.where(m > 0, torch.exp2(m - top), torch.zeros_like(m)) * self.expand(p["scale"])
-        return ungrouped(torch.where(negative, -magnitude, magnitude), self.in_features)
+        return torch.where(negative, -magnitude, magnitude)
 
 
 class MXFP(Quantizer):
@@ -307,12 +305,10 @@ class MXFP(Quantizer):
         return {"exponent": torch.clamp(shared, -127, 127) + 127}
 
     def encode(self, w, p):
-        x = grouped(w, self.group) / torch.exp2(self.expand(p["exponent"]) - 127)
-        return ungrouped(self.element_codes(x), self.in_features)
+        return self.element_codes(w / torch.exp2(self.expand(p["exponent"]) - 127))
 
     def decode(self, codes, p):
-        elements = self.element_values(grouped(codes, self.group))
-        return ungrouped(elements * torch.exp2(self.expand(p["exponent"]) - 127), self.in_features)
+        return self.element_values(codes) * torch.exp2(self.expand(p["exponent"]) - 127)
 
     def spec(self):
         return {"block_size": self.block}
@@ -374,29 +370,32 @@ class LUT(Quantizer):
     name = "lut"
 
     def low_rank(self, p):
-        return as_stored(p["scale_a"]) @ as_stored(p["scale_b"]) if "scale_a" in p else None
+        """A @ B as stored (float16), grouped like the weight; None without a low-rank scale."""
+        return grouped(as_stored(p["scale_a"]) @ as_stored(p["scale_b"]), self.group) if "scale_a" in p else None
 
     def calibrate(self, w):
         params, rank = {}, self.cfg.lut_rank
+        w = grouped(w, self.group)
         if rank > 0:  # rank 1 from mean |w| of rows and columns; the other components start at 0
-            a = torch.zeros(w.shape[0], rank, device=w.device)
-            b = torch.full((rank, w.shape[1]), 0.01, device=w.device)
-            a[:, 0] = w.abs().mean(1).clamp_min(MIN_SCALE)
-            b[0] = w.abs().mean(0) / w.abs().mean().clamp_min(1e-12)
+            flat = ungrouped(w, self.in_features).abs()
+            a = torch.zeros(flat.shape[0], rank, device=w.device)
+            b = torch.full((rank, flat.shape[1]), 0.01, device=w.device)
+            a[:, 0] = flat.mean(1).clamp_min(MIN_SCALE)
+            b[0] = flat.mean(0) / flat.mean().clamp_min(1e-12)
             params = {"scale_a": a, "scale_b": b.clamp_min(MIN_SCALE)}
             w = w / self.low_rank(params)
-        params["lut"] = kmeans_1d(grouped(w, self.group), self.levels)
+        params["lut"] = kmeans_1d(w, self.levels)
         return params
 
     def encode(self, w, p):
         scale = self.low_rank(p)
-        x = grouped(w if scale is None else w / scale, self.group).contiguous()
+        x = (w if scale is None else w / scale).contiguous()
         lut = p["lut"].sort(-1).values
-        return ungrouped(torch.searchsorted((lut[..., 1:] + lut[..., :-1]).contiguous() / 2, x).float(), self.in_features)
+        return torch.searchsorted((lut[..., 1:] + lut[..., :-1]).contiguous() / 2, x).float()
 
     def decode(self, codes, p):
         lut = p["lut"].sort(-1).values  # encode indexes the sorted table; export stores it sorted
-        w = ungrouped(torch.gather(lut, -1, grouped(codes, self.group).long()), self.in_features)
+        w = torch.gather(lut, -1, codes.long())
         scale = self.low_rank(p)
         return w if scale is None else w * scale
 
@@ -408,10 +407,10 @@ class LUT(Quantizer):
 
 
 class FakeQuantize(torch.autograd.Function):
-    """decode(encode(w)) with the straight-through gradient to w and the true gradient to the
-    parameters (scales, LUT entries). Autograd would keep a float copy of the codes for the
-    parameters' gradient; this keeps them as uint8 and recomputes decode in backward instead
-    (1 byte per weight rather than 4: QAT's peak memory stays near FP training's)."""
+    """decode(encode(w)) on a grouped weight, with the straight-through gradient to w and the true
+    gradient to the parameters (scales, LUT entries). Autograd would keep a float copy of the
+    codes for the parameters' gradient; this keeps them as uint8 and recomputes decode in backward
+    instead (1 byte per weight rather than 4: QAT's peak memory stays near FP training's)."""
 
     @staticmethod
     def forward(ctx, w, quantizer, keys, *values):
@@ -491,7 +490,8 @@ class QuantLinear(nn.Linear):
         self.load_state_dict(linear.state_dict())
         fixed = fmt in FIXED_BITS
         self.export_bits = FIXED_BITS.get(fmt) or cfg.progressive_bits or bits
-        widths = {self.export_bits} if fixed else {bits, self.export_bits, *parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)}
+        scheduled = [*parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)]
+        widths = {self.export_bits} if fixed else {bits, self.export_bits, *scheduled}
         self.quantizers = {b: QUANTIZERS[fmt](b, cfg.group_size, self.in_features, cfg) for b in sorted(widths)}
         self.own_bits = self.bits = bits if not fixed else self.export_bits  # own_bits: what it trains at unscheduled
         self.learn = cfg.learn_scale and QUANTIZERS[fmt].learnable
@@ -528,10 +528,12 @@ class QuantLinear(nn.Linear):
             return self.frozen[self.bits]
         w, q = self.weight.float(), self.quantizer
         p = self.params(w)
-        proxy = q.surrogate(w, p)
-        w_q = FakeQuantize.apply(w if proxy is None else w.detach(), q, tuple(p), *p.values())
+        w_grouped = grouped(w, q.group)
+        proxy = q.surrogate(w_grouped, p)
+        w_q = FakeQuantize.apply(w_grouped if proxy is None else w_grouped.detach(), q, tuple(p), *p.values())
         if proxy is not None:
             w_q = w_q + (proxy - proxy.detach())
+        w_q = ungrouped(w_q, self.in_features)
         return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
 
     def adapter(self) -> nn.ParameterDict | None:
@@ -568,8 +570,9 @@ class QuantLinear(nn.Linear):
         with torch.no_grad():
             w = self.weight.float()
             p = self.params(w)
-            codes = self.quantizer.encode(w, p)
-            weight = self.quantizer.decode(codes, p)
+            codes = self.quantizer.encode(grouped(w, self.quantizer.group), p)
+            weight = ungrouped(self.quantizer.decode(codes, p), self.in_features)
+            codes = ungrouped(codes, self.in_features)
             spec, params = self.quantizer.spec(), self.quantizer.export_params(p)
             lora = self.adapter()
             if lora is not None:
@@ -936,7 +939,9 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     tokens = prepared.train.tokens()
     if len(tokens) <= cfg.seq_len + 1:
         raise DataError(f"{len(tokens)} training tokens cannot fill one window of {cfg.seq_len + 1}")
-    cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device)) if cfg.teacher_cache_k and cfg.distill_weight > 0 else None
+    cache = None
+    if cfg.teacher_cache_k and cfg.distill_weight > 0:
+        cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device))
     dtype = autocast_dtype(device, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     freeze_modules(model, cfg)
@@ -984,7 +989,8 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             if teacher_out:
                 terms = distill_terms(logits, teacher_out, cfg)
                 loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * terms["kd"]
-                loss = loss + cfg.hard_top1_weight * terms.get("hard_top1", 0) + cfg.hard_full_top1_weight * terms.get("hard_full_top1", 0)
+                loss = loss + cfg.hard_top1_weight * terms.get("hard_top1", 0)
+                loss = loss + cfg.hard_full_top1_weight * terms.get("hard_full_top1", 0)
         if not torch.isfinite(loss):
             raise LossIsNotFinite(f"loss is {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -1008,7 +1014,8 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             shown_bits = bits if bits is not None else "-"
             print(f"step {step:5d} | loss {loss.item():.4f} | ce {ce.item():.4f} | lr {lr:.2e} | lambda {lam:.2f} | "
                   f"bits {shown_bits} | {rate:,.0f} tok/s | {budget.elapsed:.0f}/{budget.seconds:.0f} s", flush=True)  # fmt: skip
-            log.write(f"{step},{loss.item():.6f},{ce.item():.6f},{lr:.6g},{lam:.4f},{shown_bits},{rate:.1f},{budget.elapsed:.2f}\n")
+            log.write(f"{step},{loss.item():.6f},{ce.item():.6f},{lr:.6g},{lam:.4f},{shown_bits},"
+                      f"{rate:.1f},{budget.elapsed:.2f}\n")  # fmt: skip
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():  # the last step exports instead

@@ -51,7 +51,8 @@ def test_a_group_holds_no_more_levels_than_the_format(method):
     flags, levels = METHODS[method]
     layer = layer_for(flags, in_features=96)
     with torch.no_grad():
-        codes = layer.quantizer.encode(layer.weight, layer.params(layer.weight))
+        codes = layer.quantizer.encode(train.grouped(layer.weight, group_of(layer)), layer.params(layer.weight))
+        codes = train.ungrouped(codes, layer.in_features)
         weight = layer.quantized_weight()
     assert codes.min() >= 0 and codes.max() < layer.quantizer.levels
     assert formats.max_levels_per_group(codes, group_of(layer)) <= layer.quantizer.levels
@@ -66,7 +67,7 @@ def test_quantizing_a_quantized_weight_changes_nothing(method):
     q = layer.quantizer
     with torch.no_grad():
         p = layer.params(layer.weight)
-        once = q.decode(q.encode(layer.weight, p), p)
+        once = q.decode(q.encode(train.grouped(layer.weight, q.group), p), p)
         twice = q.decode(q.encode(once, p), p)
     torch.testing.assert_close(twice, once, rtol=0, atol=1e-6)
 
@@ -127,8 +128,8 @@ def test_codebook_scale_init_is_near_the_mse_optimal_clip():
     w = torch.distributions.StudentT(3.0).sample((64, 256))
 
     def error(scale):
-        p = {"scale": scale}
-        return F.mse_loss(q.decode(q.encode(w, p), p), w).item()
+        p, w_grouped = {"scale": scale}, train.grouped(w, q.group)
+        return F.mse_loss(q.decode(q.encode(w_grouped, p), p), w_grouped).item()
 
     newton = q.calibrate(w)["scale"]
     absmax = train.grouped(w, q.group).abs().amax(-1) * 2 / q.levels
@@ -146,23 +147,24 @@ def test_mx_encodings_of_known_values_match_the_spec():
     p4, p8 = fp4.calibrate(w), fp8.calibrate(w)
     assert p4["exponent"][0, 0] == 127 and p8["exponent"][0, 1] == 127
     assert p8["exponent"][0, 0] == 127 - 8 + 2  # absmax 6 -> 2^(2 - 8)
-    codes4 = fp4.encode(w, p4).long()[0]
+    codes4 = fp4.encode(train.grouped(w, 32), p4).long().flatten()
     # E2M1: sign<<3 | exp<<1 | man; 0.25 is a tie between 0 and 0.5 and rounds to even (0); 5 -> 4 (tie, even)
     assert codes4[:8].tolist() == [0b0111, 0b1001, 0b0011, 0b0101, 0b0000, 0b1111, 0b0000, 0b0110]
-    codes8 = fp8.encode(w, p8).long()[0]
+    codes8 = fp8.encode(train.grouped(w, 32), p8).long().flatten()
     assert codes8[32:36].tolist() == [0x7E, 0x38, 0xC0, 0x01]  # 448, 1, -2, smallest subnormal
     for q, p, codes in ((fp4, p4, codes4), (fp8, p8, codes8)):  # the harness's reference tables agree
         table = formats.E2M1_VALUES if q.name == "mxfp4" else formats.E4M3_VALUES
         scale = torch.exp2(p["exponent"].float() - 127).repeat_interleave(32, dim=1)[0]
-        torch.testing.assert_close(q.decode(codes[None].float(), p)[0], table[codes].float() * scale)
+        decoded = q.decode(codes.view(1, 2, 32).float(), p).flatten()
+        torch.testing.assert_close(decoded, table[codes].float() * scale)
 
 
 def test_mx_saturates_instead_of_overflowing():
     fp8 = train.QUANTIZERS["mxfp8"](8, 32, 32, cfg_for())
     w = torch.full((1, 32), 1.0)
     w[0, 0] = 500.0  # absmax 500: exponent 2^0, and 500 > 448 saturates to 448 (never NaN)
-    p = fp8.calibrate(w)
-    assert fp8.decode(fp8.encode(w, p), p)[0, 0] == 448.0
+    p, w_grouped = fp8.calibrate(w), train.grouped(w, 32)
+    assert fp8.decode(fp8.encode(w_grouped, p), p)[0, 0, 0] == 448.0
 
 
 def test_activation_quant_matches_the_harness_hook():

@@ -1,13 +1,17 @@
 """Quantization-aware training of a small language model: the one file experiments change.
 
-    python train.py                          # ternary QAT with distillation, within the harness's budget
-    python train.py --lr 1e-3 --steps 200    # every UPPER_CASE setting below is a flag
-    python train.py --baseline fp            # score the unquantized model (no training)
-    python train.py --baseline rtn           # score round-to-nearest quantization (no training)
+    python train.py                                   # ternary QAT with distillation, within the harness's budget
+    python train.py --quant codebook --bits 2         # 2-bit {-1.5,-.5,.5,1.5}*s codebook
+    python train.py --module-quant "mlp=codebook:2,self_attn=int:4"   # per-module formats
+    python train.py --teacher-cache-k 32              # distil from a precomputed top-k teacher cache
+    python train.py --lora-rank 16 --lora-at 0.8      # last 20% of the budget: LoRA on frozen codes
+    python train.py --baseline fp                     # score the unquantized model (no training)
+    python train.py --baseline rtn                    # score the selected quantizer without training
 
-Run by hand, it hands itself to the harness (harness/runner.py), which runs it in a child process,
-verifies and scores the exported artifact in another, and appends the row to results.tsv.
-Everything here may change; harness/ and prepare.py may not.
+Every UPPER_CASE setting below is a flag (LR -> --lr). Run by hand, this file hands itself to the
+harness (harness/runner.py), which runs it in a child process, verifies and scores the exported
+artifact in another, and appends the row to results.tsv. Everything here may change; harness/ and
+prepare.py may not. The artifact format each quantizer must export is in harness/formats.py.
 """
 
 import os
@@ -21,42 +25,88 @@ if __name__ == "__main__" and "HARNESS_RUN_DIR" not in os.environ:
     sys.exit(main_for_train_script(sys.argv[1:]))
 
 import argparse
+import hashlib
 import json
 import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from harness import artifact
+from harness import artifact, paths
 from harness.budget import Budget
-from harness.data import batches, load_prepared
+from harness.data import DataError, load_prepared
 
 # --- settings (each is also a flag: LR -> --lr, GROUP_SIZE -> --group-size) ---
 
-QUANT = "ternary"  # weight format of every decoder Linear: ternary | none (full precision)
-GROUP_SIZE = 128  # weights per scale, along in_features (the last group of a row may be shorter)
+# what the weights become
+QUANT = "ternary"  # format of every decoder Linear: ternary | codebook | int | log | mxfp4 | mxfp8 | lut | none
+BITS = 2  # bits per weight of codebook / int / log / lut (ternary and mxfp fix their own)
+GROUP_SIZE = 128  # weights per scale along in_features; -1 = one scale per output channel
+MODULE_QUANT = ""  # per-module overrides, first match wins: "mlp=codebook:2,self_attn=int:4,lm_head=int:8,o_proj=none"
+LEARN_SCALE = 1  # 1: scales/LUTs are parameters set by a calibration pass, then trained; 0: recalibrated from w every step
+INT_SYMMETRIC = 1  # int format: 1 = symmetric (c - 2^(k-1)) * s, 0 = affine min-max with a zero point
+TERNARY_THRESHOLD = 0.5  # ternary deadzone: |w| <= threshold * s becomes 0 (0.5 = round to nearest)
+TERNARY_TANH = 0.0  # > 0: gradients follow a tanh staircase of this sharpness instead of the identity STE
+LUT_RANK = 0  # lut format: W = (A @ B) * LUT[idx] with A, B of this rank; 0 = no low-rank scale
+ACT_QUANT = 0  # 1: fake-quantize every quantized Linear's input per token to INT8 (absmax)
+# schedules
+LAMBDA_WARMUP = 0.0  # fraction of the budget over which the forward blends FP -> quantized; 0 = quantized from step 0
+LAMBDA_SCHEDULE = "linear"  # linear | plateau (lambda rises in LAMBDA_PLATEAUS equal stairs)
+LAMBDA_PLATEAUS = 4  # stairs of the plateau schedule
+PROGRESSIVE_BITS = 0  # > 0: at PROGRESSIVE_AT of the budget drop to this many bits (a LUT is reduced by k-means)
+PROGRESSIVE_AT = 0.5  # fraction of the budget where progressive precision switches
+CYCLIC_BITS = ""  # "2-4": cyclic precision, each step's bits follow CYCLIC_SHAPE between min and max; export at BITS
+CYCLIC_SHAPE = "cosine"  # cosine | triangular
+CYCLE_STEPS = 32  # steps per precision cycle
+SWITCHABLE_BITS = ""  # "2,4": steps rotate through these widths, each with its own scales, norms and LoRA; export at BITS
+# training
 BASELINE = ""  # "fp" or "rtn": export without training, recorded as a baseline row
 STEPS = 0  # cap on optimizer steps; 0 = the wall-clock budget alone decides
 BATCH_SIZE = 4  # sequences per step
 SEQ_LEN = 128  # tokens per sequence
-LR = 5e-4  # peak AdamW learning rate on the latent (full-precision) weights
+LR = 5e-4  # peak AdamW learning rate on the latent (full-precision) weights and quantizer parameters
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
 WEIGHT_DECAY = 0.0  # decay pulls latent weights to 0, which ternary maps to the 0 level
-GRAD_CLIP = 1.0  # max global grad norm; 0 = off
-DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher in memory)
+DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA only)
+# distillation
+DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher needed)
 DISTILL_TEMP = 1.0  # softmax temperature of the KD term (scaled by T^2)
+HARD_TOP1_WEIGHT = 0.0  # + CE towards the teacher's top-1 among the candidates, at every position
+HARD_FULL_TOP1_WEIGHT = 0.0  # + CE over the full vocab towards the teacher's top-1 at each sequence's last position
+TEACHER_CACHE_K = 0  # > 0: distil from a precomputed cache of the teacher's top-k logits (no teacher in memory)
+TEACHER_CACHE_NEGATIVES = 32  # random other tokens cached per position, so KD also pushes some tail mass down
+TEACHER_CACHE_TOKENS = 262_144  # cap on cached positions (size: tokens * (k + negatives) * 6 bytes)
+TEACHER_CACHE_DIR = ""  # where caches live; "" = <data dir>/teacher_cache
+# LoRA recovery
+LORA_RANK = 0  # > 0: a second stage freezes the quantized weights and trains LoRA adapters of this rank
+LORA_ALPHA = 16.0  # adapter output scale is alpha / rank
+LORA_DROPOUT = 0.0  # dropout on the adapter's input
+LORA_AT = 0.8  # fraction of the budget where the LoRA stage starts (0: LoRA only, on RTN weights)
+# stabilizers and checkpoints
+GRAD_CLIP = 1.0  # max global grad norm; 0 = off
+FREEZE_ATTN_OV = 0  # 1: attention v_proj and o_proj latent weights stay fixed (still quantized)
+FREEZE_LAST_MLPS = 0  # the last N layers' MLP latent weights stay fixed
+EMA_DECAY = 0.0  # > 0: export an exponential moving average of the trained parameters
+CHECKPOINT_EVERY = 0  # steps between checkpoints (model, optimizer, EMA, RNG); 0 = none
+CHECKPOINT_DIR = ""  # "" = <runs dir>/checkpoints/<hash of the training settings>
+RESUME = ""  # "auto": continue from the latest compatible checkpoint, or a path (bit-exact under --steps; a time budget restarts)
+# bookkeeping
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
 SEED = 0
 DEVICE = "auto"  # auto | cpu | cuda | mps
 DESCRIPTION = ""  # one line for results.tsv
 
 SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, (int, float, str))}
+NOT_TRAINING = ("resume", "description", "log_every", "checkpoint_every", "checkpoint_dir", "device")  # not in the checkpoint key
 
 
 def parse_flags(argv: list[str]) -> SimpleNamespace:
@@ -68,78 +118,505 @@ def parse_flags(argv: list[str]) -> SimpleNamespace:
 
 
 # --- quantizers ---
+# A quantizer maps a weight (out, in) to integer codes plus a few per-group parameters, and back.
+# The training forward IS decode(encode(w)) (with the parameters rounded to how they are stored),
+# so the exported artifact computes exactly what training saw.
+
+
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(out, in) -> (out, n_groups, group); a short last group is padded by repeating its last
+    column, which changes no group's min, max or set of values."""
+    pad = -w.shape[1] % group
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
+    return w.view(w.shape[0], -1, group)
+
+
+def ungrouped(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.flatten(1)[:, :in_features]
 
 
 def group_absmean(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Mean |w| of each group along in_features: (out, in) -> (out, n_groups); a short last group
-    is averaged over its own length."""
-    out_features, in_features = w.shape
-    n_groups = -(-in_features // group)
-    pad = n_groups * group - in_features
-    sums = F.pad(w.abs(), (0, pad)).view(out_features, n_groups, group).sum(-1)
-    lengths = torch.full((n_groups,), group, dtype=w.dtype, device=w.device)
+    """Mean |w| per group (out, n_groups), a short last group averaged over its own length."""
+    pad = -w.shape[1] % group
+    sums = F.pad(w.abs(), (0, pad)).view(w.shape[0], -1, group).sum(-1)
+    lengths = torch.full((sums.shape[1],), float(group), device=w.device)
     lengths[-1] = group - pad
     return sums / lengths
 
 
-def expand_groups(per_group: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
-    return per_group.repeat_interleave(group, dim=1)[:, :in_features]
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
 
 
-def ternary_scale(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Per-group absmean scale, rounded to float16 because that is how it is stored."""
-    return group_absmean(w, group).to(torch.float16).float().clamp_min(2**-14)
+def as_stored(p: torch.Tensor) -> torch.Tensor:
+    """The value a float16-stored parameter will have in the artifact; gradients pass through."""
+    return p + (p.half().float() - p).detach()
 
 
-def ternary_codes(w: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """Round-to-nearest onto {-1, 0, +1}: |w| below s/2 becomes 0."""
-    return torch.clamp(torch.round(w / expand_groups(scale, w.shape[1], group)), -1, 1)
+MIN_SCALE = 2.0**-14  # smallest normal float16: a scale never rounds to 0
 
 
-def ternary_quantize(w: torch.Tensor, group: int) -> torch.Tensor:
-    scale = ternary_scale(w, group)
-    return ternary_codes(w, scale, group) * expand_groups(scale, w.shape[1], group)
+class Quantizer:
+    """Base of the formats: `bits`, `group` (along in_features). Subclasses define levels,
+    calibrate (w (out, in) -> per-group params (out, n_groups)), and encode / decode, which work on
+    grouped weights (out, n_groups, group) so a step pads and un-pads a weight only once."""
+
+    name = ""
+    learnable = True  # False: params are a function of w alone (recomputed every step)
+
+    def __init__(self, bits: int, group: int, in_features: int, cfg: SimpleNamespace):
+        self.bits, self.in_features, self.cfg = bits, in_features, cfg
+        self.group = in_features if group <= 0 else min(group, in_features)
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor | None:
+        """A function of grouped w whose gradient replaces the identity (straight-through); None = STE."""
+        return None
+
+    def spec(self) -> dict:
+        group = -1 if self.group == self.in_features else self.group
+        return {"bits": self.bits, "group_size": group}
+
+    def export_params(self, p: dict) -> dict:
+        return {key: value.detach().half().cpu() for key, value in p.items()}
+
+    def expand(self, per_group: torch.Tensor) -> torch.Tensor:
+        return per_group.unsqueeze(-1)  # (out, n_groups) -> broadcast over a group
+
+
+class Ternary(Quantizer):
+    """{-1, 0, +1} * s, s = per-group absmean (BitNet b1.58); codes 0, 1, 2."""
+
+    name = "ternary"
+    levels = 3
+
+    def calibrate(self, w):
+        return {"scale": group_absmean(w, self.group).clamp_min(MIN_SCALE)}
+
+    def encode(self, w, p):
+        x = w / self.expand(p["scale"])
+        return torch.sign(x).mul_(x.abs_() > self.cfg.ternary_threshold).add_(1)
+
+    def decode(self, codes, p):
+        return (codes - 1) * self.expand(p["scale"])
+
+    def surrogate(self, w, p):
+        """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
+        weights near a threshold a stronger gradient than those far from one."""
+        if self.cfg.ternary_tanh <= 0:
+            return None
+        s, t, k = self.expand(p["scale"].detach()), self.cfg.ternary_threshold, self.cfg.ternary_tanh
+        x = w / s
+        return s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t)))
+
+    def spec(self):
+        return {"group_size": super().spec()["group_size"]}
+
+
+class Codebook(Quantizer):
+    """Balanced k-bit grid (c - (2^k - 1)/2) * s: 2-bit {-1.5, -0.5, 0.5, 1.5} * s, no zero level.
+    The scale starts at the MSE-optimal clip found by Newton iterations (OCTAV, Sakr et al. 2022)."""
+
+    name = "codebook"
+
+    def calibrate(self, w):
+        x = grouped(w, self.group).abs()
+        clip = x.amax(-1)
+        for _ in range(10):  # clip <- E[|w| ; |w| > clip] / (4^-k / 3 * P(|w| <= clip) + P(|w| > clip))
+            over = (x > clip.unsqueeze(-1)).float()
+            clip = (x * over).mean(-1) / ((4.0**-self.bits / 3) * (1 - over).mean(-1) + over.mean(-1)).clamp_min(1e-12)
+        return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
+
+    def encode(self, w, p):
+        return (w / self.expand(p["scale"])).add_((self.levels - 1) / 2).round_().clamp_(0, self.levels - 1)
+
+    def decode(self, codes, p):
+        return (codes - (self.levels - 1) / 2) * self.expand(p["scale"])
+
+
+class Int(Quantizer):
+    """k-bit integers, min-max calibrated: symmetric (c - 2^(k-1)) * s or affine (c - z) * s."""
+
+    name = "int"
+
+    def calibrate(self, w):
+        x = grouped(w, self.group)
+        if self.cfg.int_symmetric:
+            return {"scale": (x.abs().amax(-1) / (self.levels // 2 - 1)).clamp_min(MIN_SCALE)}
+        low, high = x.amin(-1).clamp_max(0), x.amax(-1).clamp_min(0)  # the grid must hold 0 exactly
+        scale = ((high - low) / (self.levels - 1)).clamp_min(MIN_SCALE)
+        return {"scale": scale, "zero": torch.clamp(torch.round(-low / scale), 0, self.levels - 1)}
+
+    def offset(self, p):
+        return self.levels // 2 if self.cfg.int_symmetric else self.expand(round_ste(p["zero"]))
+
+    def encode(self, w, p):
+        return (w / self.expand(p["scale"])).add_(self.offset(p)).round_().clamp_(0, self.levels - 1)
+
+    def decode(self, codes, p):
+        return (codes - self.offset(p)) * self.expand(p["scale"])
+
+    def spec(self):
+        return {**super().spec(), "symmetric": bool(self.cfg.int_symmetric)}
+
+
+class Log(Quantizer):
+    """Powers of two below the group's absmax s: ±s * 2^(m - M), m = 1..M = 2^(k-1) - 1, and 0.
+    Code = sign_bit * 2^(k-1) + m; rounding happens in the log domain."""
+
+    name = "log"
+
+    def calibrate(self, w):
+        return {"scale": grouped(w, self.group).abs().amax(-1).clamp_min(MIN_SCALE)}
+
+    def encode(self, w, p):
+        top = self.levels // 2 - 1
+        x = w / self.expand(p["scale"])
+        m = torch.round(torch.log2(x.abs().clamp_min(1e-30))) + top
+        m = torch.where(m >= 1, m.clamp_max(top), torch.zeros_like(m))
+        return m + ((x < 0) & (m > 0)).float() * (self.levels // 2)
+
+    def decode(self, codes, p):
+        half, top = self.levels // 2, self.levels // 2 - 1
+        m, negative = codes % half, codes >= half
+        magnitude = torch.where(m > 0, torch.exp2(m - top), torch.zeros_like(m)) * self.expand(p["scale"])
+        return torch.where(negative, -magnitude, magnitude)
+
+
+class MXFP(Quantizer):
+    """OCP Microscaling (MX v1.0): blocks of 32 share a power-of-two scale 2^(e - 127) stored as
+    an E8M0 byte; each element is a small float (MXFP4, MXFP8 below). The shared exponent is
+    floor(log2(absmax)) - emax of the element format, and elements beyond its max saturate."""
+
+    learnable = False
+    block = 32
+    emax = 0  # exponent of the element format's largest power of two
+
+    def __init__(self, bits, group, in_features, cfg):
+        super().__init__(bits, self.block, in_features, cfg)
+
+    def calibrate(self, w):
+        absmax = grouped(w, self.group).abs().amax(-1)
+        shared = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - self.emax
+        return {"exponent": torch.clamp(shared, -127, 127) + 127}
+
+    def encode(self, w, p):
+        return self.element_codes(w / torch.exp2(self.expand(p["exponent"]) - 127))
+
+    def decode(self, codes, p):
+        return self.element_values(codes) * torch.exp2(self.expand(p["exponent"]) - 127)
+
+    def spec(self):
+        return {"block_size": self.block}
+
+    def export_params(self, p):
+        return {"exponent": p["exponent"].detach().to(torch.uint8).cpu()}
+
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # code & 7 -> magnitude; bit 3 = sign
+E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+
+
+class MXFP4(MXFP):
+    """E2M1 elements: sign, 2 exponent bits, 1 mantissa bit: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}."""
+
+    name, levels, emax = "mxfp4", 16, 2  # 6 = 1.5 * 2^2
+
+    def element_codes(self, x):
+        x = x.clamp(-6, 6)
+        below = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=False)
+        above = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=True)
+        magnitude = torch.where(above % 2 == 0, above, below)  # a tie goes to the even code (round half to even)
+        return magnitude + 8 * ((x < 0) & (magnitude > 0))
+
+    def element_values(self, c):
+        magnitude = E2M1_VALUES.to(c.device)[(c % 8).long()]
+        return torch.where(c >= 8, -magnitude, magnitude)
+
+
+class MXFP8(MXFP):
+    """E4M3 elements (bias 7, max 448, S.1111.111 = NaN): exactly torch.float8_e4m3fn's bits."""
+
+    name, levels, emax = "mxfp8", 256, 8  # 448 = 1.75 * 2^8
+
+    def element_codes(self, x):
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float()  # clamped: never NaN
+
+    def element_values(self, c):
+        return c.to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = 12) -> torch.Tensor:
+    """k centroids for each row of x (..., n), all rows at once; starts from quantiles."""
+    quantiles = torch.linspace(0.5 / k, 1 - 0.5 / k, k, device=x.device)
+    centroids = torch.quantile(x, quantiles, dim=-1).movedim(0, -1).contiguous()
+    for _ in range(iters):
+        assign = (x.unsqueeze(-1) - centroids.unsqueeze(-2)).abs().argmin(-1)
+        onehot = F.one_hot(assign, k).float()
+        counts = onehot.sum(-2)
+        sums = (onehot * x.unsqueeze(-1)).sum(-2)
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # an empty cluster stays put
+    return centroids.sort(-1).values
+
+
+class LUT(Quantizer):
+    """A learned table of 2^k values per group (k-means initialised): W = LUT[group, idx], or with
+    LUT_RANK > 0, W = (A @ B) * LUT[group, idx], the low-rank scale absorbing row/column magnitude."""
+
+    name = "lut"
+
+    def low_rank(self, p):
+        """A @ B as stored (float16), grouped like the weight; None without a low-rank scale."""
+        return grouped(as_stored(p["scale_a"]) @ as_stored(p["scale_b"]), self.group) if "scale_a" in p else None
+
+    def calibrate(self, w):
+        params, rank = {}, self.cfg.lut_rank
+        w = grouped(w, self.group)
+        if rank > 0:  # rank 1 from mean |w| of rows and columns; the other components start at 0
+            flat = ungrouped(w, self.in_features).abs()
+            a = torch.zeros(flat.shape[0], rank, device=w.device)
+            b = torch.full((rank, flat.shape[1]), 0.01, device=w.device)
+            a[:, 0] = flat.mean(1).clamp_min(MIN_SCALE)
+            b[0] = flat.mean(0) / flat.mean().clamp_min(1e-12)
+            params = {"scale_a": a, "scale_b": b.clamp_min(MIN_SCALE)}
+            w = w / self.low_rank(params)
+        params["lut"] = kmeans_1d(w, self.levels)
+        return params
+
+    def encode(self, w, p):
+        scale = self.low_rank(p)
+        x = (w if scale is None else w / scale).contiguous()
+        lut = p["lut"].sort(-1).values
+        return torch.searchsorted((lut[..., 1:] + lut[..., :-1]).contiguous() / 2, x).float()
+
+    def decode(self, codes, p):
+        lut = p["lut"].sort(-1).values  # encode indexes the sorted table; export stores it sorted
+        w = torch.gather(lut, -1, codes.long())
+        scale = self.low_rank(p)
+        return w if scale is None else w * scale
+
+    def spec(self):
+        return {**super().spec(), "rank": self.cfg.lut_rank}
+
+    def export_params(self, p):
+        return super().export_params({**p, "lut": p["lut"].sort(-1).values})
+
+
+class FakeQuantize(torch.autograd.Function):
+    """decode(encode(w)) on a grouped weight, with the straight-through gradient to w and the true
+    gradient to the parameters (scales, LUT entries). Autograd would keep a float copy of the
+    codes for the parameters' gradient; this keeps them as uint8 and recomputes decode in backward
+    instead (1 byte per weight rather than 4: QAT's peak memory stays near FP training's)."""
+
+    @staticmethod
+    def forward(ctx, w, quantizer, keys, *values):
+        params = dict(zip(keys, values))
+        codes = quantizer.encode(w, params)
+        ctx.quantizer, ctx.keys = quantizer, keys
+        wants_codes = any(ctx.needs_input_grad[3:])  # only learnable parameters need them
+        ctx.save_for_backward(codes.to(torch.uint8) if wants_codes else None, *values)
+        return quantizer.decode(codes, params)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, *values = ctx.saved_tensors
+        wanted = [i for i in range(len(values)) if ctx.needs_input_grad[3 + i]]
+        grads = [None] * len(values)
+        if wanted:
+            with torch.enable_grad():
+                leaves = [v.detach().requires_grad_(i in wanted) for i, v in enumerate(values)]
+                decoded = ctx.quantizer.decode(codes.float(), dict(zip(ctx.keys, leaves)))
+                for i, g in zip(wanted, torch.autograd.grad(decoded, [leaves[i] for i in wanted], grad)):
+                    grads[i] = g
+        return grad, None, None, *grads
+
+
+QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
+FIXED_BITS = {"ternary": 2, "mxfp4": 4, "mxfp8": 8}  # formats whose bits no schedule can change
+
+
+def module_formats(cfg: SimpleNamespace) -> list[tuple[str, str, int]]:
+    """MODULE_QUANT "mlp=codebook:2,lm_head=int:8" -> [(pattern, format, bits)], then the default."""
+    rules = []
+    for rule in filter(None, cfg.module_quant.split(",")):
+        pattern, _, fmt = rule.partition("=")
+        name, _, bits = fmt.partition(":")
+        rules.append((pattern.strip(), name.strip(), int(bits or cfg.bits)))
+    return rules
+
+
+def format_for(name: str, cfg: SimpleNamespace) -> tuple[str, int] | None:
+    """(format, bits) of the Linear called `name`, or None to keep it dense. The output head is
+    quantized only when a MODULE_QUANT rule names it."""
+    for pattern, fmt, bits in module_formats(cfg):
+        if pattern in name:
+            return None if fmt == "none" else (fmt, bits)
+    if name.endswith("lm_head") or cfg.quant == "none":
+        return None
+    return cfg.quant, cfg.bits
 
 
 # --- layers ---
 
 
-class BitLinear(nn.Linear):
-    """A Linear whose forward uses the quantized weight. The straight-through estimator is applied
-    to the weight (w + (q(w) - w).detach()), so the forward costs one matmul and the gradient
-    flows to the latent full-precision weight unchanged."""
+def parse_bits(text: str) -> list[int]:
+    """"2,4" -> [2, 4]; "2-4" -> [2, 3, 4]."""
+    if "-" in text:
+        low, high = map(int, text.split("-"))
+        return list(range(low, high + 1))
+    return [int(b) for b in text.split(",") if b]
 
-    def __init__(self, linear: nn.Linear, group: int):
+
+def new_adapter(rank: int, in_features: int, out_features: int) -> nn.ParameterDict:
+    """LoRA's A (rank, in) initialised like a Linear, B (out, rank) at zero: a no-op to start from."""
+    a = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return nn.ParameterDict({"a": nn.Parameter(a), "b": nn.Parameter(torch.zeros(out_features, rank))})
+
+
+class QuantLinear(nn.Linear):
+    """A Linear computing with its quantized weight. The straight-through estimator is applied to
+    the weight, w + (q(w) - w).detach(), so a step costs one matmul and the gradient reaches the
+    latent full-precision weight unchanged. Quantizer parameters are kept per bit width, so a
+    precision schedule can switch between them."""
+
+    def __init__(self, linear: nn.Linear, fmt: str, bits: int, cfg: SimpleNamespace):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
                          device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
         self.load_state_dict(linear.state_dict())
-        self.group = group
+        fixed = fmt in FIXED_BITS
+        self.export_bits = FIXED_BITS.get(fmt) or cfg.progressive_bits or bits
+        scheduled = [*parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)]
+        widths = {self.export_bits} if fixed else {bits, self.export_bits, *scheduled}
+        self.quantizers = {b: QUANTIZERS[fmt](b, cfg.group_size, self.in_features, cfg) for b in sorted(widths)}
+        self.own_bits = self.bits = bits if not fixed else self.export_bits  # own_bits: what it trains at unscheduled
+        self.learn = cfg.learn_scale and QUANTIZERS[fmt].learnable
+        self.qparams = nn.ModuleDict()
+        if self.learn:
+            with torch.no_grad():
+                for b, q in self.quantizers.items():
+                    self.qparams[str(b)] = nn.ParameterDict({k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()})
+        self.act_quant = bool(cfg.act_quant)
+        self.lam = 1.0  # blend FP -> quantized (lambda warm-up); export ignores it
+        # LoRA adapters, bits -> {a, b}: one per width if precision is switchable, else one. They
+        # exist from the start (b = 0, so they add nothing) and train only in the LoRA stage.
+        adapter_widths = (self.quantizers if cfg.switchable_bits else [self.export_bits]) if cfg.lora_rank > 0 else []
+        adapters = {str(b): new_adapter(cfg.lora_rank, self.in_features, self.out_features) for b in adapter_widths}
+        self.lora = nn.ModuleDict(adapters).to(self.weight.device)
+        self.lora.requires_grad_(False)
+        self.lora_scale, self.lora_dropout = cfg.lora_alpha / max(cfg.lora_rank, 1), nn.Dropout(cfg.lora_dropout)
+        self.lora_on, self.frozen = False, {}  # frozen: bits -> quantized weight cached for the LoRA stage
+
+    @property
+    def quantizer(self) -> Quantizer:
+        return self.quantizers[self.bits]
+
+    def params(self, w: torch.Tensor) -> dict:
+        """The quantizer's parameters as the artifact stores them (float16), with gradients."""
+        if self.learn:
+            return {k: as_stored(v) for k, v in self.qparams[str(self.bits)].items()}
+        return {k: v.half().float() for k, v in self.quantizer.calibrate(w.detach()).items()}
 
     def quantized_weight(self) -> torch.Tensor:
-        return ternary_quantize(self.weight, self.group)
+        """Value: decode(encode(w)). Gradient: to w through the surrogate (identity = STE), and to
+        learnable scales / LUT entries through decode."""
+        if self.bits in self.frozen:
+            return self.frozen[self.bits]
+        w, q = self.weight.float(), self.quantizer
+        p = self.params(w)
+        w_grouped = grouped(w, q.group)
+        proxy = q.surrogate(w_grouped, p)
+        w_q = FakeQuantize.apply(w_grouped if proxy is None else w_grouped.detach(), q, tuple(p), *p.values())
+        if proxy is not None:
+            w_q = w_q + (proxy - proxy.detach())
+        w_q = ungrouped(w_q, self.in_features)
+        return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
+
+    def adapter(self) -> nn.ParameterDict | None:
+        key = str(self.bits) if str(self.bits) in self.lora else str(self.export_bits)
+        return self.lora[key] if self.lora_on else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return F.linear(x, w + (self.quantized_weight() - w).detach(), self.bias)
+        if self.act_quant:
+            x = quantize_activation(x)
+        y = F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        lora = self.adapter()
+        if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
+            y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),
+                                               as_stored(lora["b"]).to(x.dtype))  # fmt: skip
+        return y
+
+    def freeze(self) -> None:
+        """LoRA stage: the codes stop moving (fully quantized), so the quantized weight of each
+        adapter's width is computed once."""
+        self.weight.requires_grad_(False)
+        self.qparams.requires_grad_(False)
+        training_bits, self.lam, self.frozen = self.bits, 1.0, {}
+        with torch.no_grad():
+            for key in self.lora:
+                self.bits = int(key)
+                self.frozen[self.bits] = self.quantized_weight()
+        self.bits, self.lora_on = training_bits, True
+        self.lora.requires_grad_(True)
 
     def export(self) -> tuple[artifact.QuantizedLinear, nn.Linear]:
-        """Codes + scales for the artifact, and the plain Linear holding exactly what they decode to."""
+        """Codes + parameters for the artifact, and the plain Linear holding exactly what they
+        decode to (plus the merged adapter)."""
+        self.bits, self.lam, self.frozen = self.export_bits, 1.0, {}
         with torch.no_grad():
-            scale = ternary_scale(self.weight.float(), self.group)
-            codes = ternary_codes(self.weight.float(), scale, self.group)
+            w = self.weight.float()
+            p = self.params(w)
+            codes = self.quantizer.encode(grouped(w, self.quantizer.group), p)
+            weight = ungrouped(self.quantizer.decode(codes, p), self.in_features)
+            codes = ungrouped(codes, self.in_features)
+            spec, params = self.quantizer.spec(), self.quantizer.export_params(p)
+            lora = self.adapter()
+            if lora is not None:
+                a, b = lora["a"].half(), lora["b"].half()
+                weight = weight + self.lora_scale * (b.float() @ a.float())
+                params.update(lora_a=a.cpu(), lora_b=b.cpu())
+                spec["adapter"] = {"rank": a.shape[0], "alpha": self.lora_scale * a.shape[0]}
+            if self.act_quant:
+                spec["input_quant"] = {"format": "int8_token_absmax"}
             plain = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-            plain.weight.copy_(codes * expand_groups(scale, self.in_features, self.group))
+            plain.weight.copy_(weight)
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
-        record = artifact.QuantizedLinear("ternary", (codes + 1).to(torch.uint8).cpu(),
-                                          {"scale": scale.to(torch.float16).cpu()}, {"group_size": self.group})  # fmt: skip
-        return record, plain
+        return artifact.QuantizedLinear(self.quantizer.name, codes.to(torch.int64).cpu(), params, spec), plain
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear except the output head (embeddings are not Linears)."""
-    head = model.get_output_embeddings()
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+class SwitchableRMSNorm(nn.Module):
+    """RMSNorm with one weight per bit width (switchable precision: each width normalises its own
+    activation statistics), computing exactly what LlamaRMSNorm computes."""
+
+    def __init__(self, norm: nn.Module, widths: list[int]):
+        super().__init__()
+        self.eps, self.norm_class = norm.variance_epsilon, type(norm)
+        self.weights = nn.ParameterDict({str(b): nn.Parameter(norm.weight.detach().clone()) for b in widths})
+        self.bits = widths[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weights[str(self.bits)] * h.to(x.dtype)
+
+    def export(self, bits: int) -> nn.Module:
+        """The model's own norm class holding the exported width's weight."""
+        norm = self.norm_class(self.weights[str(bits)].shape[0], eps=self.eps)
+        norm.weight.data.copy_(self.weights[str(bits)].detach())
+        return norm
+
+
+def all_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -147,20 +624,257 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> None:
-    for name, linear in decoder_linears(model).items():
-        swap_module(model, name, BitLinear(linear, cfg.group_size))
+def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
+    """Swap every Linear that format_for() selects for a QuantLinear (calibrating its scales),
+    and with SWITCHABLE_BITS every RMSNorm for a SwitchableRMSNorm."""
+    head = model.get_output_embeddings()
+    for name, linear in all_linears(model).items():
+        chosen = format_for(name, cfg)
+        if chosen is None:
+            continue
+        if linear is head:  # the QuantLinear holds its own copy: the embedding stays as stored
+            model.config.tie_word_embeddings = False
+        swap_module(model, name, QuantLinear(linear, *chosen, cfg))
+    if cfg.switchable_bits:
+        for name, module in list(model.named_modules()):
+            if type(module).__name__.endswith("RMSNorm"):
+                swap_module(model, name, SwitchableRMSNorm(module, parse_bits(cfg.switchable_bits)))
+    return model
 
 
-# --- distillation ---
+def set_bits(model: nn.Module, bits: int | None) -> None:
+    """Every variable-width layer (and switchable norm) computes at `bits`; None = each at its own."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.quantizer.name not in FIXED_BITS:
+            m.bits = bits if bits in m.quantizers else m.own_bits
+        elif isinstance(m, SwitchableRMSNorm) and bits is not None and str(bits) in m.weights:
+            m.bits = bits
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature `temp`, times temp^2 so its gradient scale does not
-    shrink as the temperature grows (Hinton et al., 2015)."""
-    log_student = F.log_softmax(student_logits.float() / temp, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float() / temp, dim=-1)
-    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temp**2
+# --- activation quantization ---
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax INT8 with a straight-through gradient: s = max|x| / 127 over the last dim."""
+    scale = (x.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    return x + (torch.clamp(torch.round(x.detach() / scale), -127, 127) * scale - x.detach())
+
+
+# --- distillation + top-k cache ---
+
+
+def distill_terms(logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace) -> dict[str, torch.Tensor]:
+    """KD terms. `teacher` holds either full-vocab "logits" (a live teacher) or, from the cache,
+    "ids" (B, T, C) of candidate tokens with their "logits"; both distributions are then taken over
+    the candidates (cached duplicates carry -inf and drop out)."""
+    ids, t_logits, s_logits = teacher.get("ids"), teacher["logits"].float(), logits.float()
+    if ids is not None:  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps the KL finite
+        dropped = torch.isinf(t_logits)
+        t_logits, s_logits = t_logits.masked_fill(dropped, -1e4), s_logits.gather(-1, ids).masked_fill(dropped, -1e4)
+    temp = cfg.distill_temp
+    log_t, log_s = F.log_softmax(t_logits / temp, -1), F.log_softmax(s_logits / temp, -1)
+    # KL(teacher || student) per position, times temp^2 so its gradient scale does not shrink as
+    # the temperature grows (Hinton et al., 2015)
+    terms = {"kd": F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * temp**2}
+    top = t_logits.argmax(-1)  # candidate index of the teacher's top-1
+    if cfg.hard_top1_weight > 0:
+        terms["hard_top1"] = F.cross_entropy(s_logits.flatten(0, 1), top.flatten())
+    if cfg.hard_full_top1_weight > 0:
+        top_token = top[:, -1] if ids is None else ids[:, -1].gather(-1, top[:, -1:]).squeeze(-1)
+        terms["hard_full_top1"] = F.cross_entropy(logits[:, -1].float(), top_token)
+    return terms
+
+
+def teacher_cache_path(prepared, cfg: SimpleNamespace) -> Path:
+    """A cache is keyed by everything it depends on: the model, the training tokens, the shape."""
+    config = (prepared.model_dir / "config.json").read_bytes()
+    key = (f"{prepared.model_name}-{hashlib.sha256(config).hexdigest()[:8]}-{prepared.train.meta['sha256'][:12]}"
+           f"-T{cfg.seq_len}-k{cfg.teacher_cache_k}-n{cfg.teacher_cache_negatives}-{cfg.teacher_cache_tokens}tok-s{cfg.seed}")  # fmt: skip
+    root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else paths.data_dir() / "teacher_cache"
+    return root / key
+
+
+def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) -> Path:
+    """Run the teacher once over TEACHER_CACHE_TOKENS positions (random windows, fixed by the
+    seed) and keep each position's top-k logits plus a few random negatives. Written to a temp
+    folder and renamed, so a half-built cache is never used."""
+    path = teacher_cache_path(prepared, cfg)
+    if (path / "logits.npy").exists():
+        return path
+    tokens = prepared.train.tokens()
+    n_windows = max(1, cfg.teacher_cache_tokens // cfg.seq_len)
+    rng = np.random.default_rng(cfg.seed)
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=n_windows)
+    windows = tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
+    teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device).eval()
+    k, n_neg = cfg.teacher_cache_k, cfg.teacher_cache_negatives
+    generator = torch.Generator().manual_seed(cfg.seed)
+    all_ids, all_logits = [], []
+    for i in tqdm(range(0, n_windows, cfg.batch_size), desc="teacher cache", unit="batch"):
+        x = torch.from_numpy(windows[i : i + cfg.batch_size, :-1]).to(device)
+        with torch.no_grad():
+            logits = teacher(input_ids=x).logits.float().cpu()
+        top = logits.topk(k, dim=-1)
+        negatives = torch.randint(0, logits.shape[-1], (*x.shape, n_neg), generator=generator)
+        ids = torch.cat([top.indices, negatives], -1)
+        values = logits.gather(-1, ids)
+        duplicate = (negatives.unsqueeze(-1) == top.indices.unsqueeze(-2)).any(-1)
+        duplicate |= torch.triu((negatives.unsqueeze(-1) == negatives.unsqueeze(-2)), diagonal=1).any(-2)
+        values[..., k:] = values[..., k:].masked_fill(duplicate, -torch.inf)
+        all_ids.append(ids.to(torch.int32).numpy())
+        all_logits.append(values.half().numpy())
+    del teacher
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "windows.npy", windows.astype(np.int32))
+    np.save(tmp / "ids.npy", np.concatenate(all_ids))
+    np.save(tmp / "logits.npy", np.concatenate(all_logits))
+    os.replace(tmp, path)
+    return path
+
+
+def load_teacher_cache(path: Path) -> dict[str, np.ndarray]:
+    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("windows", "ids", "logits")}
+
+
+def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The batch of step `step`, a pure function of (seed, step): a resumed run draws exactly the
+    batches the uninterrupted one would have. With a teacher cache, windows come from the cache."""
+    rng = np.random.default_rng([cfg.seed, step])
+    if cache is not None:
+        rows = np.sort(rng.integers(0, len(cache["windows"]), size=cfg.batch_size))
+        window = torch.from_numpy(cache["windows"][rows].astype(np.int64))
+        teacher = {"ids": torch.from_numpy(cache["ids"][rows].astype(np.int64)),
+                   "logits": torch.from_numpy(cache["logits"][rows].astype(np.float32))}  # fmt: skip
+        return window[:, :-1], window[:, 1:], teacher
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+    window = torch.from_numpy(tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64))
+    return window[:, :-1], window[:, 1:], {}
+
+
+# --- LoRA ---
+
+
+def start_lora_stage(model: nn.Module) -> None:
+    """Freeze every quantized weight and its parameters; only the adapters train from here on."""
+    model.requires_grad_(False)
+    for layer in quant_linears(model).values():
+        layer.freeze()
+
+
+def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters alone (float16, as the artifact stores them): a small file to ship or reload."""
+    return {f"{name}.lora.{bits}.{key}": p.detach().half().cpu().contiguous()
+            for name, layer in quant_linears(model).items() for bits, pd in layer.lora.items() for key, p in pd.items()}  # fmt: skip
+
+
+# --- schedules (lambda / cyclic / progressive) ---
+
+
+def lr_at(step: int, fraction: float, cfg: SimpleNamespace) -> float:
+    """Linear warm-up over steps, then cosine decay over the budget's progress."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def lambda_at(fraction: float, cfg: SimpleNamespace) -> float:
+    """How quantized the forward is: 0 = full precision, 1 = fully quantized."""
+    if cfg.lambda_warmup <= 0 or fraction >= cfg.lambda_warmup:
+        return 1.0
+    ramp = fraction / cfg.lambda_warmup
+    if cfg.lambda_schedule == "plateau":
+        return math.floor(ramp * cfg.lambda_plateaus) / cfg.lambda_plateaus
+    return ramp
+
+
+def bits_at(step: int, cfg: SimpleNamespace) -> int | None:
+    """This step's bit width under a switchable or cyclic schedule; None = each layer's own."""
+    if cfg.switchable_bits:
+        widths = parse_bits(cfg.switchable_bits)
+        return widths[step % len(widths)]
+    if cfg.cyclic_bits:
+        low, high = min(parse_bits(cfg.cyclic_bits)), max(parse_bits(cfg.cyclic_bits))
+        phase = (step % cfg.cycle_steps) / cfg.cycle_steps
+        shape = 0.5 * (1 - math.cos(2 * math.pi * phase)) if cfg.cyclic_shape == "cosine" else 1 - abs(2 * phase - 1)
+        return round(low + (high - low) * shape)
+    return None
+
+
+def start_progressive_stage(model: nn.Module) -> None:
+    """Continue at each layer's final width, its parameters re-calibrated on the current quantized
+    weight: for a LUT this is k-means of the 2^k old entries (weighted by use) down to the new size."""
+    for layer in quant_linears(model).values():
+        if not layer.learn or str(layer.export_bits) not in layer.qparams:
+            continue
+        with torch.no_grad():
+            current = layer.quantized_weight().float()
+            fresh = layer.quantizers[layer.export_bits].calibrate(current)
+            for key, value in layer.qparams[str(layer.export_bits)].items():
+                value.copy_(fresh[key])
+
+
+# --- stabilizers + checkpoints ---
+
+
+def freeze_modules(model: nn.Module, cfg: SimpleNamespace) -> None:
+    """Hold some latent weights fixed (they are still quantized): attention's v/o projections
+    are where low-bit training tends to diverge first; the last MLPs shape the output most."""
+    n_layers = model.config.num_hidden_layers
+    for name, layer in quant_linears(model).items():
+        frozen_ov = cfg.freeze_attn_ov and (name.endswith("v_proj") or name.endswith("o_proj"))
+        index = next((int(part) for part in name.split(".") if part.isdigit()), -1)
+        frozen_mlp = ".mlp." in name and index >= n_layers - cfg.freeze_last_mlps
+        if frozen_ov or frozen_mlp:
+            layer.weight.requires_grad_(False)
+
+
+class EMA:
+    """Exponential moving average of the trained parameters; the export uses the average."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float):
+        self.decay, self.params = decay, params
+        self.shadow = {name: p.detach().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.shadow[name])
+
+
+def checkpoint_dir(cfg: SimpleNamespace) -> Path:
+    """Checkpoints of runs with the same training settings share a folder: that is what makes
+    one "compatible" for --resume auto."""
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir)
+    key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in NOT_TRAINING})
+    return Path(os.environ["HARNESS_RUN_DIR"]).parent / "checkpoints" / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def save_checkpoint(state: dict, cfg: SimpleNamespace) -> Path:
+    folder = checkpoint_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step{state['step']:07d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    for old in folder.glob("step*.pt"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def find_checkpoint(cfg: SimpleNamespace) -> Path | None:
+    if cfg.resume != "auto":
+        return Path(cfg.resume) if cfg.resume else None
+    found = sorted(checkpoint_dir(cfg).glob("step*.pt"))
+    return found[-1] if found else None
 
 
 # --- training loop ---
@@ -176,60 +890,143 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def lr_at(step: int, fraction: float, cfg: SimpleNamespace) -> float:
-    """Linear warm-up over steps, then cosine decay over the budget's progress."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+def autocast_dtype(device: torch.device, cfg: SimpleNamespace) -> torch.dtype | None:
+    """fp32 on CPU (bf16 matmuls there are slower, not faster); bf16 autocast on CUDA/MPS."""
+    if cfg.dtype == "auto":
+        return None if device.type == "cpu" else torch.bfloat16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
 
 
 class LossIsNotFinite(Exception):
     pass
 
 
+def make_optimizer(model: nn.Module, cfg: SimpleNamespace) -> tuple[torch.optim.Optimizer, dict, "EMA | None"]:
+    """AdamW (and an EMA) over whatever currently requires grad: a new stage gets a fresh pair."""
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return optimizer, trained, EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+
+def begin_lora_stage(model: nn.Module, ema: "EMA | None", cfg: SimpleNamespace) -> tuple:
+    if ema is not None:
+        ema.copy_to_model()  # freeze the averaged weights, not the last step's
+    start_lora_stage(model)
+    return make_optimizer(model, cfg)
+
+
+def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> tuple[int, tuple]:
+    """Load everything a bit-exact continuation needs. Batches need no state: batch_at(step)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    stage.update(state["stage"])
+    model.load_state_dict(state["model"])
+    if stage["lora"]:  # after loading: the cached quantized weights come from the restored latents
+        start_lora_stage(model)
+    optimizer, trained, ema = make_optimizer(model, cfg)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.shadow = state["ema"]
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"], (optimizer, trained, ema)
+
+
 def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     budget = Budget.from_env(max_steps=cfg.steps or None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in ("cuda", "mps"))
-    data = batches(prepared.train.tokens(), cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    tokens = prepared.train.tokens()
+    if len(tokens) <= cfg.seq_len + 1:
+        raise DataError(f"{len(tokens)} training tokens cannot fill one window of {cfg.seq_len + 1}")
+    cache = None
+    if cfg.teacher_cache_k and cfg.distill_weight > 0:
+        cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device))
+    dtype = autocast_dtype(device, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    freeze_modules(model, cfg)
+    stage = {"lora": cfg.lora_rank > 0 and cfg.lora_at <= 0, "progressive": False}
+    if stage["lora"]:
+        start_lora_stage(model)
+    optimizer, trained, ema = make_optimizer(model, cfg)
+    step = 0
+    checkpoint = find_checkpoint(cfg)
+    if checkpoint is not None:
+        step, (optimizer, trained, ema) = restore_checkpoint(checkpoint, model, scaler, stage, cfg, device)
+        budget.steps = step
+
     log = open(run_dir / "loss.csv", "w")
-    log.write("step,loss,lr,tokens_per_s,train_seconds\n")
+    log.write("step,loss,ce,lr,lambda,bits,tokens_per_s,train_seconds\n")
+    bar = tqdm(total=100, desc="train", unit="%", mininterval=2.0, bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}{postfix}]")
     model.train()
-    step, window_started, window_tokens = 0, time.perf_counter(), 0
+    window_started, window_tokens = time.perf_counter(), 0
     while not budget.done():
-        x, y = (t.to(device) for t in next(data))
-        lr = lr_at(step, budget.fraction, cfg)
+        fraction = budget.fraction
+        if cfg.progressive_bits and not stage["progressive"] and fraction >= cfg.progressive_at:
+            start_progressive_stage(model)
+            stage["progressive"] = True
+        if cfg.lora_rank > 0 and not stage["lora"] and fraction >= cfg.lora_at:
+            optimizer, trained, ema = begin_lora_stage(model, ema, cfg)
+            stage["lora"] = True
+        lam = lambda_at(fraction, cfg)
+        bits = cfg.progressive_bits if stage["progressive"] else bits_at(step, cfg)
+        set_bits(model, bits)
+        for layer in quant_linears(model).values():
+            layer.lam = lam
+        lr = lr_at(step, fraction, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
+
+        x, y, teacher_out = batch_at(step, tokens, cache, cfg)
+        x, y, teacher_out = x.to(device), y.to(device), {k: v.to(device) for k, v in teacher_out.items()}
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(input_ids=x).logits
             ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             loss = ce
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(input_ids=x).logits
-                kd = distill_loss(logits.flatten(0, 1), teacher_logits.flatten(0, 1), cfg.distill_temp)
-                loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
+                    teacher_out = {"logits": teacher(input_ids=x).logits}
+            if teacher_out:
+                terms = distill_terms(logits, teacher_out, cfg)
+                loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * terms["kd"]
+                loss = loss + cfg.hard_top1_weight * terms.get("hard_top1", 0)
+                loss = loss + cfg.hard_full_top1_weight * terms.get("hard_full_top1", 0)
         if not torch.isfinite(loss):
             raise LossIsNotFinite(f"loss is {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trained.values(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update()
         step += 1
         budget.step_done()
+
         window_tokens += x.numel()
+        rate = window_tokens / (time.perf_counter() - window_started)
+        bar.n = 100 * budget.fraction
+        bar.set_postfix_str(f"loss {loss.item():.3f} | {rate:,.0f} tok/s", refresh=False)
+        bar.update(0)
         if step % cfg.log_every == 0 or step == 1:
-            rate = window_tokens / (time.perf_counter() - window_started)
-            print(f"step {step:5d} | loss {loss.item():.4f} | ce {ce.item():.4f} | lr {lr:.2e} | "
-                  f"{rate:,.0f} tok/s | {budget.elapsed:.0f}/{budget.seconds:.0f} s", flush=True)  # fmt: skip
-            log.write(f"{step},{loss.item():.6f},{lr:.6g},{rate:.1f},{budget.elapsed:.2f}\n")
+            shown_bits = bits if bits is not None else "-"
+            print(f"step {step:5d} | loss {loss.item():.4f} | ce {ce.item():.4f} | lr {lr:.2e} | lambda {lam:.2f} | "
+                  f"bits {shown_bits} | {rate:,.0f} tok/s | {budget.elapsed:.0f}/{budget.seconds:.0f} s", flush=True)  # fmt: skip
+            log.write(f"{step},{loss.item():.6f},{ce.item():.6f},{lr:.6g},{lam:.4f},{shown_bits},"
+                      f"{rate:.1f},{budget.elapsed:.2f}\n")  # fmt: skip
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():  # the last step exports instead
+            with budget.paused():
+                rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+                save_checkpoint({"step": step, "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict(), "ema": ema.shadow if ema else None, "rng": rng}, cfg)  # fmt: skip
+    bar.close()
     log.close()
+    if ema is not None:
+        ema.copy_to_model()
     return budget
 
 
@@ -237,15 +1034,19 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
 
 
 def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Path) -> None:
-    """Write the artifact: codes + scales for every quantized Linear, and an HF folder whose
-    Linears hold exactly the decoded weights (the harness checks that they agree)."""
+    """Write the artifact: codes + parameters for every quantized Linear, and an HF folder whose
+    Linears hold exactly the decoded weights (the harness checks that they agree). Always the
+    fully quantized model, whatever lambda or bit width the last step trained at."""
     model = model.float().cpu()
     layers, dense = {}, []
-    for name, linear in decoder_linears(model).items():
-        if isinstance(linear, BitLinear):
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SwitchableRMSNorm):
+            swap_module(model, name, module.export(cfg.bits))
+    for name, linear in all_linears(model).items():
+        if isinstance(linear, QuantLinear):
             layers[name], plain = linear.export()
             swap_module(model, name, plain)
-        else:
+        elif linear is not model.get_output_embeddings():
             dense.append(name)
     artifact.save(out_dir, model, layers, tokenizer_dir=model_dir, dense=dense)
 
@@ -261,9 +1062,11 @@ def main(argv: list[str]) -> int:
     prepared = load_prepared()
     if cfg.baseline not in ("", "fp", "rtn"):
         raise SystemExit(f"--baseline must be fp or rtn, not {cfg.baseline!r}")
-    quantized = cfg.quant != "none" and cfg.baseline != "fp"
-    if cfg.quant not in ("ternary", "none"):
-        raise SystemExit(f"--quant must be ternary or none, not {cfg.quant!r}")
+    for _, fmt, _ in [("", cfg.quant, 0), *module_formats(cfg)]:
+        if fmt not in QUANTIZERS and fmt != "none":
+            raise SystemExit(f"unknown format {fmt!r}; known: {sorted(QUANTIZERS)} or none")
+    if cfg.switchable_bits and cfg.bits not in parse_bits(cfg.switchable_bits):
+        raise SystemExit(f"--bits {cfg.bits} (the exported width) must be one of --switchable-bits {cfg.switchable_bits}")
     info = {
         "model": prepared.model_name,
         "baseline": bool(cfg.baseline),
@@ -274,12 +1077,12 @@ def main(argv: list[str]) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
     print(f"model {prepared.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device}")
-    if quantized:
+    if cfg.baseline != "fp":
         quantize_model(model, cfg)
     budget = None
     if not cfg.baseline:
         teacher = None
-        if cfg.distill_weight > 0:
+        if cfg.distill_weight > 0 and not cfg.teacher_cache_k:
             teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device).eval()
             teacher.requires_grad_(False)
         try:
@@ -293,6 +1096,8 @@ def main(argv: list[str]) -> int:
     steps = budget.steps if budget else 0
     info.update(steps=steps, train_tokens=steps * cfg.batch_size * cfg.seq_len,
                 train_seconds=budget.elapsed if budget else 0.0)  # fmt: skip
+    if cfg.lora_rank > 0 and quant_linears(model):
+        save_file(lora_tensors(model), str(run_dir / "lora.safetensors"))
     export(model, cfg, prepared.model_dir, run_dir / "artifact")
     (run_dir / "train.json").write_text(json.dumps(info, indent=1))
     print(f"exported {run_dir / 'artifact'} after {steps} steps")

@@ -6,9 +6,10 @@ model.safetensors holding the dequantized weights) plus two files that are the r
     quant.safetensors   packed integer codes and per-group parameters, `<linear>.codes`, `<linear>.scale`, ...
     quant.json          {"version": 1, "layers": {<linear>: {"format": ..., "shape": [out, in], ...}}}
 
-`verify` rebuilds every decoder Linear from its codes, checks it against its declared format
-(formats.decode_layer), checks the dequantized HF weights agree with the codes, and counts the
-bits actually stored. Evaluation then runs on the decoded weights, never on anything else.
+`load_verified` rebuilds every decoder Linear (and lm_head when declared) from its codes, checks it
+against its declared format (formats.decode_layer, LoRA adapter included), checks the dequantized HF
+weights agree with the codes, installs any declared input fake-quant, and counts the bits actually
+stored. Evaluation then runs on the decoded weights, never on anything else.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from harness.formats import DENSE, FORMATS, InvalidArtifact, decode_layer, pack_codes
+from harness.formats import DENSE, FORMATS, InvalidArtifact, decode_layer, input_quant_of, pack_codes
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors header dtype -> bytes per element
@@ -41,7 +42,8 @@ AGREEMENT_RTOL = 1e-3
 @dataclass
 class QuantizedLinear:
     """What train.py hands over for one Linear: codes in [0, levels) shaped like the weight, plus
-    the format's float parameters (e.g. {"scale": (out, n_groups) float16}) and settings."""
+    the format's parameters (e.g. {"scale": (out, n_groups) float16}, plus lora_a / lora_b with an
+    adapter) and settings (e.g. {"bits": 2, "group_size": 128, "adapter": {"rank": 8, "alpha": 16}})."""
 
     format: str
     codes: torch.Tensor
@@ -53,9 +55,9 @@ class QuantizedLinear:
 class ArtifactReport:
     bpw: float  # stored bits per weight over the decoder Linears (codes + scales + dense layers)
     linear_mb: float  # their packed size
-    other_mb: float  # embeddings, lm_head when untied, norms: at stored precision
+    other_mb: float  # embeddings, lm_head when untied (its codes when declared), norms: at stored precision
     quantized_weights: int  # weights in the decoder Linears
-    formats: dict[str, int]  # format name -> number of Linears
+    formats: dict[str, int]  # format name -> number of verified Linears (lm_head included when declared)
 
     @property
     def size_mb(self) -> float:
@@ -108,8 +110,19 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
 
 
+def output_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head), head
+
+
+def install_input_quant(linear: nn.Linear, quant) -> None:
+    """Fake-quantize the Linear's input on every forward (the HF folder cannot say this)."""
+    linear.register_forward_pre_hook(lambda module, args: (quant(args[0]), *args[1:]))
+
+
 def load_verified(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ArtifactReport]:
-    """Load the artifact's model with every decoder Linear rebuilt from its verified codes.
+    """Load the artifact's model with every decoder Linear (and lm_head, when declared) rebuilt
+    from its verified codes and its declared input fake-quant installed.
 
     Raises InvalidArtifact (one-line reason) if any Linear is missing, lies about its format,
     or if the dequantized HF weights are not what the codes decode to.
@@ -129,6 +142,12 @@ def load_verified(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> tup
     except Exception as err:  # noqa: BLE001 - any load failure makes the artifact unusable
         raise InvalidArtifact(f"model.safetensors does not load: {type(err).__name__}: {err}") from None
     linears = decoder_linears(model)
+    head_name, head = output_head(model)
+    if head_name in declared:  # optional: a quantized head is verified too, but it is not decoder bpw
+        if head.weight is model.get_input_embeddings().weight:
+            raise InvalidArtifact(f"{head_name} is declared but tied to the embeddings: untie it "
+                                  "(tie_word_embeddings=false) so the embeddings stay as stored")  # fmt: skip
+        linears[head_name] = head
     unknown = sorted(set(declared) - set(linears))
     if unknown:
         raise InvalidArtifact(f"{QUANT_SPEC} declares layers the model does not have: {unknown[:3]}")
@@ -139,15 +158,14 @@ def load_verified(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> tup
         layer, _, suffix = key.rpartition(".")
         by_layer.setdefault(layer, {})[suffix] = tensor
 
-    linear_bytes, n_weights, formats = 0, 0, {}
+    layer_bytes, formats = {}, {}
     for name, linear in linears.items():
         spec = declared.get(name)
         if spec is None:
             raise InvalidArtifact(f"{name} is stored in full precision with no format in {QUANT_SPEC}: not quantized")
         formats[spec.get("format")] = formats.get(spec.get("format"), 0) + 1
-        n_weights += linear.weight.numel()
         if spec.get("format") == DENSE:  # declared floating point: honest, and it pays its stored bits
-            linear_bytes += stored[f"{name}.weight"][1]
+            layer_bytes[name] = stored[f"{name}.weight"][1]
             continue
         if list(spec.get("shape", [])) != list(linear.weight.shape):
             raise InvalidArtifact(f"{name}: declared shape {spec.get('shape')}, the model has {list(linear.weight.shape)}")
@@ -161,12 +179,17 @@ def load_verified(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> tup
             )
         with torch.no_grad():
             linear.weight.copy_(weight)
-        linear_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        if quant_input := input_quant_of(spec):
+            install_input_quant(linear, quant_input)
+        layer_bytes[name] = sum(t.numel() * t.element_size() for t in tensors.values())
     if by_layer:
         raise InvalidArtifact(f"{QUANT_WEIGHTS} holds tensors for undeclared layers: {sorted(by_layer)[:3]}")
 
+    decoder = [name for name in linears if name != head_name]
+    linear_bytes = sum(layer_bytes[name] for name in decoder)
+    n_weights = sum(linears[name].weight.numel() for name in decoder)
     linear_keys = {f"{name}.weight" for name in linears}
-    other_bytes = sum(size for key, (_, size) in stored.items() if key not in linear_keys)
+    other_bytes = layer_bytes.get(head_name, 0) + sum(size for key, (_, size) in stored.items() if key not in linear_keys)
     report = ArtifactReport(
         bpw=8 * linear_bytes / max(n_weights, 1),
         linear_mb=linear_bytes / 1e6,

@@ -1,0 +1,192 @@
+"""train.py's quantizers one by one: levels per group, idempotence, gradients, known encodings, and
+an export the harness verifies whose forward equals the fake-quant training forward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import train
+from conftest import TINY_GROUP
+from harness import formats
+from harness.artifact import load_verified
+
+# (flags, levels per group the decoded weight may hold)
+METHODS = {
+    "ternary": (["--quant", "ternary"], 3),
+    "ternary-deadzone-tanh": (["--quant", "ternary", "--ternary-threshold", "0.7", "--ternary-tanh", "4"], 3),
+    "ternary-dynamic-scale": (["--quant", "ternary", "--learn-scale", "0"], 3),
+    "codebook2": (["--quant", "codebook", "--bits", "2"], 4),
+    "codebook4": (["--quant", "codebook", "--bits", "4"], 16),
+    "int4-symmetric": (["--quant", "int", "--bits", "4"], 16),
+    "int3-affine-per-channel": (["--quant", "int", "--bits", "3", "--int-symmetric", "0", "--group-size", "-1"], 8),
+    "log4": (["--quant", "log", "--bits", "4"], 15),
+    "mxfp4": (["--quant", "mxfp4"], 15),  # +0 and -0 are one value
+    "mxfp8": (["--quant", "mxfp8"], 255),
+    "lut4": (["--quant", "lut", "--bits", "4"], 16),
+    "lut2-lowrank": (["--quant", "lut", "--bits", "2", "--lut-rank", "2"], None),  # levels count before the scale
+    "int4-act-int8": (["--quant", "int", "--bits", "4", "--act-quant", "1"], 16),
+}
+
+
+def cfg_for(*flags):
+    return train.parse_flags(["--group-size", str(TINY_GROUP), *flags])
+
+
+def layer_for(flags, in_features=48, out_features=24, seed=0):
+    """A QuantLinear over a random Linear; in_features 48 = one group of 32 and a short one of 16."""
+    torch.manual_seed(seed)
+    cfg = cfg_for(*flags)
+    fmt, bits = train.format_for("mlp.up_proj", cfg)
+    return train.QuantLinear(nn.Linear(in_features, out_features, bias=False), fmt, bits, cfg)
+
+
+def group_of(layer):
+    return layer.quantizer.group
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_group_holds_no_more_levels_than_the_format(method):
+    flags, levels = METHODS[method]
+    layer = layer_for(flags, in_features=96)
+    with torch.no_grad():
+        codes = layer.quantizer.encode(train.grouped(layer.weight, group_of(layer)), layer.params(layer.weight))
+        codes = train.ungrouped(codes, layer.in_features)
+        weight = layer.quantized_weight()
+    assert codes.min() >= 0 and codes.max() < layer.quantizer.levels
+    assert formats.max_levels_per_group(codes, group_of(layer)) <= layer.quantizer.levels
+    if levels is not None:
+        found = formats.max_levels_per_group(weight, group_of(layer))
+        assert 2 <= found <= levels
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantizing_a_quantized_weight_changes_nothing(method):
+    layer = layer_for(METHODS[method][0])
+    q = layer.quantizer
+    with torch.no_grad():
+        p = layer.params(layer.weight)
+        once = q.decode(q.encode(train.grouped(layer.weight, q.group), p), p)
+        twice = q.decode(q.encode(once, p), p)
+    torch.testing.assert_close(twice, once, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
+    layer = layer_for(METHODS[method][0])
+    x = torch.randn(64, layer.in_features, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(64, layer.out_features, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=2e-2)
+    start_latent, start_quantized = layer.weight.detach().clone(), layer.quantized_weight().detach().clone()
+    losses = []
+    for _ in range(5):
+        loss = F.mse_loss(layer(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+        if layer.learn:  # learnable scales / LUT entries get a gradient through decode
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.qparams.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert not torch.equal(layer.weight.detach(), start_latent)
+    assert not torch.equal(layer.quantized_weight().detach(), start_quantized)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_export_verifies_and_computes_the_training_forward(method, tiny_model_dir, tmp_path):
+    cfg = cfg_for(*METHODS[method][0])
+    model = train.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+    ids = torch.arange(40)[None] * 7 % 512
+    fake_quant_logits = model(input_ids=ids).logits.detach()
+    train.export(model, cfg, tiny_model_dir, tmp_path / "artifact")
+    verified, report = load_verified(tmp_path / "artifact")
+    assert report.formats == {cfg.quant: 14}
+    torch.testing.assert_close(verified(input_ids=ids).logits, fake_quant_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_ternary_deadzone_widens_the_zero_level():
+    narrow, wide = layer_for(["--quant", "ternary"]), layer_for(["--quant", "ternary", "--ternary-threshold", "0.9"])
+    with torch.no_grad():
+        zeros = [(layer.quantized_weight() == 0).float().mean().item() for layer in (narrow, wide)]
+    assert zeros[1] > zeros[0] > 0
+
+
+def test_tanh_proxy_changes_gradients_not_values():
+    ste, soft = layer_for(["--quant", "ternary"]), layer_for(["--quant", "ternary", "--ternary-tanh", "3"])
+    x = torch.randn(8, 48)
+    torch.testing.assert_close(ste(x), soft(x))
+    for layer in (ste, soft):
+        layer(x).sum().backward()
+    assert not torch.allclose(ste.weight.grad, soft.weight.grad)
+
+
+def test_codebook_scale_init_is_near_the_mse_optimal_clip():
+    """On a heavy-tailed weight the Newton clip beats absmax and is within 5% of a grid search."""
+    q = train.QUANTIZERS["codebook"](2, 128, 256, cfg_for())
+    w = torch.distributions.StudentT(3.0).sample((64, 256))
+
+    def error(scale):
+        p, w_grouped = {"scale": scale}, train.grouped(w, q.group)
+        return F.mse_loss(q.decode(q.encode(w_grouped, p), p), w_grouped).item()
+
+    newton = q.calibrate(w)["scale"]
+    absmax = train.grouped(w, q.group).abs().amax(-1) * 2 / q.levels
+    searched = min(error(newton * factor) for factor in torch.linspace(0.3, 2.0, 35).tolist())
+    assert error(newton) < error(absmax)
+    assert error(newton) <= 1.05 * searched
+
+
+def test_mx_encodings_of_known_values_match_the_spec():
+    w = torch.zeros(1, 64)
+    w[0, :8] = torch.tensor([6.0, -0.5, 1.5, 3.0, 0.0, -6.0, 0.25, 5.0])  # absmax 6: shared exponent 2^0
+    w[0, 32:36] = torch.tensor([448.0, 1.0, -2.0, 2.0**-9])  # absmax 448: shared exponent 2^0 for E4M3
+    fp4 = train.QUANTIZERS["mxfp4"](4, 32, 64, cfg_for())
+    fp8 = train.QUANTIZERS["mxfp8"](8, 32, 64, cfg_for())
+    p4, p8 = fp4.calibrate(w), fp8.calibrate(w)
+    assert p4["exponent"][0, 0] == 127 and p8["exponent"][0, 1] == 127
+    assert p8["exponent"][0, 0] == 127 - 8 + 2  # absmax 6 -> 2^(2 - 8)
+    codes4 = fp4.encode(train.grouped(w, 32), p4).long().flatten()
+    # E2M1: sign<<3 | exp<<1 | man; 0.25 is a tie between 0 and 0.5 and rounds to even (0); 5 -> 4 (tie, even)
+    assert codes4[:8].tolist() == [0b0111, 0b1001, 0b0011, 0b0101, 0b0000, 0b1111, 0b0000, 0b0110]
+    codes8 = fp8.encode(train.grouped(w, 32), p8).long().flatten()
+    assert codes8[32:36].tolist() == [0x7E, 0x38, 0xC0, 0x01]  # 448, 1, -2, smallest subnormal
+    for q, p, codes in ((fp4, p4, codes4), (fp8, p8, codes8)):  # the harness's reference tables agree
+        table = formats.E2M1_VALUES if q.name == "mxfp4" else formats.E4M3_VALUES
+        scale = torch.exp2(p["exponent"].float() - 127).repeat_interleave(32, dim=1)[0]
+        decoded = q.decode(codes.view(1, 2, 32).float(), p).flatten()
+        torch.testing.assert_close(decoded, table[codes].float() * scale)
+
+
+def test_mx_saturates_instead_of_overflowing():
+    fp8 = train.QUANTIZERS["mxfp8"](8, 32, 32, cfg_for())
+    w = torch.full((1, 32), 1.0)
+    w[0, 0] = 500.0  # absmax 500: exponent 2^0, and 500 > 448 saturates to 448 (never NaN)
+    p, w_grouped = fp8.calibrate(w), train.grouped(w, 32)
+    assert fp8.decode(fp8.encode(w_grouped, p), p)[0, 0, 0] == 448.0
+
+
+def test_activation_quant_matches_the_harness_hook():
+    x = torch.randn(2, 5, 48) * torch.tensor([0.01, 1, 100.0]).repeat(16)
+    torch.testing.assert_close(train.quantize_activation(x), formats.int8_token_absmax(x), rtol=0, atol=0)
+
+
+def test_module_formats_pick_the_first_matching_rule():
+    cfg = cfg_for("--quant", "ternary", "--bits", "3", "--module-quant", "mlp=codebook:2,self_attn=int,o_proj=none,lm_head=int:8")
+    assert train.format_for("model.layers.0.mlp.down_proj", cfg) == ("codebook", 2)
+    assert train.format_for("model.layers.0.self_attn.q_proj", cfg) == ("int", 3)
+    assert train.format_for("model.layers.0.self_attn.o_proj", cfg) == ("int", 3)  # self_attn matched first
+    assert train.format_for("lm_head", cfg) == ("int", 8)
+    assert train.format_for("lm_head", cfg_for()) is None  # the head stays as stored unless named
+
+
+def test_per_module_bits_and_a_quantized_head_verify(tiny_model_dir, tmp_path):
+    cfg = cfg_for("--module-quant", "mlp=codebook:2,self_attn=int:4,lm_head=int:8")
+    model = train.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+    ids = torch.arange(24)[None]
+    reference = model(input_ids=ids).logits.detach()
+    train.export(model, cfg, tiny_model_dir, tmp_path / "a")
+    verified, report = load_verified(tmp_path / "a")
+    assert report.formats == {"codebook": 6, "int": 9}  # 2 layers x 3 MLP, 2 x 4 attention + the head
+    torch.testing.assert_close(verified(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)

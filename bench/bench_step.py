@@ -32,6 +32,9 @@ from harness.data import batches, load_prepared  # noqa: E402
 METHODS = {
     "fp": (["--quant", "none"], False, 1.0),
     "ternary": (["--quant", "ternary"], False, 1.05),
+    "codebook2": (["--quant", "codebook", "--bits", "2"], False, 1.05),
+    "int4": (["--quant", "int", "--bits", "4"], False, 1.05),
+    "mxfp4": (["--quant", "mxfp4"], False, 1.05),
     "kd_live": (["--quant", "ternary"], True, 1.35),
 }
 MEMORY_TARGET = 1.2  # peak memory of QAT vs FP training
@@ -57,7 +60,9 @@ def step(model, teacher, optimizer, cfg, x, y) -> float:
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=x).logits
-        loss = train.distill_loss(logits.flatten(0, 1), teacher_logits.flatten(0, 1), cfg.distill_temp)
+        log_student = F.log_softmax(logits.flatten(0, 1) / cfg.distill_temp, dim=-1)
+        log_teacher = F.log_softmax(teacher_logits.flatten(0, 1) / cfg.distill_temp, dim=-1)
+        loss = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * cfg.distill_temp**2
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

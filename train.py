@@ -76,6 +76,7 @@ LR = 5e-4  # peak AdamW learning rate on the latent (full-precision) weights and
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
 WEIGHT_DECAY = 0.0  # decay pulls latent weights to 0, which ternary maps to the 0 level
+COMPILE = 1  # 1: torch.compile the fake-quant (the first, unbudgeted step compiles); 0: eager
 DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA only)
 # distillation
 DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher needed)
@@ -84,7 +85,7 @@ HARD_TOP1_WEIGHT = 0.0  # + CE towards the teacher's top-1 among the candidates,
 HARD_FULL_TOP1_WEIGHT = 0.0  # + CE over the full vocab towards the teacher's top-1 at each sequence's last position
 TEACHER_CACHE_K = 0  # > 0: distil from a precomputed cache of the teacher's top-k logits (no teacher in memory)
 TEACHER_CACHE_NEGATIVES = 32  # random other tokens cached per position, so KD also pushes some tail mass down
-TEACHER_CACHE_TOKENS = 262_144  # cap on cached positions (size: tokens * (k + negatives) * 6 bytes)
+TEACHER_CACHE_TOKENS = 65_536  # cached positions (6 bytes * (k + negatives) each); a 300 s CPU run reads ~40K
 TEACHER_CACHE_DIR = ""  # where caches live; "" = <data dir>/teacher_cache
 # LoRA recovery
 LORA_RANK = 0  # > 0: a second stage freezes the quantized weights and trains LoRA adapters of this rank
@@ -318,7 +319,7 @@ class MXFP(Quantizer):
 
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # code & 7 -> magnitude; bit 3 = sign
-E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+E2M1_MIDPOINTS = ((E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2).tolist()  # Python floats: constants in a compiled graph
 
 
 class MXFP4(MXFP):
@@ -327,10 +328,11 @@ class MXFP4(MXFP):
     name, levels, emax = "mxfp4", 16, 2  # 6 = 1.5 * 2^2
 
     def element_codes(self, x):
-        x = x.clamp(-6, 6)
-        below = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=False)
-        above = torch.bucketize(x.abs(), E2M1_MIDPOINTS.to(x.device), right=True)
-        magnitude = torch.where(above % 2 == 0, above, below)  # a tie goes to the even code (round half to even)
+        """The nearest magnitude's code, counted as midpoints passed (7 comparisons fuse into one
+        loop; a binary search does not). A tie goes to the even code: the midpoint above an odd
+        code rounds up, the one above an even code down (round half to even)."""
+        a = x.abs().clamp_max(6)
+        magnitude = sum(((a >= mid) if code % 2 else (a > mid)).float() for code, mid in enumerate(E2M1_MIDPOINTS))
         return magnitude + 8 * ((x < 0) & (magnitude > 0))
 
     def element_values(self, c):
@@ -406,33 +408,61 @@ class LUT(Quantizer):
         return super().export_params({**p, "lut": p["lut"].sort(-1).values})
 
 
-class FakeQuantize(torch.autograd.Function):
-    """decode(encode(w)) on a grouped weight, with the straight-through gradient to w and the true
-    gradient to the parameters (scales, LUT entries). Autograd would keep a float copy of the
-    codes for the parameters' gradient; this keeps them as uint8 and recomputes decode in backward
-    instead (1 byte per weight rather than 4: QAT's peak memory stays near FP training's)."""
+def stored_params(q: Quantizer, w: torch.Tensor, learned: dict | None) -> dict:
+    """The quantizer's parameters as the artifact stores them (float16), with gradients: the
+    learned ones, or (learned None) calibrated from w itself."""
+    if learned is not None:
+        return {k: as_stored(v) for k, v in learned.items()}
+    return {k: v.half().float() for k, v in q.calibrate(w.detach()).items()}
+
+
+def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
+    """decode(encode(w)) of a (out, in) weight: exactly what the artifact will hold. Gradient:
+    straight-through to w (or the surrogate's slope), the true gradient to learned parameters
+    through decode (the codes are constants)."""
+    p = stored_params(q, w, learned)
+    w_grouped = grouped(w, q.group)
+    codes = q.encode(w_grouped.detach(), {k: v.detach() for k, v in p.items()})
+    straight = q.surrogate(w_grouped, p)
+    if straight is None:
+        straight = w_grouped
+    return ungrouped(q.decode(codes, p) + (straight - straight.detach()), q.in_features)
+
+
+# Eager, fake_quantize is ~10 passes over every weight, each step; compiled, it is one fused loop
+# (and one more for its gradient): what keeps a QAT step within a few percent of an FP step.
+fake_quantize_compiled = torch.compile(fake_quantize, dynamic=False)
+torch._dynamo.config.recompile_limit = 64  # one graph per weight shape and grad mode
+torch._inductor.config.emulate_precision_casts = True  # as_stored() must round to float16 as eager does
+
+
+class RecomputedWeightLinear(torch.autograd.Function):
+    """y = x @ weight_fn(w, *params)^T that keeps no quantized weight between forward and
+    backward: backward recomputes it, since w and params have not changed by then. A QAT step
+    then holds what an FP step holds (x, w) and no float copy of every weight, and its gradients
+    are autograd's through weight_fn: straight-through to w, true ones to the parameters."""
 
     @staticmethod
-    def forward(ctx, w, quantizer, keys, *values):
-        params = dict(zip(keys, values))
-        codes = quantizer.encode(w, params)
-        ctx.quantizer, ctx.keys = quantizer, keys
-        wants_codes = any(ctx.needs_input_grad[3:])  # only learnable parameters need them
-        ctx.save_for_backward(codes.to(torch.uint8) if wants_codes else None, *values)
-        return quantizer.decode(codes, params)
+    def forward(ctx, x, weight_fn, w, *params):
+        with torch.no_grad():  # detached: plain tensors, whose shapes torch.compile keeps dynamic
+            weight = weight_fn(w.detach(), *(p.detach() for p in params))
+        ctx.weight_fn = weight_fn
+        ctx.save_for_backward(x, w, *params)
+        return F.linear(x, weight.to(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad):
-        codes, *values = ctx.saved_tensors
-        wanted = [i for i in range(len(values)) if ctx.needs_input_grad[3 + i]]
-        grads = [None] * len(values)
-        if wanted:
-            with torch.enable_grad():
-                leaves = [v.detach().requires_grad_(i in wanted) for i, v in enumerate(values)]
-                decoded = ctx.quantizer.decode(codes.float(), dict(zip(ctx.keys, leaves)))
-                for i, g in zip(wanted, torch.autograd.grad(decoded, [leaves[i] for i in wanted], grad)):
-                    grads[i] = g
-        return grad, None, None, *grads
+    def backward(ctx, grad_y):
+        x, *inputs = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(inputs, ctx.needs_input_grad[2:])]
+        with torch.enable_grad():
+            weight = ctx.weight_fn(*inputs)
+        grad_x = grad_y @ weight.detach().to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(())
+        if wanted:  # dL/dweight, then through weight_fn to w and the parameters
+            grad_weight = grad_y.flatten(0, -2).T @ x.flatten(0, -2).to(grad_y.dtype)
+            grads = iter(torch.autograd.grad(weight, wanted, grad_weight.to(weight.dtype)))
+        return grad_x, None, *(next(grads) if t.requires_grad else None for t in inputs)
 
 
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
@@ -480,9 +510,9 @@ def new_adapter(rank: int, in_features: int, out_features: int) -> nn.ParameterD
 
 class QuantLinear(nn.Linear):
     """A Linear computing with its quantized weight. The straight-through estimator is applied to
-    the weight, w + (q(w) - w).detach(), so a step costs one matmul and the gradient reaches the
-    latent full-precision weight unchanged. Quantizer parameters are kept per bit width, so a
-    precision schedule can switch between them."""
+    the weight, not the output, so a step costs one matmul and the gradient reaches the latent
+    full-precision weight unchanged. Quantizer parameters are kept per bit width, so a precision
+    schedule can switch between them."""
 
     def __init__(self, linear: nn.Linear, fmt: str, bits: int, cfg: SimpleNamespace):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
@@ -500,7 +530,7 @@ class QuantLinear(nn.Linear):
             with torch.no_grad():
                 for b, q in self.quantizers.items():
                     self.qparams[str(b)] = nn.ParameterDict({k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()})
-        self.act_quant = bool(cfg.act_quant)
+        self.act_quant, self.compile = bool(cfg.act_quant), bool(cfg.compile)
         self.lam = 1.0  # blend FP -> quantized (lambda warm-up); export ignores it
         # LoRA adapters, bits -> {a, b}: one per width if precision is switchable, else one. They
         # exist from the start (b = 0, so they add nothing) and train only in the LoRA stage.
@@ -515,26 +545,31 @@ class QuantLinear(nn.Linear):
     def quantizer(self) -> Quantizer:
         return self.quantizers[self.bits]
 
+    def learned(self) -> dict | None:
+        """This width's trained parameters, or None where they are calibrated from w each step."""
+        return dict(self.qparams[str(self.bits)]) if self.learn else None
+
     def params(self, w: torch.Tensor) -> dict:
         """The quantizer's parameters as the artifact stores them (float16), with gradients."""
-        if self.learn:
-            return {k: as_stored(v) for k, v in self.qparams[str(self.bits)].items()}
-        return {k: v.half().float() for k, v in self.quantizer.calibrate(w.detach()).items()}
+        return stored_params(self.quantizer, w, self.learned())
+
+    def weight_fn(self):
+        """(w, *learned values) -> the weight this step computes with: fake-quantized, blended
+        with w while lambda < 1."""
+        q, keys, lam = self.quantizer, list(self.learned() or ()), self.lam
+        quantize = fake_quantize_compiled if self.compile else fake_quantize
+
+        def weight(w, *values):
+            w_q = quantize(q, w.float(), dict(zip(keys, values)) if self.learn else None)
+            return w_q if lam >= 1 else w + lam * (w_q - w)
+
+        return weight
 
     def quantized_weight(self) -> torch.Tensor:
-        """Value: decode(encode(w)). Gradient: to w through the surrogate (identity = STE), and to
-        learnable scales / LUT entries through decode."""
+        """The weight this step computes with, as a differentiable function of w and the params."""
         if self.bits in self.frozen:
             return self.frozen[self.bits]
-        w, q = self.weight.float(), self.quantizer
-        p = self.params(w)
-        w_grouped = grouped(w, q.group)
-        proxy = q.surrogate(w_grouped, p)
-        w_q = FakeQuantize.apply(w_grouped if proxy is None else w_grouped.detach(), q, tuple(p), *p.values())
-        if proxy is not None:
-            w_q = w_q + (proxy - proxy.detach())
-        w_q = ungrouped(w_q, self.in_features)
-        return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
+        return self.weight_fn()(self.weight, *(self.learned() or {}).values())
 
     def adapter(self) -> nn.ParameterDict | None:
         key = str(self.bits) if str(self.bits) in self.lora else str(self.export_bits)
@@ -543,7 +578,11 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
             x = quantize_activation(x)
-        y = F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        if self.bits in self.frozen:
+            y = F.linear(x, self.frozen[self.bits].to(x.dtype), self.bias)
+        else:
+            y = RecomputedWeightLinear.apply(x, self.weight_fn(), self.weight, *(self.learned() or {}).values())
+            y = y if self.bias is None else y + self.bias
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
             y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),
@@ -663,6 +702,18 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
 # --- distillation + top-k cache ---
 
 
+def kl_to_teacher(s_logits: torch.Tensor, t_logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """KL(teacher || student) averaged over positions, times temp^2 so that its gradient scale
+    does not shrink as the temperature grows (Hinton et al., 2015)."""
+    log_t, log_s = F.log_softmax(t_logits / temp, -1), F.log_softmax(s_logits / temp, -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temp**2
+
+
+# Over a 49K vocabulary, eager KL is ~8 passes over the logits forward and backward; compiled, the
+# softmaxes, the KL and its gradient fuse into a few row-wise loops.
+kl_to_teacher_compiled = torch.compile(kl_to_teacher, dynamic=False)
+
+
 def distill_terms(logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace) -> dict[str, torch.Tensor]:
     """KD terms. `teacher` holds either full-vocab "logits" (a live teacher) or, from the cache,
     "ids" (B, T, C) of candidate tokens with their "logits"; both distributions are then taken over
@@ -671,11 +722,8 @@ def distill_terms(logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace) -> 
     if ids is not None:  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps the KL finite
         dropped = torch.isinf(t_logits)
         t_logits, s_logits = t_logits.masked_fill(dropped, -1e4), s_logits.gather(-1, ids).masked_fill(dropped, -1e4)
-    temp = cfg.distill_temp
-    log_t, log_s = F.log_softmax(t_logits / temp, -1), F.log_softmax(s_logits / temp, -1)
-    # KL(teacher || student) per position, times temp^2 so its gradient scale does not shrink as
-    # the temperature grows (Hinton et al., 2015)
-    terms = {"kd": F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * temp**2}
+    kl = kl_to_teacher_compiled if cfg.compile else kl_to_teacher
+    terms = {"kd": kl(s_logits, t_logits, cfg.distill_temp)}
     top = t_logits.argmax(-1)  # candidate index of the teacher's top-1
     if cfg.hard_top1_weight > 0:
         terms["hard_top1"] = F.cross_entropy(s_logits.flatten(0, 1), top.flatten())
@@ -934,6 +982,36 @@ def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> t
     return state["step"], (optimizer, trained, ema)
 
 
+def compute_loss(model, teacher, x, y, teacher_out: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, plain cross-entropy) of one batch. The teacher's logits come from the live
+    teacher, or arrive in teacher_out from the cache; without either the loss is the CE."""
+    logits = model(input_ids=x).logits
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_out = {"logits": teacher(input_ids=x).logits}
+    kd_weight = cfg.distill_weight if teacher_out else 0.0
+    with torch.set_grad_enabled(torch.is_grad_enabled() and kd_weight < 1):  # at weight 1 the CE is only logged
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    if not teacher_out:
+        return ce, ce
+    terms = distill_terms(logits, teacher_out, cfg)
+    loss = kd_weight * terms["kd"] + cfg.hard_top1_weight * terms.get("hard_top1", 0)
+    loss = loss + cfg.hard_full_top1_weight * terms.get("hard_full_top1", 0)
+    if kd_weight < 1:
+        loss = loss + (1 - kd_weight) * ce
+    return loss, ce
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, trained: dict, cfg) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trained.values(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     budget = Budget.from_env(max_steps=cfg.steps or None)
     tokens = prepared.train.tokens()
@@ -980,26 +1058,10 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         x, y, teacher_out = batch_at(step, tokens, cache, cfg)
         x, y, teacher_out = x.to(device), y.to(device), {k: v.to(device) for k, v in teacher_out.items()}
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = model(input_ids=x).logits
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            loss = ce
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_out = {"logits": teacher(input_ids=x).logits}
-            if teacher_out:
-                terms = distill_terms(logits, teacher_out, cfg)
-                loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * terms["kd"]
-                loss = loss + cfg.hard_top1_weight * terms.get("hard_top1", 0)
-                loss = loss + cfg.hard_full_top1_weight * terms.get("hard_full_top1", 0)
+            loss, ce = compute_loss(model, teacher, x, y, teacher_out, cfg)
         if not torch.isfinite(loss):
             raise LossIsNotFinite(f"loss is {float(loss)} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trained.values(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, trained, cfg)
         if ema is not None:
             ema.update()
         step += 1

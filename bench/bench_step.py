@@ -1,17 +1,20 @@
 """Training-step speed and memory of each QAT method against plain FP training, side by side.
 
-    python bench/bench_step.py [--rounds 6] [--out bench/out/step.json]
+    python bench/bench_step.py [--rounds 10] [--out bench/out/step.json]
 
-On the prepared model (the packaged 135M by default), B=4, T=128: every method gets its own model
-copy, and the steps are interleaved round-robin in one process so that drift and other load on the
-machine hit every method alike; the median step time is divided by FP's. Peak memory is measured
-per method in a fresh subprocess (peak RSS only grows within a process) and divided by FP's.
+On the prepared model (the packaged 135M by default), B=4, T=128. Each method is train.py's own
+step (compute_loss + optimizer_step, batches from batch_at) on its own model copy, and the steps
+are interleaved round-robin in one process, so that drift and other load on the machine hit every
+method alike; the median step time is divided by FP's. Round 0 is the warm-up (it compiles the
+fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
+only grows within a process) and divided by FP's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import statistics
 import subprocess
@@ -20,109 +23,118 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from harness.data import batches, load_prepared  # noqa: E402
+from harness.data import load_prepared  # noqa: E402
 
-# method -> (train.py flags, whether a live teacher runs, target ratio vs FP from issue 3)
+CE_ONLY = ["--distill-weight", "0"]
+# method -> (train.py flags, step-time target vs FP from issue 3)
 METHODS = {
-    "fp": (["--quant", "none"], False, 1.0),
-    "ternary": (["--quant", "ternary"], False, 1.05),
-    "codebook2": (["--quant", "codebook", "--bits", "2"], False, 1.05),
-    "int4": (["--quant", "int", "--bits", "4"], False, 1.05),
-    "mxfp4": (["--quant", "mxfp4"], False, 1.05),
-    "kd_live": (["--quant", "ternary"], True, 1.35),
+    "fp": (["--quant", "none", *CE_ONLY], 1.0),
+    "ternary": (["--quant", "ternary", *CE_ONLY], 1.05),
+    "codebook2": (["--quant", "codebook", "--bits", "2", *CE_ONLY], 1.05),
+    "int4": (["--quant", "int", "--bits", "4", *CE_ONLY], 1.05),
+    "mxfp4": (["--quant", "mxfp4", *CE_ONLY], 1.05),
+    "kd_live": (["--quant", "ternary"], 1.35),  # train.py's default: ternary QAT + KD from the live teacher
+    "kd_cache": (["--quant", "ternary", "--teacher-cache-k", "32", "--teacher-cache-tokens", "8192"], 1.08),
 }
-MEMORY_TARGET = 1.2  # peak memory of QAT vs FP training
+MEMORY_TARGET = 1.2  # peak memory of QAT (no teacher in memory) vs FP training
+MEMORY_METHODS = ("ternary", "codebook2", "int4", "mxfp4", "kd_cache")
 
 
-def build(method: str, model_dir: Path):
-    from transformers import AutoModelForCausalLM
+class Method:
+    """A model, its teacher (or cache) and optimizer, stepped exactly as train.train() steps."""
 
-    flags, live_teacher, _ = METHODS[method]
-    cfg = train.parse_flags(flags)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if cfg.quant != "none":
-        train.quantize_model(model, cfg)
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval() if live_teacher else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    return model, teacher, optimizer, cfg
+    def __init__(self, name: str, prepared, batch_size: int, seq_len: int):
+        from transformers import AutoModelForCausalLM
+
+        flags = [*METHODS[name][0], "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+        self.cfg = cfg = train.parse_flags(flags)
+        self.model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32)
+        if cfg.quant != "none":
+            train.quantize_model(self.model, cfg)
+        self.model.train()
+        self.teacher, self.cache = None, None
+        if cfg.distill_weight > 0 and cfg.teacher_cache_k:
+            self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, torch.device("cpu")))
+        elif cfg.distill_weight > 0:
+            self.teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).eval()
+            self.teacher.requires_grad_(False)
+        self.optimizer, self.trained, _ = train.make_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.tokens = prepared.train.tokens()
+
+    def step(self, index: int) -> float:
+        x, y, teacher_out = train.batch_at(index, self.tokens, self.cache, self.cfg)
+        started = time.perf_counter()
+        loss, _ = train.compute_loss(self.model, self.teacher, x, y, teacher_out, self.cfg)
+        train.optimizer_step(loss, self.optimizer, self.scaler, self.trained, self.cfg)
+        elapsed = time.perf_counter() - started
+        self.optimizer.zero_grad(set_to_none=True)  # grads of idle models need no memory
+        return elapsed
 
 
-def step(model, teacher, optimizer, cfg, x, y) -> float:
-    started = time.perf_counter()
-    logits = model(input_ids=x).logits
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=x).logits
-        log_student = F.log_softmax(logits.flatten(0, 1) / cfg.distill_temp, dim=-1)
-        log_teacher = F.log_softmax(teacher_logits.flatten(0, 1) / cfg.distill_temp, dim=-1)
-        loss = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * cfg.distill_temp**2
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - started
-
-
-def peak_memory(method: str, steps: int) -> float:
+def peak_memory(method: str, steps: int, batch_size: int, seq_len: int) -> float:
     """Peak RSS in GB of a fresh process that builds `method` and trains `steps` steps."""
-    done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps)],
+    done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
+                           "--batch-size", str(batch_size), "--seq-len", str(seq_len)],
                           capture_output=True, text=True, check=True)  # fmt: skip
     return float(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps per method (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fp is always run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "step.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     prepared = load_prepared()
-    data = batches(prepared.train.tokens(), args.batch_size, args.seq_len, seed=0)
 
     if args.memory_probe:
-        built = build(args.memory_probe, prepared.model_dir)
-        for _ in range(args.rounds):
-            step(*built, *next(data))
+        method = Method(args.memory_probe, prepared, args.batch_size, args.seq_len)
+        for index in range(args.rounds):
+            method.step(index)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
         return
 
-    built = {method: build(method, prepared.model_dir) for method in METHODS}
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
-    for round_index in range(args.rounds + 1):
-        x, y = next(data)
-        for method, parts in built.items():
-            elapsed = step(*parts, x, y)
-            if round_index:  # round 0 is warm-up
-                times[method].append(elapsed)
-        print(f"round {round_index}: " + ", ".join(f"{m} {t[-1]:.2f}s" for m, t in times.items() if t), flush=True)
+    names = ["fp", *(m for m in args.methods.split(",") if m != "fp")]
+    built = {name: Method(name, prepared, args.batch_size, args.seq_len) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(args.rounds + 1):
+        for name, method in built.items():
+            elapsed = method.step(index)
+            if index:  # round 0 is the warm-up
+                times[name].append(elapsed)
+        print(f"round {index}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items() if t), flush=True)
     del built
-    median = {method: statistics.median(t) for method, t in times.items()}
-    memory = {method: peak_memory(method, 2) for method in METHODS}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    memory_names = ["fp", *(n for n in names if n in MEMORY_METHODS)]
+    memory = {name: peak_memory(name, 3, args.batch_size, args.seq_len) for name in memory_names}
     report = {
         "model": prepared.model_name,
         "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "rounds": args.rounds,
         "median_step_seconds": median,
-        "step_ratio_vs_fp": {m: median[m] / median["fp"] for m in METHODS},
-        "step_ratio_target": {m: METHODS[m][2] for m in METHODS},
+        "step_ratio_vs_fp": {n: median[n] / median["fp"] for n in names},
+        "step_ratio_target": {n: METHODS[n][1] for n in names},
         "peak_rss_gb": memory,
-        "memory_ratio_vs_fp": {m: memory[m] / memory["fp"] for m in METHODS},
+        "memory_ratio_vs_fp": {n: memory[n] / memory["fp"] for n in memory_names},
         "memory_ratio_target": MEMORY_TARGET,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("step_ratio_vs_fp", "memory_ratio_vs_fp")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("median_step_seconds", "step_ratio_vs_fp", "memory_ratio_vs_fp")}, indent=1))
 
 
 if __name__ == "__main__":

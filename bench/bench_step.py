@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -77,6 +76,13 @@ class Method:
         return elapsed
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss carries the parent's
+    peak across fork and exec, so a small probe started by a big process would report the parent."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024**2
+
+
 def peak_memory(method: str, steps: int, batch_size: int, seq_len: int) -> float:
     """Peak RSS in GB of a fresh process that builds `method` and trains `steps` steps."""
     done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
@@ -100,7 +106,7 @@ def main() -> None:
         method = Method(args.memory_probe, prepared, args.batch_size, args.seq_len)
         for index in range(args.rounds):
             method.step(index)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
+        print(peak_rss_gb())
         return
 
     names = ["fp", *(m for m in args.methods.split(",") if m != "fp")]

@@ -1,7 +1,7 @@
 """Every train.py method at the default budget, one harness run each, and the README's table.
 
     python bench/methods.py                     # runs what results.tsv lacks, then prints the table
-    python bench/methods.py --only int4,mxfp4   # a subset
+    python bench/methods.py --only int4,mxfp4   # a subset, run in this order
     python bench/methods.py --table             # the table alone, from results.tsv
 
 Each method is an ordinary experiment: train.py in a child process under the wall-clock budget,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: python -m harness run --description {description!r} -- {' '.join(flags)}", flush=True)
             run_experiment(RunSpec(train_args=flags, description=description, budget_seconds=args.budget, echo=False))
-    print(markdown_table(names, latest_rows(model)))
+    print(markdown_table([n for n in METHODS if n in names], latest_rows(model)))
     return 0
 
 

@@ -95,6 +95,40 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_compiled_and_eager_layers_compute_the_same_outputs_and_gradients(method):
+    """--compile 1 (the default) and --compile 0 are one computation: same codes, same values,
+    same gradients to the latent weight and the quantizer parameters."""
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
+    layers = [layer_for([*METHODS[method][0], "--compile", flag]) for flag in ("1", "0")]
+    outputs = []
+    for layer in layers:
+        y = layer(x)
+        (y * torch.arange(y.shape[-1])).sum().backward()
+        outputs.append(y)
+    compiled, eager = layers
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    # the tanh surrogate's slope is a vectorized tanh compiled, libm's eager: a few ulps apart
+    torch.testing.assert_close(compiled.weight.grad, eager.weight.grad, rtol=1e-3, atol=1e-4)
+    for (name, p), q in zip(compiled.qparams.named_parameters(), eager.qparams.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_step_keeps_no_float_copy_of_the_quantized_weight():
+    """Between forward and backward a QuantLinear holds what an FP Linear holds (its input and
+    its latent weight): the quantized weight is recomputed in backward, not saved."""
+    layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32)
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert sum(t.numel() for t in saved if t.shape == layer.weight.shape) == layer.weight.numel()  # the latent weight
+    assert any(t is x for t in saved) and layer.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_the_export_verifies_and_computes_the_training_forward(method, tiny_model_dir, tmp_path):
     cfg = cfg_for(*METHODS[method][0])
     model = train.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)

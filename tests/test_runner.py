@@ -59,7 +59,7 @@ def test_baselines_are_recorded_as_such(harness_env):
 
 
 def test_nan_loss_stops_early_as_a_crash_row(harness_env):
-    script = broken_train_script(harness_env, "            loss = ce\n", "            loss = ce * float('nan')\n")
+    script = broken_train_script(harness_env, "        return ce, ce\n", "        return ce * float('nan'), ce\n")
     outcome = run(harness_env, [*TINY_FLAGS, "--distill-weight", "0"], script=script)
     assert outcome.status == "crash" and "loss is nan at step 0" in outcome.reason
     row = only_row(harness_env)

@@ -76,7 +76,7 @@ LR = 5e-4  # peak AdamW learning rate on the latent (full-precision) weights and
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
 WEIGHT_DECAY = 0.0  # decay pulls latent weights to 0, which ternary maps to the 0 level
-COMPILE = 1  # 1: torch.compile the fake-quant (the first, unbudgeted step compiles); 0: eager
+COMPILE = 1  # 1: torch.compile fake-quant and KD (the unbudgeted first step compiles; a new bit width when first used); 0: eager
 DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA only)
 # distillation
 DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher needed)
@@ -445,7 +445,7 @@ class RecomputedWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_fn, w, *params):
-        with torch.no_grad():  # detached: plain tensors, whose shapes torch.compile keeps dynamic
+        with torch.no_grad():  # plain tensors, as backward passes them: one kind of input to compile for
             weight = weight_fn(w.detach(), *(p.detach() for p in params))
         ctx.weight_fn = weight_fn
         ctx.save_for_backward(x, w, *params)

@@ -51,7 +51,6 @@ METHODS = {
     "cyclic": ("cyclic int 2-4 bits (cosine), exported at 4 + KD",
                ["--quant", "int", "--bits", "4", "--cyclic-bits", "2-4"]),
 }
-TABLE_COLUMNS = ("val_bpb", "val_ppl", "bpw", "size_mb", "steps", "status")
 
 
 def latest_rows(model: str) -> dict[str, dict]:
@@ -67,13 +66,13 @@ def markdown_table(names: list[str], rows: dict[str, dict]) -> str:
     lines = ["| method | flags | val_bpb | val_ppl | bpw | size_mb | steps | status |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         description, flags = METHODS[name]
-        row = rows.get(description)
+        row, shown_flags = rows.get(description), f"`{' '.join(flags)}`" if flags else "defaults"
         if row is None:
-            lines.append(f"| {description} | `{' '.join(flags)}` | not run | | | | | |")
+            lines.append(f"| {description} | {shown_flags} | not run | | | | | |")
             continue
         cells = [f"{row['val_bpb']:.4f}", f"{row['val_ppl']:.4g}", f"{row['bpw']:.4f}", f"{row['size_mb']:.1f}",
                  f"{int(row['steps'])}", row["status"]]  # fmt: skip
-        lines.append(f"| {description} | `{' '.join(flags)}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {description} | {shown_flags} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

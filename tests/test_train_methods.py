@@ -273,6 +273,16 @@ def test_freezing_holds_attention_ov_and_the_last_mlps(tiny_model_dir):
                       "model.layers.1.self_attn.v_proj"]  # fmt: skip
 
 
+def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch):
+    """--dtype bf16 is what CUDA runs by default (autocast around the step), here on the CPU: the
+    quantized layers' backward meets bf16 gradients and fp32 latent weights."""
+    run_dir = train_in_process(harness_env, monkeypatch, "bf16", "--dtype", "bf16", "--steps", "3", "--distill-weight", "0")
+    rows = loss_rows(run_dir)
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(math.isfinite(float(r["loss"])) for r in rows)
+    _, report = load_verified(run_dir / "artifact")
+    assert report.formats == {"ternary": 14}
+
+
 def test_ema_averages_and_is_what_gets_exported():
     p = nn.Parameter(torch.zeros(3))
     ema = train.EMA({"p": p}, decay=0.5)

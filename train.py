@@ -25,6 +25,7 @@ if __name__ == "__main__" and "HARNESS_RUN_DIR" not in os.environ:
     sys.exit(main_for_train_script(sys.argv[1:]))
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -320,24 +321,26 @@ class MXFP(Quantizer):
 
 class MXFP4(MXFP):
     """E2M1 elements: sign, 2 exponent bits, 1 mantissa bit: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, codes
-    0-7 (bit 3 = sign). The grid step is 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6], so codes are
-    piecewise linear in the magnitude: a few selects, which compile to one vectorized loop."""
+    0-7 (bit 3 = sign). A magnitude's code is 2e + its rounded position in binade e (e = 0 for
+    [0, 2), 1 for [2, 4), 2 for [4, 6]), whose step is 2^(e-1): plain arithmetic, no selects, so
+    the compiler inlines each value few times (nested selects took it minutes per weight shape)."""
 
     name, levels, emax = "mxfp4", 16, 2  # 6 = 1.5 * 2^2
 
     def element_codes(self, x):
-        """Round to the nearest magnitude, a tie to the even code: round() halves to even on each
-        stretch of the grid, and there the even multiple of the step is the even code."""
+        """Round to the nearest magnitude, a tie to the even code: round() halves to even, and the
+        position's parity is the code's. A value rounding up into the next binade (1.9 -> 4 * 0.5)
+        lands on that binade's first code all the same."""
         a = x.abs().clamp_max(6)
-        per_step = torch.where(a < 2, 2.0, torch.where(a < 4, 1.0, 0.5))  # 1 / step: powers of two, exact
-        q = torch.round(a * per_step) / per_step
-        magnitude = torch.where(q < 2, 2 * q, torch.where(q < 4, q + 2, q * 0.5 + 4))
-        return magnitude + 8 * ((x < 0) & (magnitude > 0))
+        e = torch.floor(torch.log2(a)).clamp(0, 2)  # log2(0) = -inf clamps to 0
+        magnitude = torch.round(a * torch.exp2(1 - e)) + 2 * e
+        return torch.where((x < 0) & (magnitude > 0), magnitude + 8, magnitude)
 
     def element_values(self, c):
         negative = c >= 8
         m = torch.where(negative, c - 8, c)
-        magnitude = torch.where(m < 4, m / 2, torch.where(m < 6, m - 2, 2 * m - 8))
+        e = torch.floor(m / 2 - 1).clamp(0, 2)
+        magnitude = (m - 2 * e) * torch.exp2(e - 1)
         return torch.where(negative, -magnitude, magnitude)
 
 
@@ -516,9 +519,8 @@ class QuantLinear(nn.Linear):
     schedule can switch between them."""
 
     def __init__(self, linear: nn.Linear, fmt: str, bits: int, cfg: SimpleNamespace):
-        super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
-                         device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
-        self.load_state_dict(linear.state_dict())
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # the Linear's own tensors: a copy would cost a model's worth of memory
         fixed = fmt in FIXED_BITS
         self.export_bits = FIXED_BITS.get(fmt) or cfg.progressive_bits or bits
         scheduled = [*parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)]
@@ -672,7 +674,8 @@ def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
         chosen = format_for(name, cfg)
         if chosen is None:
             continue
-        if linear is head:  # the QuantLinear holds its own copy: the embedding stays as stored
+        if linear is head and model.config.tie_word_embeddings:  # untie: the embedding stays as stored
+            linear = copy.deepcopy(linear)
             model.config.tie_word_embeddings = False
         swap_module(model, name, QuantLinear(linear, *chosen, cfg))
     if cfg.switchable_bits:

@@ -193,6 +193,19 @@ def test_mx_encodings_of_known_values_match_the_spec():
         torch.testing.assert_close(decoded, table[codes].float() * scale)
 
 
+def test_mxfp4_codes_are_the_nearest_e2m1_value_ties_to_even():
+    fp4 = train.QUANTIZERS["mxfp4"](4, 32, 64, cfg_for())
+    x = torch.cat([torch.linspace(-7, 7, 14_001), torch.arange(-6, 6.25, 0.25)])  # every midpoint is a tie
+    codes = fp4.element_codes(x).long()
+    table = formats.E2M1_VALUES.float()
+    distance = (x.clamp(-6, 6).unsqueeze(1) - table).abs()
+    nearest = distance == distance.min(1, keepdim=True).values
+    assert nearest.gather(1, codes.unsqueeze(1)).all()  # a nearest value...
+    tie = nearest.sum(1) > 1
+    assert (codes[tie & (x.abs() > 0)] % 2 == 0).all()  # ...and of two, the even code (±0 tie with each other)
+    assert torch.equal(fp4.element_values(torch.arange(16.0)), table)
+
+
 def test_mx_saturates_instead_of_overflowing():
     fp8 = train.QUANTIZERS["mxfp8"](8, 32, 32, cfg_for())
     w = torch.full((1, 32), 1.0)
@@ -224,3 +237,16 @@ def test_per_module_bits_and_a_quantized_head_verify(tiny_model_dir, tmp_path):
     verified, report = load_verified(tmp_path / "a")
     assert report.formats == {"codebook": 6, "int": 9}  # 2 layers x 3 MLP, 2 x 4 attention + the head
     torch.testing.assert_close(verified(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_keeps_the_weights_in_place_but_unties_a_quantized_head(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = {name: linear.weight.data_ptr() for name, linear in train.all_linears(model).items()}
+    embedding = model.get_input_embeddings().weight
+    train.quantize_model(model, cfg_for("--module-quant", "mlp=codebook:2,lm_head=int:8"))
+    after = {name: linear.weight.data_ptr() for name, linear in train.all_linears(model).items()}
+    assert isinstance(model.model.layers[0].mlp.up_proj, train.QuantLinear)
+    assert {n: p for n, p in after.items() if n != "lm_head"} == {n: p for n, p in before.items() if n != "lm_head"}
+    head = model.get_output_embeddings()
+    assert isinstance(head, train.QuantLinear) and head.weight.data_ptr() != embedding.data_ptr()
+    assert torch.equal(head.weight, embedding) and not model.config.tie_word_embeddings

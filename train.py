@@ -26,10 +26,12 @@ if __name__ == "__main__" and "HARNESS_RUN_DIR" not in os.environ:
 
 import argparse
 import copy
+import ctypes
 import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,6 +177,8 @@ class Quantizer:
     def levels(self) -> int:
         return 2**self.bits
 
+    has_surrogate = False
+
     def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor | None:
         """A function of grouped w whose gradient replaces the identity (straight-through); None = STE."""
         return None
@@ -206,10 +210,14 @@ class Ternary(Quantizer):
     def decode(self, codes, p):
         return (codes - 1) * self.expand(p["scale"])
 
+    @property
+    def has_surrogate(self):
+        return self.cfg.ternary_tanh > 0
+
     def surrogate(self, w, p):
         """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
         weights near a threshold a stronger gradient than those far from one."""
-        if self.cfg.ternary_tanh <= 0:
+        if not self.has_surrogate:
             return None
         s, t, k = self.expand(p["scale"].detach()), self.cfg.ternary_threshold, self.cfg.ternary_tanh
         x = w / s
@@ -289,6 +297,12 @@ class Log(Quantizer):
         return torch.where(negative, -magnitude, magnitude)
 
 
+def power_of_two(e8m0: torch.Tensor) -> torch.Tensor:
+    """2^(e - 127) for E8M0 bytes e in 1..254, built from its float32 bits (the same biased
+    exponent): exact, and no exp2 per weight in the compiled loop."""
+    return (e8m0.to(torch.int32) << 23).view(torch.float32)
+
+
 class MXFP(Quantizer):
     """OCP Microscaling (MX v1.0): blocks of 32 share a power-of-two scale 2^(e - 127) stored as
     an E8M0 byte; each element is a small float (MXFP4, MXFP8 below). The shared exponent is
@@ -304,13 +318,15 @@ class MXFP(Quantizer):
     def calibrate(self, w):
         absmax = grouped(w, self.group).abs().amax(-1)
         shared = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - self.emax
-        return {"exponent": torch.clamp(shared, -127, 127) + 127}
+        # E8M0 reaches 2^-127, but at 2^-126 the scale and its inverse are both normal floats; only
+        # a block whose absmax is under 2^-124 (zero, in practice) would have gone lower
+        return {"exponent": torch.clamp(shared, -126, 126) + 127}
 
     def encode(self, w, p):
-        return self.element_codes(w / torch.exp2(self.expand(p["exponent"]) - 127))
+        return self.element_codes(w * power_of_two(254 - self.expand(p["exponent"])))  # w / 2^(e-127), exactly
 
     def decode(self, codes, p):
-        return self.element_values(codes) * torch.exp2(self.expand(p["exponent"]) - 127)
+        return self.element_values(codes) * power_of_two(self.expand(p["exponent"]))
 
     def spec(self):
         return {"block_size": self.block}
@@ -322,8 +338,9 @@ class MXFP(Quantizer):
 class MXFP4(MXFP):
     """E2M1 elements: sign, 2 exponent bits, 1 mantissa bit: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, codes
     0-7 (bit 3 = sign). A magnitude's code is 2e + its rounded position in binade e (e = 0 for
-    [0, 2), 1 for [2, 4), 2 for [4, 6]), whose step is 2^(e-1): plain arithmetic, no selects, so
-    the compiler inlines each value few times (nested selects took it minutes per weight shape)."""
+    [0, 2), 1 for [2, 4), 2 for [4, 6]), whose step is 2^(e-1). Written as comparisons and
+    products, with no selects or log2/exp2 per weight: nested selects took the compiler minutes
+    per weight shape, and per-weight transcendentals made the fused loop several times slower."""
 
     name, levels, emax = "mxfp4", 16, 2  # 6 = 1.5 * 2^2
 
@@ -332,15 +349,16 @@ class MXFP4(MXFP):
         position's parity is the code's. A value rounding up into the next binade (1.9 -> 4 * 0.5)
         lands on that binade's first code all the same."""
         a = x.abs().clamp_max(6)
-        e = torch.floor(torch.log2(a)).clamp(0, 2)  # log2(0) = -inf clamps to 0
-        magnitude = torch.round(a * torch.exp2(1 - e)) + 2 * e
+        over_2, over_4 = (a >= 2).float(), (a >= 4).float()  # e = over_2 + over_4
+        position = torch.round(a * 2 * (1 - 0.5 * over_2) * (1 - 0.5 * over_4))  # a / 2^(e-1)
+        magnitude = position + 2 * (over_2 + over_4)
         return torch.where((x < 0) & (magnitude > 0), magnitude + 8, magnitude)
 
     def element_values(self, c):
         negative = c >= 8
         m = torch.where(negative, c - 8, c)
-        e = torch.floor(m / 2 - 1).clamp(0, 2)
-        magnitude = (m - 2 * e) * torch.exp2(e - 1)
+        over_4, over_6 = (m >= 4).float(), (m >= 6).float()  # codes 4-5 are binade 1, 6-7 binade 2
+        magnitude = (m - 2 * (over_4 + over_6)) * 0.5 * (1 + over_4) * (1 + over_6)  # position * 2^(e-1)
         return torch.where(negative, -magnitude, magnitude)
 
 
@@ -420,12 +438,18 @@ def stored_params(q: Quantizer, w: torch.Tensor, learned: dict | None) -> dict:
     return {k: v.half().float() for k, v in q.calibrate(w.detach()).items()}
 
 
+def padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """grouped() for elementwise work, where the padding is cut off again: zeros, which the
+    compiler reads in place (masked), where grouped()'s repeated column is a copy of w."""
+    return F.pad(w, (0, -w.shape[1] % group)).view(w.shape[0], -1, group)
+
+
 def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
     """decode(encode(w)) of a (out, in) weight: exactly what the artifact will hold. Gradient:
     straight-through to w (or the surrogate's slope), the true gradient to learned parameters
     through decode (the codes are constants)."""
     p = stored_params(q, w, learned)
-    w_grouped = grouped(w, q.group)
+    w_grouped = padded_groups(w, q.group)
     codes = q.encode(w_grouped.detach(), {k: v.detach() for k, v in p.items()})
     straight = q.surrogate(w_grouped, p)
     if straight is None:
@@ -433,40 +457,87 @@ def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.
     return ungrouped(q.decode(codes, p) + (straight - straight.detach()), q.in_features)
 
 
+def fake_quantize_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> tuple:
+    """(fake_quantize(q, w, learned), dL/dw, {name: dL/dparam}) for grad = dL/d(the quantized
+    weight). Compiled, the weight and its vector-Jacobian product are one pass over w and grad,
+    where recomputing the weight and differentiating it with autograd took three. w's gradient
+    is grad itself (straight-through) unless the quantizer has a surrogate."""
+    weight, pullback = torch.func.vjp(lambda learned: fake_quantize(q, w, learned or None), learned)
+    (grad_learned,) = pullback(grad)
+    if not q.has_surrogate:
+        return weight, grad, grad_learned
+    # the surrogate's vjp taken on the padded groups, not through the padding: Inductor (2.13)
+    # computes the gradient of F.pad wrongly for a short last group
+    p = {k: v.detach() for k, v in stored_params(q, w, learned or None).items()}
+    _, slope = torch.func.vjp(lambda w_grouped: q.surrogate(w_grouped, p), padded_groups(w, q.group))
+    return weight, ungrouped(slope(padded_groups(grad, q.group))[0], q.in_features), grad_learned
+
+
 # Eager, fake_quantize is ~10 passes over every weight, each step; compiled, it is one fused loop
-# (and one more for its gradient): what keeps a QAT step within a few percent of an FP step.
+# (and its vjp one more): what keeps a QAT step within a few percent of an FP step.
 fake_quantize_compiled = torch.compile(fake_quantize, dynamic=False)
-torch._dynamo.config.recompile_limit = 64  # one graph per weight shape and grad mode
+fake_quantize_vjp_compiled = torch.compile(fake_quantize_vjp, dynamic=False)
+torch._dynamo.config.recompile_limit = 64  # two graphs per weight shape: the forward and its vjp
 torch._inductor.config.emulate_precision_casts = True  # as_stored() must round to float16 as eager does
 
 
+@dataclass(frozen=True)
+class WeightRecipe:
+    """How one step computes a layer's weight from its latent w and learned values: fake-quantized,
+    blended with w while lambda < 1. Fixed at forward, so backward recomputes what forward used."""
+
+    quantizer: Quantizer
+    keys: tuple[str, ...]  # names of the learned values passed after w; () = calibrated from w
+    lam: float
+    compiled: bool
+
+    def learned(self, values) -> dict:
+        return dict(zip(self.keys, values))
+
+    def __call__(self, w: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        quantize = fake_quantize_compiled if self.compiled else fake_quantize
+        w_q = quantize(self.quantizer, w.float(), self.learned(values) or None)
+        return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
+
+    def with_vjp(self, w: torch.Tensor, values: list, grad: torch.Tensor) -> tuple:
+        """(weight, dL/dw, [dL/dvalue]) for grad = dL/dweight."""
+        quantize_vjp = fake_quantize_vjp_compiled if self.compiled else fake_quantize_vjp
+        blended = self.lam < 1
+        grad_q = self.lam * grad if blended else grad
+        w_q, grad_w, grad_learned = quantize_vjp(self.quantizer, w.float(), self.learned(values), grad_q)
+        grads = [grad_learned[k] for k in self.keys]
+        if blended:
+            return w + self.lam * (w_q - w), (grad_w + (1 - self.lam) * grad).to(w.dtype), grads
+        return w_q, grad_w.to(w.dtype), grads
+
+
 class RecomputedWeightLinear(torch.autograd.Function):
-    """y = x @ weight_fn(w, *params)^T that keeps no quantized weight between forward and
-    backward: backward recomputes it, since w and params have not changed by then. A QAT step
-    then holds what an FP step holds (x, w) and no float copy of every weight, and its gradients
-    are autograd's through weight_fn: straight-through to w, true ones to the parameters."""
+    """y = x @ recipe(w, *params)^T that keeps no quantized weight between forward and backward:
+    backward recomputes it, since w and params have not changed by then. A QAT step then holds
+    what an FP step holds (x, w) and no float copy of every weight; the gradients are the recipe's
+    vjp: straight-through to w, true ones to the parameters."""
 
     @staticmethod
-    def forward(ctx, x, weight_fn, w, *params):
+    def forward(ctx, x, recipe, w, *params):
         with torch.no_grad():  # plain tensors, as backward passes them: one kind of input to compile for
-            weight = weight_fn(w.detach(), *(p.detach() for p in params))
-        ctx.weight_fn = weight_fn
+            weight = recipe(w.detach(), *(p.detach() for p in params))
+        ctx.recipe = recipe
         ctx.save_for_backward(x, w, *params)
         return F.linear(x, weight.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, *inputs = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(inputs, ctx.needs_input_grad[2:])]
-        with torch.enable_grad():
-            weight = ctx.weight_fn(*inputs)
-        grad_x = grad_y @ weight.detach().to(grad_y.dtype) if ctx.needs_input_grad[0] else None
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(())
-        if wanted:  # dL/dweight, then through weight_fn to w and the parameters
+        x, w, *params = (t.detach() for t in ctx.saved_tensors)
+        grads = [None] * (1 + len(params))
+        if any(ctx.needs_input_grad[2:]):  # dL/dweight, then the recipe's vjp to w and the parameters
             grad_weight = grad_y.flatten(0, -2).T @ x.flatten(0, -2).to(grad_y.dtype)
-            grads = iter(torch.autograd.grad(weight, wanted, grad_weight.to(weight.dtype)))
-        return grad_x, None, *(next(grads) if t.requires_grad else None for t in inputs)
+            weight, grad_w, grad_params = ctx.recipe.with_vjp(w, params, grad_weight.float())
+            grads = [grad_w, *grad_params]
+        else:
+            with torch.no_grad():
+                weight = ctx.recipe(w, *params)
+        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:]))
 
 
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
@@ -556,23 +627,17 @@ class QuantLinear(nn.Linear):
         """The quantizer's parameters as the artifact stores them (float16), with gradients."""
         return stored_params(self.quantizer, w, self.learned())
 
-    def weight_fn(self):
-        """(w, *learned values) -> the weight this step computes with: fake-quantized, blended
-        with w while lambda < 1."""
-        q, keys, lam = self.quantizer, list(self.learned() or ()), self.lam
-        quantize = fake_quantize_compiled if self.compile else fake_quantize
+    def recipe(self) -> WeightRecipe:
+        """This step's weight as a function of w and the learned values (see WeightRecipe)."""
+        return WeightRecipe(self.quantizer, tuple(self.learned() or ()), self.lam, self.compile)
 
-        def weight(w, *values):
-            w_q = quantize(q, w.float(), dict(zip(keys, values)) if self.learn else None)
-            return w_q if lam >= 1 else w + lam * (w_q - w)
-
-        return weight
-
+    @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
-        """The weight this step computes with, as a differentiable function of w and the params."""
+        """The weight this step computes with. Without gradients: training differentiates it only
+        inside RecomputedWeightLinear, through the recipe's vjp."""
         if self.bits in self.frozen:
             return self.frozen[self.bits]
-        return self.weight_fn()(self.weight, *(self.learned() or {}).values())
+        return self.recipe()(self.weight, *(self.learned() or {}).values())
 
     def adapter(self) -> nn.ParameterDict | None:
         key = str(self.bits) if str(self.bits) in self.lora else str(self.export_bits)
@@ -584,7 +649,7 @@ class QuantLinear(nn.Linear):
         if self.bits in self.frozen:
             y = F.linear(x, self.frozen[self.bits].to(x.dtype), self.bias)
         else:
-            y = RecomputedWeightLinear.apply(x, self.weight_fn(), self.weight, *(self.learned() or {}).values())
+            y = RecomputedWeightLinear.apply(x, self.recipe(), self.weight, *(self.learned() or {}).values())
             y = y if self.bias is None else y + self.bias
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
@@ -932,6 +997,19 @@ def find_checkpoint(cfg: SimpleNamespace) -> Path | None:
 # --- training loop ---
 
 
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep what a step frees for the next step. By default it hands buffers
+    over 32 MB (logits and their gradients) and the heap's free top back to the kernel, and each
+    CPU step page-faults ~1 GB in again: a fifth of a step's time, and most of its jitter."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)  # every allocation from the heap
+    mallopt(m_trim_threshold, 2**31 - 1)  # and the heap never shrinks
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -1122,6 +1200,7 @@ def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Pat
 
 def main(argv: list[str]) -> int:
     cfg = parse_flags(argv)
+    keep_freed_memory()
     run_dir = Path(os.environ["HARNESS_RUN_DIR"])
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)

@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "step.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    train.keep_freed_memory()  # as train.main() does
     prepared = load_prepared()
 
     if args.memory_probe:

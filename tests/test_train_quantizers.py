@@ -115,6 +115,24 @@ def test_compiled_and_eager_layers_compute_the_same_outputs_and_gradients(method
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("method", ["int4-symmetric", "ternary-deadzone-tanh"])
+def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
+    """While lambda < 1 the forward is w + lambda * (q(w) - w): the layer's recomputed backward
+    (the compiled vjp) gives what autograd gives through that expression evaluated eagerly."""
+    layer = layer_for(METHODS[method][0])
+    layer.lam = 0.3
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(2))
+    (layer(x) * upstream).sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    learned = {k: v.detach().clone().requires_grad_() for k, v in layer.learned().items()}
+    weight = w + 0.3 * (train.fake_quantize(layer.quantizer, w, learned) - w)
+    (F.linear(x, weight) * upstream).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-3, atol=1e-5)
+    for name, p in layer.learned().items():
+        torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_step_keeps_no_float_copy_of_the_quantized_weight():
     """Between forward and backward a QuantLinear holds what an FP Linear holds (its input and
     its latent weight): the quantized weight is recomputed in backward, not saved."""

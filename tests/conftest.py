@@ -8,6 +8,7 @@ through its environment variables, so nothing touches the checkout's data/, runs
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 TINY_VOCAB = 512
 TINY_GROUP = 32  # the tiny model's hidden size 48 gives one full group and one short one
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child the test stops with SIGINT: a shell running pytest in the background
+    starts it with SIGINT ignored, which the child would inherit and then never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def build_tiny_model_dir(target: Path) -> Path:

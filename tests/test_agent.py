@@ -14,7 +14,7 @@ import pytest
 from agent_fixtures import (API_KEY, TINY_FLAGS, ScriptedServer, agent_events, assert_clean, block, files_containing,
                             git, make_user_repo)  # fmt: skip
 
-from conftest import ROOT
+from conftest import ROOT, default_sigint
 from harness import results
 from harness.__main__ import main as harness_main
 
@@ -138,7 +138,7 @@ def test_ctrl_c_records_the_running_experiment_and_leaves_the_tree_clean(user_re
     tmp = user_repo.parent
     with ScriptedServer([("reply", HANG_EDIT)]) as server:
         agent = subprocess.Popen([sys.executable, "-m", "harness", *llm_args(server), "--", *TINY_FLAGS], cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)  # fmt: skip
         hanging = f"^{sys.executable} {tmp / 'runs' / 'agent-t1' / 'worktree' / 'train.py'}"
         deadline = time.monotonic() + 120
         while not subprocess.run(["pgrep", "-f", hanging], capture_output=True).stdout:

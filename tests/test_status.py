@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, default_sigint
 from harness import results, status
 
 
@@ -113,7 +113,7 @@ def test_status_follow_redraws_in_place_and_stops_cleanly_on_ctrl_c(tmp_path):
     results.append(row("first"), path)
     env = {**os.environ, "HARNESS_RESULTS": str(path), "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-m", "harness", "status", "--follow", "--interval", "0.05"], cwd=ROOT,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)  # fmt: skip
     seen, drawn = [], threading.Event()
 
     def read_output() -> None:

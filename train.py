@@ -771,6 +771,12 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
 # --- distillation + top-k cache ---
 
 
+def load_teacher(model_dir: Path, device: torch.device) -> nn.Module:
+    """The unquantized model, frozen, for distillation from a live teacher."""
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    return teacher.requires_grad_(False)
+
+
 def kl_to_teacher(s_logits: torch.Tensor, t_logits: torch.Tensor, temp: float) -> torch.Tensor:
     """KL(teacher || student) averaged over positions, times temp^2 so that its gradient scale
     does not shrink as the temperature grows (Hinton et al., 2015)."""
@@ -1228,8 +1234,7 @@ def main(argv: list[str]) -> int:
     if not cfg.baseline:
         teacher = None
         if cfg.distill_weight > 0 and not cfg.teacher_cache_k:
-            teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device).eval()
-            teacher.requires_grad_(False)
+            teacher = load_teacher(prepared.model_dir, device)
         try:
             budget = train(model, teacher, prepared, cfg, device, run_dir)
         except LossIsNotFinite as err:

@@ -177,11 +177,11 @@ class Quantizer:
     def levels(self) -> int:
         return 2**self.bits
 
-    has_surrogate = False
+    has_surrogate = False  # True: w's gradient is surrogate()'s slope, not the identity (straight-through)
 
-    def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor | None:
-        """A function of grouped w whose gradient replaces the identity (straight-through); None = STE."""
-        return None
+    def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor:
+        """A function of grouped w whose gradient replaces the identity; used when has_surrogate."""
+        raise NotImplementedError
 
     def spec(self) -> dict:
         group = -1 if self.group == self.in_features else self.group
@@ -217,8 +217,6 @@ class Ternary(Quantizer):
     def surrogate(self, w, p):
         """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
         weights near a threshold a stronger gradient than those far from one."""
-        if not self.has_surrogate:
-            return None
         s, t, k = self.expand(p["scale"].detach()), self.cfg.ternary_threshold, self.cfg.ternary_tanh
         x = w / s
         return s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t)))
@@ -451,17 +449,15 @@ def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.
     p = stored_params(q, w, learned)
     w_grouped = padded_groups(w, q.group)
     codes = q.encode(w_grouped.detach(), {k: v.detach() for k, v in p.items()})
-    straight = q.surrogate(w_grouped, p)
-    if straight is None:
-        straight = w_grouped
+    straight = q.surrogate(w_grouped, p) if q.has_surrogate else w_grouped
     return ungrouped(q.decode(codes, p) + (straight - straight.detach()), q.in_features)
 
 
 def fake_quantize_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> tuple:
     """(fake_quantize(q, w, learned), dL/dw, {name: dL/dparam}) for grad = dL/d(the quantized
     weight). Compiled, the weight and its vector-Jacobian product are one pass over w and grad,
-    where recomputing the weight and differentiating it with autograd took three. w's gradient
-    is grad itself (straight-through) unless the quantizer has a surrogate."""
+    where recomputing the weight and differentiating it with autograd took three. The gradients
+    are autograd's through fake_quantize: w's is grad itself unless the quantizer has a surrogate."""
     weight, pullback = torch.func.vjp(lambda learned: fake_quantize(q, w, learned or None), learned)
     (grad_learned,) = pullback(grad)
     if not q.has_surrogate:

@@ -79,7 +79,7 @@ LR = 5e-4  # peak AdamW learning rate on the latent (full-precision) weights and
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
 WEIGHT_DECAY = 0.0  # decay pulls latent weights to 0, which ternary maps to the 0 level
-COMPILE = 1  # 1: torch.compile fake-quant and KD (the unbudgeted first step compiles; a new bit width when first used); 0: eager
+COMPILE = 1  # 1: torch.compile fake-quant and KD (the unbudgeted first step compiles; a new bit width when first used); 0: eager, autograd through the fake-quant (slower, more memory)
 DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA only)
 # distillation
 DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher needed)
@@ -204,8 +204,8 @@ class Ternary(Quantizer):
         return {"scale": group_absmean(w, self.group).clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
-        x = w / self.expand(p["scale"])
-        return torch.sign(x).mul_(x.abs_() > self.cfg.ternary_threshold).add_(1)
+        bound = self.expand(self.cfg.ternary_threshold * p["scale"])  # per group: no division per weight
+        return torch.where(w > bound, 2.0, torch.where(w >= -bound, 1.0, 0.0))  # selects: summed comparisons compile to slow mask casts
 
     def decode(self, codes, p):
         return (codes - 1) * self.expand(p["scale"])
@@ -240,7 +240,7 @@ class Codebook(Quantizer):
         return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
 
     def encode(self, w, p):
-        return (w / self.expand(p["scale"])).add_((self.levels - 1) / 2).round_().clamp_(0, self.levels - 1)
+        return (w * self.expand(1 / p["scale"])).add_((self.levels - 1) / 2).round_().clamp_(0, self.levels - 1)
 
     def decode(self, codes, p):
         return (codes - (self.levels - 1) / 2) * self.expand(p["scale"])
@@ -263,7 +263,7 @@ class Int(Quantizer):
         return self.levels // 2 if self.cfg.int_symmetric else self.expand(round_ste(p["zero"]))
 
     def encode(self, w, p):
-        return (w / self.expand(p["scale"])).add_(self.offset(p)).round_().clamp_(0, self.levels - 1)
+        return (w * self.expand(1 / p["scale"])).add_(self.offset(p)).round_().clamp_(0, self.levels - 1)
 
     def decode(self, codes, p):
         return (codes - self.offset(p)) * self.expand(p["scale"])
@@ -453,85 +453,127 @@ def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.
     return ungrouped(q.decode(codes, p) + (straight - straight.detach()), q.in_features)
 
 
-def fake_quantize_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> tuple:
-    """(fake_quantize(q, w, learned), dL/dw, {name: dL/dparam}) for grad = dL/d(the quantized
-    weight). Compiled, the weight and its vector-Jacobian product are one pass over w and grad,
-    where recomputing the weight and differentiating it with autograd took three. The gradients
-    are autograd's through fake_quantize: w's is grad itself unless the quantizer has a surrogate."""
-    weight, pullback = torch.func.vjp(lambda learned: fake_quantize(q, w, learned or None), learned)
-    (grad_learned,) = pullback(grad)
-    if not q.has_surrogate:
-        return weight, grad, grad_learned
-    # the surrogate's vjp taken on the padded groups, not through the padding: Inductor (2.13)
-    # computes the gradient of F.pad wrongly for a short last group
-    p = {k: v.detach() for k, v in stored_params(q, w, learned or None).items()}
+def code_width(levels: int) -> int:
+    """Bits a code is kept in between forward and backward: 2, 4 or 8, so codes pack whole into bytes."""
+    return 2 if levels <= 4 else 4 if levels <= 16 else 8
+
+
+def code_shifts(width: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 8, width, dtype=torch.uint8, device=device).view(-1, 1, 1, 1)  # (8 // width, 1, 1, 1)
+
+
+def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Grouped codes (out, n_groups, group), floats below 2^width -> uint8, 8 // width per byte: the
+    rows are cut into that many blocks, block k in bits k * width and up. Whole rows, so that
+    packing and unpacking read and write contiguous runs (the compiled loops stay vectorized)."""
+    per_byte = 8 // width
+    rows = F.pad(codes.to(torch.uint8), (0, 0, 0, 0, 0, -codes.shape[0] % per_byte))
+    blocks = rows.view(per_byte, -1, *codes.shape[1:])
+    return (blocks << code_shifts(width, codes.device)).sum(0, dtype=torch.uint8)  # disjoint bits: sum = or
+
+
+def unpack_codes(packed: torch.Tensor, width: int, rows: int) -> torch.Tensor:
+    codes = (packed >> code_shifts(width, packed.device)) & (2**width - 1)  # (8 // width, *packed.shape)
+    return codes.flatten(0, 1)[:rows].float()
+
+
+def quantize_keeping_codes(q: Quantizer, w: torch.Tensor, learned: dict | None) -> tuple:
+    """fake_quantize's value (without gradients) and, where parameters are learned, its codes
+    packed into bytes: all that backward needs to give the parameters their gradient."""
+    p = stored_params(q, w, learned)
+    codes = q.encode(padded_groups(w, q.group), p)
+    weight = ungrouped(q.decode(codes, p), q.in_features)
+    return weight, pack_codes(codes, code_width(q.levels)) if learned else None
+
+
+def params_vjp(q: Quantizer, packed_codes: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
+    """{name: dL/dparam} for grad = dL/d(the quantized weight): decode's vjp at the forward's codes,
+    which is the gradient fake_quantize gives the parameters (its codes are constants)."""
+    grad = padded_groups(grad, q.group)  # the padding's zero gradient adds nothing
+    codes = unpack_codes(packed_codes, code_width(q.levels), grad.shape[0])
+    _, pullback = torch.func.vjp(lambda learned: q.decode(codes, stored_params(q, None, learned)), learned)
+    return pullback(grad)[0]
+
+
+def surrogate_vjp(q: Quantizer, w: torch.Tensor, learned: dict | None, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dw through the surrogate's slope (where fake_quantize's w gradient is not the identity).
+    Taken on the padded groups, not through the padding: Inductor (2.13) computes the gradient of
+    F.pad wrongly for a short last group."""
+    p = {k: v.detach() for k, v in stored_params(q, w, learned).items()}
     _, slope = torch.func.vjp(lambda w_grouped: q.surrogate(w_grouped, p), padded_groups(w, q.group))
-    return weight, ungrouped(slope(padded_groups(grad, q.group))[0], q.in_features), grad_learned
+    return ungrouped(slope(padded_groups(grad, q.group))[0], q.in_features)
 
 
-# Eager, fake_quantize is ~10 passes over every weight, each step; compiled, it is one fused loop
-# (and its vjp one more): what keeps a QAT step within a few percent of an FP step.
-fake_quantize_compiled = torch.compile(fake_quantize, dynamic=False)
-fake_quantize_vjp_compiled = torch.compile(fake_quantize_vjp, dynamic=False)
-torch._dynamo.config.recompile_limit = 64  # two graphs per weight shape: the forward and its vjp
+# Eager, fake_quantize is ~10 passes over every weight, each step; compiled, the forward is one fused
+# loop over w and the backward one over dL/dweight and the codes: what keeps a QAT step near an FP step.
+quantize_keeping_codes_compiled = torch.compile(quantize_keeping_codes, dynamic=False)
+params_vjp_compiled = torch.compile(params_vjp, dynamic=False)
+surrogate_vjp_compiled = torch.compile(surrogate_vjp, dynamic=False)
+torch._dynamo.config.recompile_limit = 64  # up to three graphs per weight shape and width: forward, params vjp, surrogate
 torch._inductor.config.emulate_precision_casts = True  # as_stored() must round to float16 as eager does
 
 
 @dataclass(frozen=True)
 class WeightRecipe:
     """How one step computes a layer's weight from its latent w and learned values: fake-quantized,
-    blended with w while lambda < 1. Fixed at forward, so backward recomputes what forward used."""
+    blended with w while lambda < 1. Called, it is the definition, differentiable by autograd (eager);
+    forward and backward are the compiled fast path that QuantizedWeightLinear runs."""
 
     quantizer: Quantizer
     keys: tuple[str, ...]  # names of the learned values passed after w; () = calibrated from w
     lam: float
-    compiled: bool
 
     def learned(self, values) -> dict:
         return dict(zip(self.keys, values))
 
-    def __call__(self, w: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-        quantize = fake_quantize_compiled if self.compiled else fake_quantize
-        w_q = quantize(self.quantizer, w.float(), self.learned(values) or None)
+    def blend(self, w: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
         return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
 
-    def with_vjp(self, w: torch.Tensor, values: list, grad: torch.Tensor) -> tuple:
-        """(weight, dL/dw, [dL/dvalue]) for grad = dL/dweight."""
-        quantize_vjp = fake_quantize_vjp_compiled if self.compiled else fake_quantize_vjp
-        blended = self.lam < 1
-        grad_q = self.lam * grad if blended else grad
-        w_q, grad_w, grad_learned = quantize_vjp(self.quantizer, w.float(), self.learned(values), grad_q)
-        grads = [grad_learned[k] for k in self.keys]
-        if blended:
-            return w + self.lam * (w_q - w), (grad_w + (1 - self.lam) * grad).to(w.dtype), grads
-        return w_q, grad_w.to(w.dtype), grads
+    def __call__(self, w: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return self.blend(w, fake_quantize(self.quantizer, w.float(), self.learned(values) or None))
+
+    def forward(self, w: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(this step's weight, its packed codes, or None without learned values); no gradients."""
+        w_q, codes = quantize_keeping_codes_compiled(self.quantizer, w.float(), self.learned(values) or None)
+        return self.blend(w, w_q), codes
+
+    def backward(self, w: torch.Tensor, values, codes, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """(dL/dw, [dL/dvalue]) for grad = dL/d(this step's weight), as autograd gets them through
+        __call__: to w straight-through (or the surrogate's slope), to the values through decode."""
+        q, grad = self.quantizer, grad.float()
+        grad_q = grad if self.lam >= 1 else self.lam * grad
+        grad_w = grad
+        if q.has_surrogate:
+            grad_w = surrogate_vjp_compiled(q, w.float(), self.learned(values) or None, grad_q)
+            grad_w = grad_w if self.lam >= 1 else grad_w + (1 - self.lam) * grad
+        grad_learned = params_vjp_compiled(q, codes, self.learned(values), grad_q) if self.keys else {}
+        return grad_w.to(w.dtype), [grad_learned[k] for k in self.keys]
 
 
-class RecomputedWeightLinear(torch.autograd.Function):
-    """y = x @ recipe(w, *params)^T that keeps no quantized weight between forward and backward:
-    backward recomputes it, since w and params have not changed by then. A QAT step then holds
-    what an FP step holds (x, w) and no float copy of every weight; the gradients are the recipe's
-    vjp: straight-through to w, true ones to the parameters."""
+class QuantizedWeightLinear(torch.autograd.Function):
+    """y = x @ weight^T for this step's fake-quantized weight, which forward keeps for backward
+    together with its codes packed into bytes. Backward then runs no quantizer: dL/dx uses the kept
+    weight, w's gradient is dL/dweight itself (straight-through) and the learned parameters' is one
+    pass over dL/dweight and the codes. Recomputing the weight in backward instead (reading w and
+    dL/dweight, writing the weight again) saved that memory (4 bytes and a code per weight) but made
+    the 135M model's CPU step 1.11x FP where this makes it 1.08x (1.04x with nothing learned)."""
 
     @staticmethod
     def forward(ctx, x, recipe, w, *params):
-        with torch.no_grad():  # plain tensors, as backward passes them: one kind of input to compile for
-            weight = recipe(w.detach(), *(p.detach() for p in params))
+        weight, codes = recipe.forward(w.detach(), [p.detach() for p in params])
+        weight = weight.to(x.dtype)
         ctx.recipe = recipe
-        ctx.save_for_backward(x, w, *params)
-        return F.linear(x, weight.to(x.dtype))
+        ctx.save_for_backward(x, weight, codes, w, *params)
+        return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, *params = (t.detach() for t in ctx.saved_tensors)
+        x, weight, codes, w, *params = ctx.saved_tensors
         grads = [None] * (1 + len(params))
-        if any(ctx.needs_input_grad[2:]):  # dL/dweight, then the recipe's vjp to w and the parameters
+        if any(ctx.needs_input_grad[2:]):
             grad_weight = grad_y.flatten(0, -2).T @ x.flatten(0, -2).to(grad_y.dtype)
-            weight, grad_w, grad_params = ctx.recipe.with_vjp(w, params, grad_weight.float())
+            grad_w, grad_params = ctx.recipe.backward(w, params, codes, grad_weight)
             grads = [grad_w, *grad_params]
-        else:
-            with torch.no_grad():
-                weight = ctx.recipe(w, *params)
         grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:]))
 
@@ -625,12 +667,11 @@ class QuantLinear(nn.Linear):
 
     def recipe(self) -> WeightRecipe:
         """This step's weight as a function of w and the learned values (see WeightRecipe)."""
-        return WeightRecipe(self.quantizer, tuple(self.learned() or ()), self.lam, self.compile)
+        return WeightRecipe(self.quantizer, tuple(self.learned() or ()), self.lam)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
-        """The weight this step computes with. Without gradients: training differentiates it only
-        inside RecomputedWeightLinear, through the recipe's vjp."""
+        """The weight this step computes with, as a plain tensor (freezing, schedules, tests)."""
         if self.bits in self.frozen:
             return self.frozen[self.bits]
         return self.recipe()(self.weight, *(self.learned() or {}).values())
@@ -644,9 +685,11 @@ class QuantLinear(nn.Linear):
             x = quantize_activation(x)
         if self.bits in self.frozen:
             y = F.linear(x, self.frozen[self.bits].to(x.dtype), self.bias)
-        else:
-            y = RecomputedWeightLinear.apply(x, self.recipe(), self.weight, *(self.learned() or {}).values())
+        elif self.compile:
+            y = QuantizedWeightLinear.apply(x, self.recipe(), self.weight, *(self.learned() or {}).values())
             y = y if self.bias is None else y + self.bias
+        else:  # the definition, differentiated by autograd: what the compiled path is tested against
+            y = F.linear(x, self.recipe()(self.weight, *(self.learned() or {}).values()).to(x.dtype), self.bias)
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
             y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),

@@ -96,8 +96,9 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled_and_eager_layers_compute_the_same_outputs_and_gradients(method):
-    """--compile 1 (the default) and --compile 0 are one computation: same codes, same values,
-    same gradients to the latent weight and the quantizer parameters."""
+    """--compile 1 (the default: compiled forward and backward, weight and codes kept between them)
+    and --compile 0 (autograd through fake_quantize, the definition) are one computation: same
+    values, same gradients to the latent weight and the quantizer parameters."""
     x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
     layers = [layer_for([*METHODS[method][0], "--compile", flag]) for flag in ("1", "0")]
     outputs = []
@@ -117,8 +118,8 @@ def test_compiled_and_eager_layers_compute_the_same_outputs_and_gradients(method
 
 @pytest.mark.parametrize("method", ["int4-symmetric", "ternary-deadzone-tanh"])
 def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
-    """While lambda < 1 the forward is w + lambda * (q(w) - w): the layer's recomputed backward
-    (the compiled vjp) gives what autograd gives through that expression evaluated eagerly."""
+    """While lambda < 1 the forward is w + lambda * (q(w) - w): the layer's compiled backward
+    gives what autograd gives through that expression evaluated eagerly."""
     layer = layer_for(METHODS[method][0])
     layer.lam = 0.3
     x = torch.randn(6, 48, generator=torch.Generator().manual_seed(1))
@@ -133,17 +134,29 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
         torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_step_keeps_no_float_copy_of_the_quantized_weight():
-    """Between forward and backward a QuantLinear holds what an FP Linear holds (its input and
-    its latent weight): the quantized weight is recomputed in backward, not saved."""
+def test_a_step_keeps_the_quantized_weight_and_its_codes_packed_into_bytes():
+    """Between forward and backward a QuantLinear holds its input, its latent weight, the quantized
+    weight and the codes at their width (2 bits for a 2-bit codebook), so backward runs no quantizer."""
     layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32)
     x = torch.randn(4, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
     y.sum().backward()
-    assert sum(t.numel() for t in saved if t.shape == layer.weight.shape) == layer.weight.numel()  # the latent weight
+    weight_sized = [t for t in saved if t.is_floating_point() and t.shape == layer.weight.shape]
+    assert len(weight_sized) == 2 and {t.data_ptr() for t in weight_sized} != {layer.weight.data_ptr()}
+    assert any(t.data_ptr() == layer.weight.data_ptr() for t in weight_sized)
+    assert sum(t.numel() for t in saved if t.dtype == torch.uint8) == layer.weight.numel() // 4
     assert any(t is x for t in saved) and layer.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("levels", [3, 16, 256])
+def test_packed_codes_unpack_to_themselves(levels):
+    codes = torch.randint(0, levels, (7, 3, 5)).float()  # 7 rows: a last block of rows partly filled
+    width = train.code_width(levels)
+    packed = train.pack_codes(codes, width)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * width // 8) * 3 * 5
+    assert torch.equal(train.unpack_codes(packed, width, 7), codes)
 
 
 @pytest.mark.parametrize("method", METHODS)

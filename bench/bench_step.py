@@ -60,7 +60,7 @@ class Method:
         if cfg.distill_weight > 0 and cfg.teacher_cache_k:
             self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, torch.device("cpu")))
         elif cfg.distill_weight > 0:
-            self.teacher = train.load_teacher(prepared.model_dir, torch.device("cpu"))
+            self.teacher = train.load_teacher(prepared.model_dir, torch.device("cpu"), train.teacher_dtype(torch.device("cpu"), cfg))
         self.optimizer, self.trained, _ = train.make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.tokens = prepared.train.tokens()

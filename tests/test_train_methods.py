@@ -143,6 +143,18 @@ def test_a_cyclic_run_verifies_at_its_export_width(harness_env, monkeypatch):
 # --- distillation + top-k cache ---
 
 
+def test_the_live_teacher_runs_frozen_in_the_chosen_precision(tiny_model_dir):
+    cpu, ids = torch.device("cpu"), torch.arange(64)[None] * 5 % 512
+    log_probs = {}
+    for flag, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        teacher = train.load_teacher(tiny_model_dir, cpu, train.teacher_dtype(cpu, cfg_for("--teacher-dtype", flag)))
+        assert all(p.dtype == dtype and not p.requires_grad for p in teacher.parameters())
+        with torch.no_grad():
+            log_probs[flag] = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    kl = (log_probs["fp32"].exp() * (log_probs["fp32"] - log_probs["bf16"])).sum(-1).mean()
+    assert 0 < kl < 1e-2  # bf16 moves the distribution, a little
+
+
 def test_kd_over_all_candidates_equals_the_full_vocab_kl():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 50), torch.randn(2, 5, 50)

@@ -467,7 +467,7 @@ def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
     """Grouped codes (out, n_groups, group), floats below 2^width -> uint8, 8 // width per byte: the
     rows are cut into that many blocks, block k in bits k * width and up. Whole rows, so that the
     compiled loops read and write contiguous runs; the byte is summed in float (exact below 256)
-    and shifted out in int32, as CPUs have no vector shifts of bytes."""
+    and shifted out in int32 (x86 has no byte-wide vector shifts)."""
     per_byte = 8 // width
     blocks = F.pad(codes, (0, 0, 0, 0, 0, -codes.shape[0] % per_byte)).view(per_byte, -1, *codes.shape[1:])
     return (blocks * (1 << bit_offsets(width, codes.device)).float()).sum(0).to(torch.uint8)

@@ -541,13 +541,13 @@ class WeightRecipe:
     def backward(self, w: torch.Tensor, values, codes, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
         """(dL/dw, [dL/dvalue]) for grad = dL/d(this step's weight), as autograd gets them through
         __call__: to w straight-through (or the surrogate's slope), to the values through decode."""
-        q, grad = self.quantizer, grad.float()
+        q, grad, learned = self.quantizer, grad.float(), self.learned(values)
         grad_q = grad if self.lam >= 1 else self.lam * grad
         grad_w = grad
         if q.has_surrogate:
-            grad_w = surrogate_vjp_compiled(q, w.float(), self.learned(values) or None, grad_q)
+            grad_w = surrogate_vjp_compiled(q, w.float(), learned or None, grad_q)
             grad_w = grad_w if self.lam >= 1 else grad_w + (1 - self.lam) * grad
-        grad_learned = params_vjp_compiled(q, codes, self.learned(values), grad_q) if self.keys else {}
+        grad_learned = params_vjp_compiled(q, codes, learned, grad_q) if learned else {}
         return grad_w.to(w.dtype), [grad_learned[k] for k in self.keys]
 
 
@@ -666,16 +666,19 @@ class QuantLinear(nn.Linear):
         """The quantizer's parameters as the artifact stores them (float16), with gradients."""
         return stored_params(self.quantizer, w, self.learned())
 
-    def recipe(self) -> WeightRecipe:
-        """This step's weight as a function of w and the learned values (see WeightRecipe)."""
-        return WeightRecipe(self.quantizer, tuple(self.learned() or ()), self.lam)
+    def recipe(self) -> tuple[WeightRecipe, list[torch.Tensor]]:
+        """This step's weight as a function of w and the learned values (see WeightRecipe), and
+        those values, to pass after w."""
+        learned = self.learned() or {}
+        return WeightRecipe(self.quantizer, tuple(learned), self.lam), list(learned.values())
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
         """The weight this step computes with, as a plain tensor (freezing, schedules, tests)."""
         if self.bits in self.frozen:
             return self.frozen[self.bits]
-        return self.recipe()(self.weight, *(self.learned() or {}).values())
+        recipe, values = self.recipe()
+        return recipe(self.weight, *values)
 
     def adapter(self) -> nn.ParameterDict | None:
         key = str(self.bits) if str(self.bits) in self.lora else str(self.export_bits)
@@ -687,10 +690,12 @@ class QuantLinear(nn.Linear):
         if self.bits in self.frozen:
             y = F.linear(x, self.frozen[self.bits].to(x.dtype), self.bias)
         elif self.compile:
-            y = QuantizedWeightLinear.apply(x, self.recipe(), self.weight, *(self.learned() or {}).values())
+            recipe, values = self.recipe()
+            y = QuantizedWeightLinear.apply(x, recipe, self.weight, *values)
             y = y if self.bias is None else y + self.bias
         else:  # the definition, differentiated by autograd: what the compiled path is tested against
-            y = F.linear(x, self.recipe()(self.weight, *(self.learned() or {}).values()).to(x.dtype), self.bias)
+            recipe, values = self.recipe()
+            y = F.linear(x, recipe(self.weight, *values).to(x.dtype), self.bias)
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
             y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),
@@ -879,7 +884,7 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
     rng = np.random.default_rng(cfg.seed)
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=n_windows)
     windows = tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
-    teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device).eval()
+    teacher = load_teacher(prepared.model_dir, device, torch.float32)  # cached logits at full precision
     k, n_neg = cfg.teacher_cache_k, cfg.teacher_cache_negatives
     generator = torch.Generator().manual_seed(cfg.seed)
     all_ids, all_logits = [], []

@@ -57,10 +57,11 @@ class Method:
             train.quantize_model(self.model, cfg)
         self.model.train()
         self.teacher, self.cache = None, None
+        cpu = torch.device("cpu")
         if cfg.distill_weight > 0 and cfg.teacher_cache_k:
-            self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, torch.device("cpu")))
+            self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, cpu))
         elif cfg.distill_weight > 0:
-            self.teacher = train.load_teacher(prepared.model_dir, torch.device("cpu"), train.teacher_dtype(torch.device("cpu"), cfg))
+            self.teacher = train.load_teacher(prepared.model_dir, cpu, train.teacher_dtype(cpu, cfg))
         self.optimizer, self.trained, _ = train.make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.tokens = prepared.train.tokens()

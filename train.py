@@ -25,13 +25,14 @@ if __name__ == "__main__" and "HARNESS_RUN_DIR" not in os.environ:
     sys.exit(main_for_train_script(sys.argv[1:]))
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import hashlib
 import json
 import math
+import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -138,7 +139,13 @@ def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def ungrouped(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.flatten(1)[:, :in_features]
+    """(out, n_groups, group) -> (out, in_features), contiguous: a padded last group is cut short
+    and concatenated to the full ones. A strided view instead costs the matmul's weight gradient a
+    copy into its layout, and Inductor (2.13) miscompiles a copy of that view (skips the short group)."""
+    full = in_features // x.shape[-1]
+    if full == x.shape[1]:
+        return x.flatten(1)
+    return torch.cat([x[:, :full].flatten(1), x[:, full, : in_features - full * x.shape[-1]]], 1)
 
 
 def group_absmean(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -505,78 +512,32 @@ def surrogate_vjp(q: Quantizer, w: torch.Tensor, learned: dict | None, grad: tor
     return ungrouped(slope(padded_groups(grad, q.group))[0], q.in_features)
 
 
+def blend(w: torch.Tensor, w_q: torch.Tensor, lam: float) -> torch.Tensor:
+    """Lambda warm-up's weight: w + lam * (q(w) - w), from FP (0) to fully quantized (1)."""
+    return w_q if lam >= 1 else w + lam * (w_q - w)
+
+
+def quantize_block(quantizers: list, ws: list, learned: list) -> list[tuple]:
+    return [quantize_keeping_codes(q, w, p) for q, w, p in zip(quantizers, ws, learned)]
+
+
+def block_params_vjp(quantizers: list, codes: list, learned: list, grads: list) -> list[dict]:
+    return [params_vjp(q, c, p, g) for q, c, p, g in zip(quantizers, codes, learned, grads)]
+
+
+def block_surrogate_vjp(quantizers: list, ws: list, learned: list, grads: list) -> list[torch.Tensor]:
+    return [surrogate_vjp(q, w, p, g) for q, w, p, g in zip(quantizers, ws, learned, grads)]
+
+
 # Eager, fake_quantize is ~10 passes over every weight, each step; compiled, the forward is one fused
-# loop over w and the backward one over dL/dweight and the codes: what keeps a QAT step near an FP step.
-quantize_keeping_codes_compiled = torch.compile(quantize_keeping_codes, dynamic=False)
-params_vjp_compiled = torch.compile(params_vjp, dynamic=False)
-surrogate_vjp_compiled = torch.compile(surrogate_vjp, dynamic=False)
-torch._dynamo.config.recompile_limit = 64  # up to three graphs per weight shape and width: forward, params vjp, surrogate
+# loop over w and the backward one over dL/dweight and the codes: what keeps a QAT step near an FP
+# step. One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards, dispatch)
+# whatever its size, and the 135M model has 210 Linears.
+quantize_block_compiled = torch.compile(quantize_block, dynamic=False)
+block_params_vjp_compiled = torch.compile(block_params_vjp, dynamic=False)
+block_surrogate_vjp_compiled = torch.compile(block_surrogate_vjp, dynamic=False)
+torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, params vjp, surrogate
 torch._inductor.config.emulate_precision_casts = True  # as_stored() must round to float16 as eager does
-
-
-@dataclass(frozen=True)
-class WeightRecipe:
-    """How one step computes a layer's weight from its latent w and learned values: fake-quantized,
-    blended with w while lambda < 1. Called, it is the definition, differentiable by autograd (eager);
-    forward and backward are the compiled fast path that QuantizedWeightLinear runs."""
-
-    quantizer: Quantizer
-    keys: tuple[str, ...]  # names of the learned values passed after w; () = calibrated from w
-    lam: float
-
-    def learned(self, values) -> dict:
-        return dict(zip(self.keys, values))
-
-    def blend(self, w: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-        return w_q if self.lam >= 1 else w + self.lam * (w_q - w)
-
-    def __call__(self, w: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-        return self.blend(w, fake_quantize(self.quantizer, w.float(), self.learned(values) or None))
-
-    def forward(self, w: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(this step's weight, its packed codes, or None without learned values); no gradients."""
-        w_q, codes = quantize_keeping_codes_compiled(self.quantizer, w.float(), self.learned(values) or None)
-        return self.blend(w, w_q), codes
-
-    def backward(self, w: torch.Tensor, values, codes, grad: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """(dL/dw, [dL/dvalue]) for grad = dL/d(this step's weight), as autograd gets them through
-        __call__: to w straight-through (or the surrogate's slope), to the values through decode."""
-        q, grad, learned = self.quantizer, grad.float(), self.learned(values)
-        grad_q = grad if self.lam >= 1 else self.lam * grad
-        grad_w = grad
-        if q.has_surrogate:
-            grad_w = surrogate_vjp_compiled(q, w.float(), learned or None, grad_q)
-            grad_w = grad_w if self.lam >= 1 else grad_w + (1 - self.lam) * grad
-        grad_learned = params_vjp_compiled(q, codes, learned, grad_q) if learned else {}
-        return grad_w.to(w.dtype), [grad_learned[k] for k in self.keys]
-
-
-class QuantizedWeightLinear(torch.autograd.Function):
-    """y = x @ weight^T for this step's fake-quantized weight, which forward keeps for backward
-    together with its codes packed into bytes. Backward then runs no quantizer: dL/dx uses the kept
-    weight, w's gradient is dL/dweight itself (straight-through) and the learned parameters' is one
-    pass over dL/dweight and the codes. Recomputing the weight in backward instead (reading w and
-    dL/dweight, writing the weight again) saved that memory (4 bytes and a code per weight) but made
-    the 135M model's CPU step 1.11x FP where this makes it 1.08x (1.04x with nothing learned)."""
-
-    @staticmethod
-    def forward(ctx, x, recipe, w, *params):
-        weight, codes = recipe.forward(w.detach(), [p.detach() for p in params])
-        weight = weight.to(x.dtype)
-        ctx.recipe = recipe
-        ctx.save_for_backward(x, weight, codes, w, *params)
-        return F.linear(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, codes, w, *params = ctx.saved_tensors
-        grads = [None] * (1 + len(params))
-        if any(ctx.needs_input_grad[2:]):
-            grad_weight = grad_y.flatten(0, -2).T @ x.flatten(0, -2).to(grad_y.dtype)
-            grad_w, grad_params = ctx.recipe.backward(w, params, codes, grad_weight)
-            grads = [grad_w, *grad_params]
-        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:]))
 
 
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
@@ -643,7 +604,8 @@ class QuantLinear(nn.Linear):
             with torch.no_grad():
                 for b, q in self.quantizers.items():
                     self.qparams[str(b)] = nn.ParameterDict({k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()})
-        self.act_quant, self.compile = bool(cfg.act_quant), bool(cfg.compile)
+        self.act_quant = bool(cfg.act_quant)
+        self.step = None  # the QuantizedStep computing this layer's weight, while one runs
         self.lam = 1.0  # blend FP -> quantized (lambda warm-up); export ignores it
         # LoRA adapters, bits -> {a, b}: one per width if precision is switchable, else one. They
         # exist from the start (b = 0, so they add nothing) and train only in the LoRA stage.
@@ -666,19 +628,22 @@ class QuantLinear(nn.Linear):
         """The quantizer's parameters as the artifact stores them (float16), with gradients."""
         return stored_params(self.quantizer, w, self.learned())
 
-    def recipe(self) -> tuple[WeightRecipe, list[torch.Tensor]]:
-        """This step's weight as a function of w and the learned values (see WeightRecipe), and
-        those values, to pass after w."""
-        learned = self.learned() or {}
-        return WeightRecipe(self.quantizer, tuple(learned), self.lam), list(learned.values())
+    def definition(self) -> torch.Tensor:
+        """This step's weight as a function of w and the learned values, differentiable by autograd:
+        fake-quantized, blended with w while lambda < 1. QuantizedStep computes the same faster."""
+        return blend(self.weight, fake_quantize(self.quantizer, self.weight.float(), self.learned()), self.lam)
+
+    def computed_weight(self) -> torch.Tensor:
+        """The weight this step computes with: the LoRA stage's frozen one, the QuantizedStep's, or
+        the definition (eager, with --compile 0 or outside a training step)."""
+        if self.bits in self.frozen:
+            return self.frozen[self.bits]
+        return self.step.weight(self) if self.step is not None else self.definition()
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
         """The weight this step computes with, as a plain tensor (freezing, schedules, tests)."""
-        if self.bits in self.frozen:
-            return self.frozen[self.bits]
-        recipe, values = self.recipe()
-        return recipe(self.weight, *values)
+        return self.computed_weight()
 
     def adapter(self) -> nn.ParameterDict | None:
         key = str(self.bits) if str(self.bits) in self.lora else str(self.export_bits)
@@ -687,15 +652,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
             x = quantize_activation(x)
-        if self.bits in self.frozen:
-            y = F.linear(x, self.frozen[self.bits].to(x.dtype), self.bias)
-        elif self.compile:
-            recipe, values = self.recipe()
-            y = QuantizedWeightLinear.apply(x, recipe, self.weight, *values)
-            y = y if self.bias is None else y + self.bias
-        else:  # the definition, differentiated by autograd: what the compiled path is tested against
-            recipe, values = self.recipe()
-            y = F.linear(x, recipe(self.weight, *values).to(x.dtype), self.bias)
+        y = F.linear(x, self.computed_weight().to(x.dtype), self.bias)
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
             y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),
@@ -802,6 +759,106 @@ def set_bits(model: nn.Module, bits: int | None) -> None:
             m.bits = bits if bits in m.quantizers else m.own_bits
         elif isinstance(m, SwitchableRMSNorm) and bits is not None and str(bits) in m.weights:
             m.bits = bits
+
+
+# --- the quantized step ---
+
+
+def add_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    p.grad = grad if p.grad is None else p.grad + grad
+
+
+def free_storage(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def detached_inputs(layers: list["QuantLinear"]) -> tuple[list, list, list]:
+    """(quantizers, latent weights, learned values or None) of layers without gradients: the
+    compiled block functions' arguments."""
+    learned = [{k: v.detach() for k, v in layer.learned().items()} if layer.learn else None for layer in layers]
+    return [layer.quantizer for layer in layers], [layer.weight.detach().float() for layer in layers], learned
+
+
+def layer_blocks(model: nn.Module) -> dict[str, list["QuantLinear"]]:
+    """The QuantLinears that compute their weight each step (not the LoRA stage's frozen ones), by
+    block: a name up to its first index ("model.layers.3"), so each decoder layer's projections are
+    one call, of a graph every layer shares."""
+    blocks = {}
+    for name, layer in quant_linears(model).items():
+        if layer.bits not in layer.frozen:
+            blocks.setdefault(re.sub(r"(\.\d+)\..*", r"\1", name), []).append(layer)
+    return blocks
+
+
+class QuantizedStep:
+    """One training step's quantized weights, a block of layers (a decoder layer's projections)
+    per compiled call, computed when the block's first layer runs and given their gradients by
+    backward(), after loss.backward(). A context: on exit no layer keeps this step's weights.
+
+    Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad (and
+    the weight is freed right then), and its codes are kept packed into bytes. backward() then runs
+    no quantizer: w's gradient is dL/dweight itself (straight-through, or the surrogate's slope),
+    the learned parameters' one pass over dL/dweight and the codes. Per block, not per layer: a
+    compiled call costs ~0.1 ms whatever its size (guards, dispatch), and the 135M model has 210
+    Linears (per layer its CPU step was 1.08x an FP step, per block 1.04x). Recomputing the weight
+    in backward instead of keeping it would save 4 bytes and a code per weight until backward, but
+    read w and write the weight again (1.11x). A layer runs once per step: its weight is freed
+    after its first gradient."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = list(layer_blocks(model).values())
+        self.block_of = {layer: layers for layers in self.blocks for layer in layers}
+        self.weights: dict[QuantLinear, torch.Tensor] = {}
+        self.codes: dict[QuantLinear, torch.Tensor | None] = {}
+
+    def weight(self, layer: "QuantLinear") -> torch.Tensor:
+        if layer not in self.weights:
+            self.quantize(self.block_of[layer])
+        return self.weights[layer]
+
+    def quantize(self, layers: list["QuantLinear"]) -> None:
+        with torch.no_grad(), torch.autocast(layers[0].weight.device.type, enabled=False):
+            kept = quantize_block_compiled(*detached_inputs(layers))
+        for layer, (w_q, codes) in zip(layers, kept):
+            trains = layer.weight.requires_grad or layer.learn
+            self.weights[layer] = weight = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
+            if trains:  # the graph holds the weight until the step ends; free it once backward is through with it
+                weight.register_post_accumulate_grad_hook(free_storage)
+            self.codes[layer] = codes
+
+    def backward(self) -> None:
+        """The latent weights' and the learned parameters' gradients from the dL/dweight that
+        loss.backward() left, as autograd gets them through QuantLinear.definition()."""
+        for layers in self.blocks:
+            grad = {layer: self.weights[layer].grad for layer in layers if layer in self.weights}  # dL/dweight
+            layers = [layer for layer in layers if grad.get(layer) is not None]
+            grad_q = {layer: grad[layer] if layer.lam >= 1 else layer.lam * grad[layer] for layer in layers}  # dL/dq(w)
+            learners = [layer for layer in layers if layer.learn]
+            if learners:
+                quantizers, _, learned = detached_inputs(learners)
+                codes = [self.codes[layer] for layer in learners]
+                vjps = block_params_vjp_compiled(quantizers, codes, learned, [grad_q[layer] for layer in learners])
+                for layer, vjp in zip(learners, vjps):
+                    for k, v in layer.learned().items():
+                        add_grad(v, vjp[k])
+            trained = [layer for layer in layers if layer.weight.requires_grad]
+            surrogates = [layer for layer in trained if layer.quantizer.has_surrogate]
+            if surrogates:
+                slopes = block_surrogate_vjp_compiled(*detached_inputs(surrogates), [grad_q[layer] for layer in surrogates])
+                for layer, slope in zip(surrogates, slopes):
+                    grad[layer] = slope if layer.lam >= 1 else slope + (1 - layer.lam) * grad[layer]
+            for layer in trained:
+                add_grad(layer.weight, grad[layer].to(layer.weight.dtype))
+
+    def __enter__(self) -> "QuantizedStep":
+        for layer in self.block_of:
+            layer.step = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.block_of:
+            layer.step = None
+        self.weights, self.codes = {}, {}
 
 
 # --- activation quantization ---
@@ -1146,14 +1203,27 @@ def compute_loss(model, teacher, x, y, teacher_out: dict, cfg) -> tuple[torch.Te
     return loss, ce
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, scaler, trained: dict, cfg) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+def train_step(model, teacher, batch: tuple, optimizer, scaler, trained: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on batch = (x, y, teacher_out); returns (loss, ce). The quantized weights
+    are computed once for the step (QuantizedStep; with --compile 0 each layer differentiates its
+    definition), the loss under autocast where autocast_dtype() asks for it."""
+    x, y, teacher_out = batch
+    dtype = autocast_dtype(x.device, cfg)
+    optimizer.zero_grad(set_to_none=True)  # before the forward, whose activations can take the memory
+    with QuantizedStep(model) if cfg.compile else contextlib.nullcontext() as weights:
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss, ce = compute_loss(model, teacher, x, y, teacher_out, cfg)
+        if not torch.isfinite(loss):
+            raise LossIsNotFinite(f"loss is {loss.item()}")
+        scaler.scale(loss).backward()
+        if weights is not None:
+            weights.backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trained.values(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    return loss, ce
 
 
 def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
@@ -1200,12 +1270,11 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             group["lr"] = lr
 
         x, y, teacher_out = batch_at(step, tokens, cache, cfg)
-        x, y, teacher_out = x.to(device), y.to(device), {k: v.to(device) for k, v in teacher_out.items()}
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss, ce = compute_loss(model, teacher, x, y, teacher_out, cfg)
-        if not torch.isfinite(loss):
-            raise LossIsNotFinite(f"loss is {float(loss)} at step {step}")
-        optimizer_step(loss, optimizer, scaler, trained, cfg)
+        batch = x.to(device), y.to(device), {k: v.to(device) for k, v in teacher_out.items()}
+        try:
+            loss, ce = train_step(model, teacher, batch, optimizer, scaler, trained, cfg)
+        except LossIsNotFinite as err:
+            raise LossIsNotFinite(f"{err} at step {step}") from None
         if ema is not None:
             ema.update()
         step += 1

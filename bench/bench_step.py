@@ -3,7 +3,7 @@
     python bench/bench_step.py [--rounds 10] [--out bench/out/step.json]
 
 On the prepared model (the packaged 135M by default), B=4, T=128. Each method is train.py's own
-step (compute_loss + optimizer_step, batches from batch_at) on its own model copy, and the steps
+step (train_step, batches from batch_at) on its own model copy, and the steps
 are interleaved round-robin in one process, so that drift and other load on the machine hit every
 method alike; the median step time is divided by FP's. Round 0 is the warm-up (it compiles the
 fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
@@ -69,8 +69,7 @@ class Method:
     def step(self, index: int) -> float:
         x, y, teacher_out = train.batch_at(index, self.tokens, self.cache, self.cfg)
         started = time.perf_counter()
-        loss, _ = train.compute_loss(self.model, self.teacher, x, y, teacher_out, self.cfg)
-        train.optimizer_step(loss, self.optimizer, self.scaler, self.trained, self.cfg)
+        train.train_step(self.model, self.teacher, (x, y, teacher_out), self.optimizer, self.scaler, self.trained, self.cfg)
         elapsed = time.perf_counter() - started
         self.optimizer.zero_grad(set_to_none=True)  # grads of idle models need no memory
         return elapsed

@@ -285,6 +285,31 @@ def test_freezing_holds_attention_ov_and_the_last_mlps(tiny_model_dir):
                       "model.layers.1.self_attn.v_proj"]  # fmt: skip
 
 
+def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_definition(tiny_model_dir, tiny_data_dir):
+    """train_step (compiled: one QuantizedStep call per decoder layer, for its 7 projections in two
+    formats, two of them frozen) gives every parameter the gradient that --compile 0 (autograd
+    through each layer's fake_quantize) gives it, after the same loss."""
+    flags = ["--module-quant", "mlp=codebook:2,self_attn=int:4", "--freeze-attn-ov", "1", "--distill-weight", "0",
+             "--batch-size", "2", "--seq-len", "16"]  # fmt: skip
+    tokens = load_prepared(tiny_data_dir).train.tokens()
+    steps = []
+    for compile_flag in ("1", "0"):
+        model, cfg = tiny_quantized(tiny_model_dir, *flags, "--compile", compile_flag)
+        train.freeze_modules(model, cfg)
+        optimizer, trained, _ = train.make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, _ = train.train_step(model, None, train.batch_at(0, tokens, None, cfg), optimizer, scaler, trained, cfg)
+        steps.append((model, loss, trained))
+    (model, loss, trained), (_, eager_loss, eager_trained) = steps
+    blocks = train.layer_blocks(model)
+    assert list(blocks) == ["model.layers.0", "model.layers.1"] and all(len(layers) == 7 for layers in blocks.values())
+    assert all(layer.step is None for layer in train.quant_linears(model).values())
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+    assert trained.keys() == eager_trained.keys()
+    for name, p in trained.items():
+        torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch):
     """--dtype bf16 is what CUDA runs by default (autocast around the step), here on the CPU: the
     quantized layers' backward meets bf16 gradients and fp32 latent weights."""

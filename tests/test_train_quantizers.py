@@ -94,23 +94,31 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_compiled_and_eager_layers_compute_the_same_outputs_and_gradients(method):
-    """--compile 1 (the default: compiled forward and backward, weight and codes kept between them)
-    and --compile 0 (autograd through fake_quantize, the definition) are one computation: same
-    values, same gradients to the latent weight and the quantizer parameters."""
-    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
-    layers = [layer_for([*METHODS[method][0], "--compile", flag]) for flag in ("1", "0")]
-    outputs = []
-    for layer in layers:
+def step_through(layer, x, upstream):
+    """layer's output for x, and the gradients of sum(output * upstream), as a training step computes
+    them: the weight from a QuantizedStep, whose backward() gives w and the parameters theirs."""
+    with train.QuantizedStep(layer) as step:
         y = layer(x)
-        (y * torch.arange(y.shape[-1])).sum().backward()
-        outputs.append(y)
-    compiled, eager = layers
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+        (y * upstream).sum().backward()
+        step.backward()
+    return y
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(method):
+    """A training step (compiled: the weight and its codes kept from forward to backward) and
+    autograd through fake_quantize (the definition, what --compile 0 runs) are one computation:
+    same values, same gradients to the latent weight and the quantizer parameters."""
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
+    stepped, eager = layer_for(METHODS[method][0]), layer_for(METHODS[method][0])
+    upstream = torch.arange(stepped.out_features).float()
+    y_stepped = step_through(stepped, x, upstream)
+    y_eager = eager(x)
+    (y_eager * upstream).sum().backward()
+    torch.testing.assert_close(y_stepped, y_eager, rtol=1e-6, atol=1e-6)
     # the tanh surrogate's slope is a vectorized tanh compiled, libm's eager: a few ulps apart
-    torch.testing.assert_close(compiled.weight.grad, eager.weight.grad, rtol=1e-3, atol=1e-4)
-    for (name, p), q in zip(compiled.qparams.named_parameters(), eager.qparams.parameters()):
+    torch.testing.assert_close(stepped.weight.grad, eager.weight.grad, rtol=1e-3, atol=1e-4)
+    for (name, p), q in zip(stepped.qparams.named_parameters(), eager.qparams.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
@@ -118,13 +126,13 @@ def test_compiled_and_eager_layers_compute_the_same_outputs_and_gradients(method
 
 @pytest.mark.parametrize("method", ["int4-symmetric", "ternary-deadzone-tanh"])
 def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
-    """While lambda < 1 the forward is w + lambda * (q(w) - w): the layer's compiled backward
+    """While lambda < 1 the forward is w + lambda * (q(w) - w): the quantized step's backward
     gives what autograd gives through that expression evaluated eagerly."""
     layer = layer_for(METHODS[method][0])
     layer.lam = 0.3
     x = torch.randn(6, 48, generator=torch.Generator().manual_seed(1))
     upstream = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(2))
-    (layer(x) * upstream).sum().backward()
+    step_through(layer, x, upstream)
     w = layer.weight.detach().clone().requires_grad_()
     learned = {k: v.detach().clone().requires_grad_() for k, v in layer.learned().items()}
     weight = w + 0.3 * (train.fake_quantize(layer.quantizer, w, learned) - w)
@@ -135,19 +143,24 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
 
 
 def test_a_step_keeps_the_quantized_weight_and_its_codes_packed_into_bytes():
-    """Between forward and backward a QuantLinear holds its input, its latent weight, the quantized
-    weight and the codes at their width (2 bits for a 2-bit codebook), so backward runs no quantizer."""
+    """Between forward and backward the step holds the layer's quantized weight and its codes at
+    their width (2 bits for a 2-bit codebook); the matmul saves only its input and that weight, and
+    w's gradient is the weight's own (straight-through: no copy)."""
     layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32)
     x = torch.randn(4, 64, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
-    y.sum().backward()
-    weight_sized = [t for t in saved if t.is_floating_point() and t.shape == layer.weight.shape]
-    assert len(weight_sized) == 2 and {t.data_ptr() for t in weight_sized} != {layer.weight.data_ptr()}
-    assert any(t.data_ptr() == layer.weight.data_ptr() for t in weight_sized)
-    assert sum(t.numel() for t in saved if t.dtype == torch.uint8) == layer.weight.numel() // 4
-    assert any(t is x for t in saved) and layer.weight.grad is not None and x.grad is not None
+    with train.QuantizedStep(layer) as step:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        weight, codes = step.weights[layer], step.codes[layer]
+        assert weight.shape == layer.weight.shape and weight.data_ptr() != layer.weight.data_ptr()
+        assert {t.data_ptr() for t in saved} == {x.data_ptr(), weight.data_ptr()}
+        assert codes.dtype == torch.uint8 and codes.numel() == layer.weight.numel() // 4
+        y.sum().backward()
+        step.backward()
+    assert layer.weight.grad is weight.grad and x.grad is not None
+    assert all(p.grad is not None for p in layer.qparams.parameters())
+    assert layer.step is None and not step.weights  # nothing of the step outlives it
 
 
 @pytest.mark.parametrize("levels", [3, 16, 256])

@@ -144,8 +144,9 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
 
 def test_a_step_keeps_the_quantized_weight_and_its_codes_packed_into_bytes():
     """Between forward and backward the step holds the layer's quantized weight and its codes at
-    their width (2 bits for a 2-bit codebook); the matmul saves only its input and that weight, and
-    w's gradient is the weight's own (straight-through: no copy)."""
+    their width (2 bits for a 2-bit codebook); the matmul saves only its input and that weight,
+    which is freed once its gradient is in, and w's gradient is the weight's own (straight-through:
+    no copy)."""
     layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32)
     x = torch.randn(4, 64, requires_grad=True)
     saved = []
@@ -157,6 +158,7 @@ def test_a_step_keeps_the_quantized_weight_and_its_codes_packed_into_bytes():
         assert {t.data_ptr() for t in saved} == {x.data_ptr(), weight.data_ptr()}
         assert codes.dtype == torch.uint8 and codes.numel() == layer.weight.numel() // 4
         y.sum().backward()
+        assert weight.untyped_storage().size() == 0
         step.backward()
     assert layer.weight.grad is weight.grad and x.grad is not None
     assert all(p.grad is not None for p in layer.qparams.parameters())

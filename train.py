@@ -486,12 +486,17 @@ def unpack_codes(packed: torch.Tensor, width: int, rows: int) -> torch.Tensor:
 
 
 def quantize_keeping_codes(q: Quantizer, w: torch.Tensor, learned: dict | None) -> tuple:
-    """fake_quantize's value (without gradients) and, where parameters are learned, its codes
-    packed into bytes: all that backward needs to give the parameters their gradient."""
+    """fake_quantize's value (without gradients), its codes packed into bytes and its parameters:
+    all that backward needs to decode the weight again and give the parameters their gradient."""
     p = stored_params(q, w, learned)
     codes = q.encode(padded_groups(w, q.group), p)
     weight = ungrouped(q.decode(codes, p), q.in_features)
-    return weight, pack_codes(codes, code_width(q.levels)) if learned else None
+    return weight, pack_codes(codes, code_width(q.levels)), p
+
+
+def decode_packed(q: Quantizer, packed_codes: torch.Tensor, p: dict, rows: int) -> torch.Tensor:
+    """quantize_keeping_codes's weight again, from its codes and parameters."""
+    return ungrouped(q.decode(unpack_codes(packed_codes, code_width(q.levels), rows), p), q.in_features)
 
 
 def params_vjp(q: Quantizer, packed_codes: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
@@ -521,6 +526,10 @@ def quantize_block(quantizers: list, ws: list, learned: list) -> list[tuple]:
     return [quantize_keeping_codes(q, w, p) for q, w, p in zip(quantizers, ws, learned)]
 
 
+def decode_block(quantizers: list, codes: list, params: list, rows: list) -> list[torch.Tensor]:
+    return [decode_packed(q, c, p, r) for q, c, p, r in zip(quantizers, codes, params, rows)]
+
+
 def block_params_vjp(quantizers: list, codes: list, learned: list, grads: list) -> list[dict]:
     return [params_vjp(q, c, p, g) for q, c, p, g in zip(quantizers, codes, learned, grads)]
 
@@ -534,9 +543,10 @@ def block_surrogate_vjp(quantizers: list, ws: list, learned: list, grads: list) 
 # step. One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards, dispatch)
 # whatever its size, and the 135M model has 210 Linears.
 quantize_block_compiled = torch.compile(quantize_block, dynamic=False)
+decode_block_compiled = torch.compile(decode_block, dynamic=False)
 block_params_vjp_compiled = torch.compile(block_params_vjp, dynamic=False)
 block_surrogate_vjp_compiled = torch.compile(block_surrogate_vjp, dynamic=False)
-torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, params vjp, surrogate
+torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, decode, params vjp, surrogate
 torch._inductor.config.emulate_precision_casts = True  # as_stored() must round to float16 as eager does
 
 
@@ -634,11 +644,9 @@ class QuantLinear(nn.Linear):
         return blend(self.weight, fake_quantize(self.quantizer, self.weight.float(), self.learned()), self.lam)
 
     def computed_weight(self) -> torch.Tensor:
-        """The weight this step computes with: the LoRA stage's frozen one, the QuantizedStep's, or
-        the definition (eager, with --compile 0 or outside a training step)."""
-        if self.bits in self.frozen:
-            return self.frozen[self.bits]
-        return self.step.weight(self) if self.step is not None else self.definition()
+        """The weight a forward outside a QuantizedStep computes with (with --compile 0, in eval):
+        the LoRA stage's frozen one, or the definition."""
+        return self.frozen[self.bits] if self.bits in self.frozen else self.definition()
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
@@ -652,7 +660,10 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
             x = quantize_activation(x)
-        y = F.linear(x, self.computed_weight().to(x.dtype), self.bias)
+        if self.step is not None:
+            y = self.step.linear(self, x)
+        else:
+            y = F.linear(x, self.computed_weight().to(x.dtype), self.bias)
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
             y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),
@@ -795,36 +806,66 @@ class QuantizedStep:
     per compiled call, computed when the block's first layer runs and given their gradients by
     backward(), after loss.backward(). A context: on exit no layer keeps this step's weights.
 
-    Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad (and
-    the weight is freed right then), and its codes are kept packed into bytes. backward() then runs
-    no quantizer: w's gradient is dL/dweight itself (straight-through, or the surrogate's slope),
-    the learned parameters' one pass over dL/dweight and the codes. Per block, not per layer: a
-    compiled call costs ~0.1 ms whatever its size (guards, dispatch), and the 135M model has 210
-    Linears (per layer its CPU step was 1.08x an FP step, per block 1.04x). Recomputing the weight
-    in backward instead of keeping it would save 4 bytes and a code per weight until backward, but
-    read w and write the weight again (1.11x). A layer runs once per step: its weight is freed
-    after its first gradient."""
+    Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad.
+    The step keeps its codes, packed into bytes, and its parameters, not the weight: the matmul
+    saves a reference that backward decodes (a block at a time, when it first needs one), and the
+    weight is freed as soon as its matmul is done. So a QAT step holds about what an FP step holds
+    (keeping the weights from forward to backward would take 4 bytes per weight more, 0.43 GB of
+    the 135M model's ~2.0 GB at the end of its forward), and a decoded weight is read while still
+    in cache. backward() then runs no quantizer: w's gradient is dL/dweight itself
+    (straight-through, or the surrogate's slope), the learned parameters' one pass over dL/dweight
+    and the codes. Per block, not per layer: a compiled call costs ~0.1 ms whatever its size
+    (guards, dispatch), and the 135M model has 210 Linears (per layer its CPU step was 1.08x an FP
+    step, per block 1.04x). A layer runs once per step: its weight is freed after its matmul."""
 
     def __init__(self, model: nn.Module):
         self.blocks = list(layer_blocks(model).values())
         self.block_of = {layer: layers for layers in self.blocks for layer in layers}
-        self.weights: dict[QuantLinear, torch.Tensor] = {}
-        self.codes: dict[QuantLinear, torch.Tensor | None] = {}
+        self.weights: dict[QuantLinear, torch.Tensor] = {}  # the leaves whose .grad is dL/dweight
+        self.codes: dict[QuantLinear, tuple[torch.Tensor, dict]] = {}  # (packed codes, parameters)
+        self.decoded: dict[QuantLinear, torch.Tensor] = {}  # backward's weights, not yet handed out
 
-    def weight(self, layer: "QuantLinear") -> torch.Tensor:
+    def linear(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        """The layer's matmul with this step's weight, which autograd saves as a reference that
+        backward decodes: the weight's memory is freed as soon as the matmul returns."""
         if layer not in self.weights:
             self.quantize(self.block_of[layer])
-        return self.weights[layer]
+        weight = self.weights[layer]
+        if weight.untyped_storage().size() == 0:
+            raise RuntimeError("a QuantLinear runs once per training step: its weight is freed after its matmul")
+        storage = weight.untyped_storage().data_ptr()
+
+        def pack(saved: torch.Tensor):  # the weight or a view of it (the matmul saves w.t())
+            return (layer, saved.size(), saved.stride(), saved.storage_offset()) if saved.untyped_storage().data_ptr() == storage else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self.unpack):
+            y = F.linear(x, weight.to(x.dtype), layer.bias)
+        free_storage(weight)
+        return y
 
     def quantize(self, layers: list["QuantLinear"]) -> None:
         with torch.no_grad(), torch.autocast(layers[0].weight.device.type, enabled=False):
             kept = quantize_block_compiled(*detached_inputs(layers))
-        for layer, (w_q, codes) in zip(layers, kept):
+        for layer, (w_q, codes, params) in zip(layers, kept):
             trains = layer.weight.requires_grad or layer.learn
-            self.weights[layer] = weight = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
-            if trains:  # the graph holds the weight until the step ends; free it once backward is through with it
-                weight.register_post_accumulate_grad_hook(free_storage)
-            self.codes[layer] = codes
+            self.weights[layer] = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
+            self.codes[layer] = codes, params
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        layer, size, stride, offset = packed
+        if layer not in self.decoded:
+            self.decode(self.block_of[layer])
+        return self.decoded.pop(layer).as_strided(size, stride, offset)
+
+    def decode(self, layers: list["QuantLinear"]) -> None:
+        """The forward's weights of a block again, for backward's matmuls."""
+        codes, params = zip(*(self.codes[layer] for layer in layers))
+        with torch.no_grad(), torch.autocast(layers[0].weight.device.type, enabled=False):
+            w_q = decode_block_compiled([layer.quantizer for layer in layers], codes, params, [layer.out_features for layer in layers])
+        for layer, weight in zip(layers, w_q):
+            self.decoded[layer] = blend(layer.weight.detach(), weight, layer.lam)
 
     def backward(self) -> None:
         """The latent weights' and the learned parameters' gradients from the dL/dweight that
@@ -836,7 +877,7 @@ class QuantizedStep:
             learners = [layer for layer in layers if layer.learn]
             if learners:
                 quantizers, _, learned = detached_inputs(learners)
-                codes = [self.codes[layer] for layer in learners]
+                codes = [self.codes[layer][0] for layer in learners]
                 vjps = block_params_vjp_compiled(quantizers, codes, learned, [grad_q[layer] for layer in learners])
                 for layer, vjp in zip(learners, vjps):
                     for k, v in layer.learned().items():
@@ -858,7 +899,7 @@ class QuantizedStep:
     def __exit__(self, *exc) -> None:
         for layer in self.block_of:
             layer.step = None
-        self.weights, self.codes = {}, {}
+        self.weights, self.codes, self.decoded = {}, {}, {}
 
 
 # --- activation quantization ---

@@ -106,16 +106,19 @@ def step_through(layer, x, upstream):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(method):
-    """A training step (compiled: the weight and its codes kept from forward to backward) and
+    """A training step (compiled: the codes kept from forward to backward, the weight decoded again) and
     autograd through fake_quantize (the definition, what --compile 0 runs) are one computation:
-    same values, same gradients to the latent weight and the quantizer parameters."""
+    same values, same gradients to the input (through the weight decoded again), the latent
+    weight and the quantizer parameters."""
     x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
+    x_stepped, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
     stepped, eager = layer_for(METHODS[method][0]), layer_for(METHODS[method][0])
     upstream = torch.arange(stepped.out_features).float()
-    y_stepped = step_through(stepped, x, upstream)
-    y_eager = eager(x)
+    y_stepped = step_through(stepped, x_stepped, upstream)
+    y_eager = eager(x_eager)
     (y_eager * upstream).sum().backward()
     torch.testing.assert_close(y_stepped, y_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x_stepped.grad, x_eager.grad, rtol=1e-6, atol=1e-6)
     # the tanh surrogate's slope is a vectorized tanh compiled, libm's eager: a few ulps apart
     torch.testing.assert_close(stepped.weight.grad, eager.weight.grad, rtol=1e-3, atol=1e-4)
     for (name, p), q in zip(stepped.qparams.named_parameters(), eager.qparams.parameters()):
@@ -142,25 +145,30 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
         torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_step_keeps_the_quantized_weight_and_its_codes_packed_into_bytes():
-    """Between forward and backward the step holds the layer's quantized weight and its codes at
-    their width (2 bits for a 2-bit codebook); the matmul saves only its input and that weight,
-    which is freed once its gradient is in, and w's gradient is the weight's own (straight-through:
-    no copy)."""
+def test_a_step_keeps_codes_not_the_weight_and_decodes_it_for_backward():
+    """Between forward and backward the step holds the layer's codes at their width (2 bits for a
+    2-bit codebook), not its quantized weight: the weight is freed when its matmul returns, which
+    saves a reference instead, and backward's matmul gets exactly the forward's weight decoded.
+    w's gradient is the weight's own (straight-through: no copy)."""
     layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32)
     x = torch.randn(4, 64, requires_grad=True)
-    saved = []
+    expected = layer.quantized_weight()
+    unpacked = []
     with train.QuantizedStep(layer) as step:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = layer(x)
-        weight, codes = step.weights[layer], step.codes[layer]
-        assert weight.shape == layer.weight.shape and weight.data_ptr() != layer.weight.data_ptr()
-        assert {t.data_ptr() for t in saved} == {x.data_ptr(), weight.data_ptr()}
+        unpack = step.unpack
+        step.unpack = lambda packed: unpacked.append(unpack(packed)) or unpacked[-1]
+        y = layer(x)
+        weight, (codes, _) = step.weights[layer], step.codes[layer]
+        assert weight.shape == layer.weight.shape and weight.untyped_storage().size() == 0
         assert codes.dtype == torch.uint8 and codes.numel() == layer.weight.numel() // 4
+        with pytest.raises(RuntimeError, match="once per training step"):
+            layer(x)
         y.sum().backward()
-        assert weight.untyped_storage().size() == 0
         step.backward()
-    assert layer.weight.grad is weight.grad and x.grad is not None
+    decoded = [t for t in unpacked if t is not x]  # and the matmul's input, as saved
+    assert len(unpacked) == 2 and len(decoded) == 1 and torch.equal(decoded[0], expected.t())
+    torch.testing.assert_close(x.grad, torch.ones(4, 32) @ expected)
+    assert layer.weight.grad is weight.grad
     assert all(p.grad is not None for p in layer.qparams.parameters())
     assert layer.step is None and not step.weights  # nothing of the step outlives it
 

@@ -1,6 +1,6 @@
 """Training-step speed and memory of each QAT method against plain FP training, side by side.
 
-    python bench/bench_step.py [--rounds 10] [--out bench/out/step.json]
+    python bench/bench_step.py [--rounds 20] [--out bench/out/step.json]
 
 On the prepared model (the packaged 135M by default), B=4, T=128. Each method is train.py's own
 step (train_step, batches from batch_at) on its own model copy, and the steps
@@ -92,7 +92,7 @@ def peak_memory(method: str, steps: int, batch_size: int, seq_len: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per method (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fp is always run)")

@@ -106,9 +106,9 @@ def step_through(layer, x, upstream):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(method):
-    """A training step (compiled: the codes kept from forward to backward, the weight decoded again) and
-    autograd through fake_quantize (the definition, what --compile 0 runs) are one computation:
-    same values, same gradients to the input (through the weight decoded again), the latent
+    """A training step (compiled: the codes kept from forward to backward, the weight decoded
+    again for backward's matmul) and autograd through fake_quantize (the definition, what
+    --compile 0 runs) are one computation: same values, same gradients to the input, the latent
     weight and the quantizer parameters."""
     x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
     x_stepped, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()

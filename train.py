@@ -161,9 +161,21 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def float16_value(x: torch.Tensor) -> torch.Tensor:
+    """x.half().float() in integer arithmetic: x rounded to float16's 10 mantissa bits (to a
+    multiple of 2^-24 below its normal range), ties to even, inf beyond its max. Compiled code
+    may skip a cast to float16 and back as a no-op (Inductor 2.11 did, even when told to emulate
+    it), and then the training weight is not the one the artifact stores."""
+    bits = x.view(torch.int32)
+    normal = ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+    subnormal = torch.round(x * 2.0**24) * 2.0**-24
+    rounded = torch.where(x.abs() < 2.0**-14, subnormal, normal)
+    return torch.where(rounded.abs() > 65504, rounded * float("inf"), rounded)
+
+
 def as_stored(p: torch.Tensor) -> torch.Tensor:
     """The value a float16-stored parameter will have in the artifact; gradients pass through."""
-    return p + (p.half().float() - p).detach()
+    return p + (float16_value(p) - p).detach()
 
 
 MIN_SCALE = 2.0**-14  # smallest normal float16: a scale never rounds to 0
@@ -441,7 +453,7 @@ def stored_params(q: Quantizer, w: torch.Tensor, learned: dict | None) -> dict:
     learned ones, or (learned None) calibrated from w itself."""
     if learned is not None:
         return {k: as_stored(v) for k, v in learned.items()}
-    return {k: v.half().float() for k, v in q.calibrate(w.detach()).items()}
+    return {k: float16_value(v) for k, v in q.calibrate(w.detach()).items()}
 
 
 def padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -547,7 +559,6 @@ decode_block_compiled = torch.compile(decode_block, dynamic=False)
 block_params_vjp_compiled = torch.compile(block_params_vjp, dynamic=False)
 block_surrogate_vjp_compiled = torch.compile(block_surrogate_vjp, dynamic=False)
 torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, decode, params vjp, surrogate
-torch._inductor.config.emulate_precision_casts = True  # as_stored() must round to float16 as eager does
 
 
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}

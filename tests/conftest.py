@@ -22,6 +22,11 @@ sys.path.insert(0, str(ROOT))
 TINY_VOCAB = 512
 TINY_GROUP = 32  # the tiny model's hidden size 48 gives one full group and one short one
 
+# What train.py does differently on a GPU (Triton-compiled quantizers, bf16 autocast by default,
+# fp16 with a GradScaler) is tested on "cuda" too, where a GPU is: CI has none, so run these on one.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
 
 def default_sigint() -> None:
     """preexec_fn for a child the test stops with SIGINT: a shell running pytest in the background

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import TINY_GROUP
+from conftest import DEVICES, TINY_GROUP
 from harness import formats
 from harness.artifact import load_verified
 
@@ -34,12 +34,12 @@ def cfg_for(*flags):
     return train.parse_flags(["--group-size", str(TINY_GROUP), *flags])
 
 
-def layer_for(flags, in_features=48, out_features=24, seed=0):
+def layer_for(flags, in_features=48, out_features=24, seed=0, device="cpu"):
     """A QuantLinear over a random Linear; in_features 48 = one group of 32 and a short one of 16."""
     torch.manual_seed(seed)
     cfg = cfg_for(*flags)
     fmt, bits = train.format_for("mlp.up_proj", cfg)
-    return train.QuantLinear(nn.Linear(in_features, out_features, bias=False), fmt, bits, cfg)
+    return train.QuantLinear(nn.Linear(in_features, out_features, bias=False, device=device), fmt, bits, cfg)
 
 
 def group_of(layer):
@@ -94,28 +94,25 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
     assert losses[-1] < losses[0]
 
 
-def step_through(layer, x, upstream):
+def step_through(layer, x, upstream, autocast=None):
     """layer's output for x, and the gradients of sum(output * upstream), as a training step computes
     them: the weight from a QuantizedStep, whose backward() gives w and the parameters theirs."""
     with train.QuantizedStep(layer) as step:
-        y = layer(x)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            y = layer(x)
         (y * upstream).sum().backward()
         step.backward()
     return y
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(method):
-    """A training step (compiled: the codes kept from forward to backward, the weight decoded
-    again for backward's matmul) and autograd through fake_quantize (the definition, what
-    --compile 0 runs) are one computation: same values, same gradients to the input, the latent
-    weight and the quantizer parameters."""
-    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
+def assert_step_matches_definition(method, device, autocast=None):
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1)).to(device)
     x_stepped, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
-    stepped, eager = layer_for(METHODS[method][0]), layer_for(METHODS[method][0])
-    upstream = torch.arange(stepped.out_features).float()
-    y_stepped = step_through(stepped, x_stepped, upstream)
-    y_eager = eager(x_eager)
+    stepped, eager = (layer_for(METHODS[method][0], device=device) for _ in range(2))
+    upstream = torch.arange(stepped.out_features, device=device).float()
+    y_stepped = step_through(stepped, x_stepped, upstream, autocast)
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+        y_eager = eager(x_eager)
     (y_eager * upstream).sum().backward()
     torch.testing.assert_close(y_stepped, y_eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x_stepped.grad, x_eager.grad, rtol=1e-6, atol=1e-6)
@@ -127,14 +124,33 @@ def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(metho
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", METHODS)
+def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(method, device):
+    """A training step (compiled: the codes kept from forward to backward, the weight decoded
+    again for backward's matmul) and autograd through fake_quantize (the definition, what
+    --compile 0 runs) are one computation: same values, same gradients to the input, the latent
+    weight and the quantizer parameters."""
+    assert_step_matches_definition(method, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["ternary", "codebook2", "int4-symmetric", "mxfp4"])
+def test_under_bf16_autocast_the_quantized_step_computes_the_definitions_gradients(method, device):
+    """bf16 autocast (CUDA's default) casts the weight before its matmul, so the step saves that
+    copy for backward rather than decoding the codes: the same computation all the same."""
+    assert_step_matches_definition(method, device, autocast=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["int4-symmetric", "ternary-deadzone-tanh"])
-def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
+def test_a_blended_step_gets_autograds_gradients_of_the_blend(method, device):
     """While lambda < 1 the forward is w + lambda * (q(w) - w): the quantized step's backward
     gives what autograd gives through that expression evaluated eagerly."""
-    layer = layer_for(METHODS[method][0])
+    layer = layer_for(METHODS[method][0], device=device)
     layer.lam = 0.3
-    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(1))
-    upstream = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(1)).to(device)
+    upstream = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(2)).to(device)
     step_through(layer, x, upstream)
     w = layer.weight.detach().clone().requires_grad_()
     learned = {k: v.detach().clone().requires_grad_() for k, v in layer.learned().items()}
@@ -145,13 +161,14 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method):
         torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_step_keeps_codes_not_the_weight_and_decodes_it_for_backward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_keeps_codes_not_the_weight_and_decodes_it_for_backward(device):
     """Between forward and backward the step holds the layer's codes at their width (2 bits for a
     2-bit codebook), not its quantized weight: the weight is freed when its matmul returns, which
     saves a reference instead, and backward's matmul gets exactly the forward's weight decoded.
     w's gradient is the weight's own (straight-through: no copy)."""
-    layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32)
-    x = torch.randn(4, 64, requires_grad=True)
+    layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device)
+    x = torch.randn(4, 64, device=device, requires_grad=True)
     expected = layer.quantized_weight()
     unpacked = []
     with train.QuantizedStep(layer) as step:
@@ -167,10 +184,23 @@ def test_a_step_keeps_codes_not_the_weight_and_decodes_it_for_backward():
         step.backward()
     decoded = [t for t in unpacked if t is not x]  # and the matmul's input, as saved
     assert len(unpacked) == 2 and len(decoded) == 1 and torch.equal(decoded[0], expected.t())
-    torch.testing.assert_close(x.grad, torch.ones(4, 32) @ expected)
+    torch.testing.assert_close(x.grad, torch.ones(4, 32, device=device) @ expected)
     assert layer.weight.grad is weight.grad
     assert all(p.grad is not None for p in layer.qparams.parameters())
     assert layer.step is None and not step.weights  # nothing of the step outlives it
+
+
+def test_float16_rounding_is_the_casts_compiled_or_not():
+    """The stored parameters' rounding equals x.half().float() bit for bit, also compiled, where a
+    cast there and back may be skipped: normal and subnormal ties, overflow, signs, infinities."""
+    magnitudes = 10.0 ** torch.randint(-9, 6, (20_000,), generator=torch.Generator().manual_seed(0))
+    x = torch.cat([torch.randn(20_000, generator=torch.Generator().manual_seed(1)) * magnitudes,
+                   (torch.arange(-64, 64) + 0.5) * 2.0**-24,  # halfway between float16 subnormals
+                   torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 2.0**-14, 2.0**-14 * (1 - 2**-12), 0.0,
+                                 65504, 65519, 65520, -65520, float("inf"), float("-inf")])])  # fmt: skip
+    expected = x.half().float()
+    assert torch.equal(train.float16_value(x), expected)
+    assert torch.equal(torch.compile(train.float16_value)(x), expected)
 
 
 @pytest.mark.parametrize("levels", [3, 16, 256])
@@ -182,12 +212,15 @@ def test_packed_codes_unpack_to_themselves(levels):
     assert torch.equal(train.unpack_codes(packed, width, 7), codes)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", METHODS)
-def test_the_export_verifies_and_computes_the_training_forward(method, tiny_model_dir, tmp_path):
+def test_the_export_verifies_and_computes_the_training_forward(method, device, tiny_model_dir, tmp_path):
+    """Trained on the GPU or not, the artifact is verified and evaluated on the CPU."""
     cfg = cfg_for(*METHODS[method][0])
-    model = train.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
+    train.quantize_model(model, cfg)
     ids = torch.arange(40)[None] * 7 % 512
-    fake_quant_logits = model(input_ids=ids).logits.detach()
+    fake_quant_logits = model(input_ids=ids.to(device)).logits.detach().cpu()
     train.export(model, cfg, tiny_model_dir, tmp_path / "artifact")
     verified, report = load_verified(tmp_path / "artifact")
     assert report.formats == {cfg.quant: 14}

@@ -1231,9 +1231,9 @@ def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> t
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.shadow = state["ema"]
-    torch.set_rng_state(state["rng"]["torch"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved them, and an RNG state is a CPU tensor
     if device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
     print(f"resumed from {path} at step {state['step']}")
     return state["step"], (optimizer, trained, ema)
 

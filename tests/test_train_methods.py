@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import TINY_GROUP
+from conftest import DEVICES, TINY_GROUP, needs_cuda
 from harness import formats
 from harness.artifact import QUANT_SPEC, QUANT_WEIGHTS, load_verified
 from harness.data import load_prepared
@@ -256,8 +256,10 @@ def test_lora_trains_only_the_adapters():
     assert not torch.equal(layer.lora["3"]["a"], a_before)
 
 
-def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, monkeypatch):
-    run_dir = train_in_process(harness_env, monkeypatch, "lora", "--quant", "codebook", "--bits", "2", "--steps", "4",
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, monkeypatch, device):
+    run_dir = train_in_process(harness_env, monkeypatch, "lora", "--device", device,
+                               "--quant", "codebook", "--bits", "2", "--steps", "4",
                                "--teacher-cache-k", "8", "--teacher-cache-negatives", "8", "--teacher-cache-tokens", "640",
                                "--hard-top1-weight", "0.1", "--hard-full-top1-weight", "0.1",
                                "--lora-rank", "4", "--lora-at", "0.5", "--ema-decay", "0.5")  # fmt: skip
@@ -310,14 +312,26 @@ def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_de
         torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch):
-    """--dtype bf16 is what CUDA runs by default (autocast around the step), here on the CPU: the
-    quantized layers' backward meets bf16 gradients and fp32 latent weights."""
-    run_dir = train_in_process(harness_env, monkeypatch, "bf16", "--dtype", "bf16", "--steps", "3", "--distill-weight", "0")
+def assert_trains_and_exports(env, monkeypatch, *flags):
+    run_dir = train_in_process(env, monkeypatch, "run", "--steps", "3", *flags)
     rows = loss_rows(run_dir)
     assert [r["step"] for r in rows] == ["1", "2", "3"] and all(math.isfinite(float(r["loss"])) for r in rows)
     _, report = load_verified(run_dir / "artifact")
     assert report.formats == {"ternary": 14}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch, device):
+    """--dtype bf16 is what CUDA runs by default (autocast around the step; the live teacher in
+    bf16): the quantized layers' backward meets bf16 gradients and fp32 latent weights."""
+    assert_trains_and_exports(harness_env, monkeypatch, "--device", device, "--dtype", "bf16")
+
+
+@needs_cuda
+def test_fp16_trains_with_a_grad_scaler_on_cuda(harness_env, monkeypatch):
+    """fp16 autocast scales the loss (GradScaler), so every gradient, the quantized step's too,
+    arrives scaled and is unscaled before clipping and the optimizer step."""
+    assert_trains_and_exports(harness_env, monkeypatch, "--device", "cuda", "--dtype", "fp16")
 
 
 def test_ema_averages_and_is_what_gets_exported():
@@ -332,10 +346,11 @@ def test_ema_averages_and_is_what_gets_exported():
     assert torch.equal(p.detach(), torch.full((3,), 5.0))
 
 
-def test_resume_continues_bit_exactly(harness_env, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_continues_bit_exactly(harness_env, monkeypatch, device):
     """A run checkpointed at step 3 and resumed ends where the uninterrupted run ends."""
-    flags = ["--quant", "codebook", "--bits", "2", "--steps", "6", "--checkpoint-every", "3", "--ema-decay", "0.9",
-             "--lora-rank", "2", "--lora-at", "0.6", "--lora-dropout", "0.1"]  # fmt: skip
+    flags = ["--device", device, "--quant", "codebook", "--bits", "2", "--steps", "6", "--checkpoint-every", "3",
+             "--ema-decay", "0.9", "--lora-rank", "2", "--lora-at", "0.6", "--lora-dropout", "0.1"]  # fmt: skip
     whole = train_in_process(harness_env, monkeypatch, "whole", *flags)
     checkpoints = list((harness_env / "runs" / "checkpoints").glob("*/step*.pt"))
     assert [c.name for c in checkpoints] == ["step0000003.pt"]  # the final step writes the artifact instead

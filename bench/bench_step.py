@@ -1,13 +1,14 @@
 """Training-step speed and memory of each QAT method against plain FP training, side by side.
 
-    python bench/bench_step.py [--rounds 20] [--out bench/out/step.json]
+    python bench/bench_step.py [--rounds 20] [--device cpu] [--out bench/out/step.json]
 
-On the prepared model (the packaged 135M by default), B=4, T=128. Each method is train.py's own
+On the prepared model (the packaged 135M by default), B=4, T=128, on the CPU in fp32 (--device
+cuda: in train.py's bf16 autocast). Each method is train.py's own
 step (train_step, batches from batch_at) on its own model copy, and the steps
 are interleaved round-robin in one process, so that drift and other load on the machine hit every
 method alike; the median step time is divided by FP's. Round 0 is the warm-up (it compiles the
 fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
-only grows within a process) and divided by FP's.
+only grows within a process; on CUDA, the peak allocated) and divided by FP's.
 """
 
 from __future__ import annotations
@@ -47,29 +48,32 @@ MEMORY_METHODS = ("ternary", "codebook2", "int4", "mxfp4", "kd_cache")
 class Method:
     """A model, its teacher (or cache) and optimizer, stepped exactly as train.train() steps."""
 
-    def __init__(self, name: str, prepared, batch_size: int, seq_len: int):
+    def __init__(self, name: str, prepared, batch_size: int, seq_len: int, device: torch.device):
         from transformers import AutoModelForCausalLM
 
         flags = [*METHODS[name][0], "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
         self.cfg = cfg = train.parse_flags(flags)
-        self.model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32)
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
         if cfg.quant != "none":
             train.quantize_model(self.model, cfg)
         self.model.train()
         self.teacher, self.cache = None, None
-        cpu = torch.device("cpu")
         if cfg.distill_weight > 0 and cfg.teacher_cache_k:
-            self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, cpu))
+            self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, device))
         elif cfg.distill_weight > 0:
-            self.teacher = train.load_teacher(prepared.model_dir, cpu, train.teacher_dtype(cpu, cfg))
+            self.teacher = train.load_teacher(prepared.model_dir, device, train.teacher_dtype(device, cfg))
         self.optimizer, self.trained, _ = train.make_optimizer(self.model, cfg)
-        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.tokens = prepared.train.tokens()
 
     def step(self, index: int) -> float:
         x, y, teacher_out = train.batch_at(index, self.tokens, self.cache, self.cfg)
+        batch = x.to(self.device), y.to(self.device), {k: v.to(self.device) for k, v in teacher_out.items()}
         started = time.perf_counter()
-        train.train_step(self.model, self.teacher, (x, y, teacher_out), self.optimizer, self.scaler, self.trained, self.cfg)
+        train.train_step(self.model, self.teacher, batch, self.optimizer, self.scaler, self.trained, self.cfg)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels, not only their launches
         elapsed = time.perf_counter() - started
         self.optimizer.zero_grad(set_to_none=True)  # grads of idle models need no memory
         return elapsed
@@ -82,10 +86,11 @@ def peak_rss_gb() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024**2
 
 
-def peak_memory(method: str, steps: int, batch_size: int, seq_len: int) -> float:
-    """Peak RSS in GB of a fresh process that builds `method` and trains `steps` steps."""
+def peak_memory(method: str, steps: int, batch_size: int, seq_len: int, device: torch.device) -> float:
+    """Peak memory in GB (RSS; on CUDA, allocated on the GPU) of a fresh process that builds
+    `method` and trains `steps` steps."""
     done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
-                           "--batch-size", str(batch_size), "--seq-len", str(seq_len)],
+                           "--device", str(device), "--batch-size", str(batch_size), "--seq-len", str(seq_len)],
                           capture_output=True, text=True, check=True)  # fmt: skip
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -95,6 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per method (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu | cuda")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fp is always run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "step.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -103,14 +109,14 @@ def main() -> None:
     prepared = load_prepared()
 
     if args.memory_probe:
-        method = Method(args.memory_probe, prepared, args.batch_size, args.seq_len)
+        method = Method(args.memory_probe, prepared, args.batch_size, args.seq_len, args.device)
         for index in range(args.rounds):
             method.step(index)
-        print(peak_rss_gb())
+        print(torch.cuda.max_memory_allocated() / 1024**3 if args.device.type == "cuda" else peak_rss_gb())
         return
 
     names = ["fp", *(m for m in args.methods.split(",") if m != "fp")]
-    built = {name: Method(name, prepared, args.batch_size, args.seq_len) for name in names}
+    built = {name: Method(name, prepared, args.batch_size, args.seq_len, args.device) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(args.rounds + 1):
         for name, method in built.items():
@@ -121,10 +127,10 @@ def main() -> None:
     del built
     median = {name: statistics.median(t) for name, t in times.items()}
     memory_names = ["fp", *(n for n in names if n in MEMORY_METHODS)]
-    memory = {name: peak_memory(name, 3, args.batch_size, args.seq_len) for name in memory_names}
+    memory = {name: peak_memory(name, 3, args.batch_size, args.seq_len, args.device) for name in memory_names}
     report = {
         "model": prepared.model_name,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -134,7 +140,7 @@ def main() -> None:
         "median_step_seconds": median,
         "step_ratio_vs_fp": {n: median[n] / median["fp"] for n in names},
         "step_ratio_target": {n: METHODS[n][1] for n in names},
-        "peak_rss_gb": memory,
+        "peak_memory_gb": memory,
         "memory_ratio_vs_fp": {n: memory[n] / memory["fp"] for n in memory_names},
         "memory_ratio_target": MEMORY_TARGET,
     }

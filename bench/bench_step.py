@@ -123,7 +123,7 @@ def main() -> None:
             elapsed = method.step(index)
             if index:  # round 0 is the warm-up
                 times[name].append(elapsed)
-        print(f"round {index}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items() if t), flush=True)
+        print(f"round {index}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t), flush=True)
     del built
     median = {name: statistics.median(t) for name, t in times.items()}
     memory_names = ["fp", *(n for n in names if n in MEMORY_METHODS)]

@@ -430,10 +430,14 @@ class LUT(Quantizer):
         return params
 
     def encode(self, w, p):
+        """The nearest entry's index: how many midpoints between sorted entries lie below x. As
+        comparisons, one per midpoint, it fuses into the compiled loop over w; searchsorted did
+        not, and made a 4-bit LUT quantize ~5x slower than this."""
         scale = self.low_rank(p)
-        x = (w if scale is None else w / scale).contiguous()
+        x = w if scale is None else w / scale
         lut = p["lut"].sort(-1).values
-        return torch.searchsorted((lut[..., 1:] + lut[..., :-1]).contiguous() / 2, x).float()
+        midpoints = (lut[..., 1:] + lut[..., :-1]) / 2
+        return sum((x > midpoints[..., k : k + 1]).float() for k in range(self.levels - 1))
 
     def decode(self, codes, p):
         lut = p["lut"].sort(-1).values  # encode indexes the sorted table; export stores it sorted

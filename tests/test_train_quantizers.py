@@ -259,6 +259,16 @@ def test_codebook_scale_init_is_near_the_mse_optimal_clip():
     assert error(newton) <= 1.05 * searched
 
 
+def test_lut_codes_index_each_weights_nearest_entry():
+    layer = layer_for(["--quant", "lut", "--bits", "4"], in_features=96)
+    q = layer.quantizer
+    with torch.no_grad():
+        p = layer.params(layer.weight)
+        w = train.grouped(layer.weight, q.group)
+        nearest = (w.unsqueeze(-1) - p["lut"].sort(-1).values.unsqueeze(-2)).abs().argmin(-1)
+        assert torch.equal(q.encode(w, p).long(), nearest)
+
+
 def test_mx_encodings_of_known_values_match_the_spec():
     w = torch.zeros(1, 64)
     w[0, :8] = torch.tensor([6.0, -0.5, 1.5, 3.0, 0.0, -6.0, 0.25, 5.0])  # absmax 6: shared exponent 2^0

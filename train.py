@@ -1028,19 +1028,23 @@ def load_teacher_cache(path: Path) -> dict[str, np.ndarray]:
     return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("windows", "ids", "logits")}
 
 
-def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The batch of step `step`, a pure function of (seed, step): a resumed run draws exactly the
-    batches the uninterrupted one would have. With a teacher cache, windows come from the cache."""
+def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNamespace,
+             device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+    """The batch of step `step` on `device`, a pure function of (seed, step): a resumed run draws
+    exactly the batches the uninterrupted one would have. With a teacher cache, windows come from
+    the cache."""
     rng = np.random.default_rng([cfg.seed, step])
     if cache is not None:
         rows = np.sort(rng.integers(0, len(cache["windows"]), size=cfg.batch_size))
         window = torch.from_numpy(cache["windows"][rows].astype(np.int64))
         teacher = {"ids": torch.from_numpy(cache["ids"][rows].astype(np.int64)),
                    "logits": torch.from_numpy(cache["logits"][rows].astype(np.float32))}  # fmt: skip
-        return window[:, :-1], window[:, 1:], teacher
-    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
-    window = torch.from_numpy(tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64))
-    return window[:, :-1], window[:, 1:], {}
+    else:
+        starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+        window = torch.from_numpy(tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64))
+        teacher = {}
+    window = window.to(device)
+    return window[:, :-1], window[:, 1:], {k: v.to(device) for k, v in teacher.items()}
 
 
 # --- LoRA ---
@@ -1328,8 +1332,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        x, y, teacher_out = batch_at(step, tokens, cache, cfg)
-        batch = x.to(device), y.to(device), {k: v.to(device) for k, v in teacher_out.items()}
+        batch = batch_at(step, tokens, cache, cfg, device)
         try:
             loss, ce = train_step(model, teacher, batch, optimizer, scaler, trained, cfg)
         except LossIsNotFinite as err:
@@ -1339,7 +1342,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         step += 1
         budget.step_done()
 
-        window_tokens += x.numel()
+        window_tokens += cfg.batch_size * cfg.seq_len
         rate = window_tokens / (time.perf_counter() - window_started)
         bar.n = 100 * budget.fraction
         bar.set_postfix_str(f"loss {loss.item():.3f} | {rate:,.0f} tok/s", refresh=False)

@@ -68,8 +68,7 @@ class Method:
         self.tokens = prepared.train.tokens()
 
     def step(self, index: int) -> float:
-        x, y, teacher_out = train.batch_at(index, self.tokens, self.cache, self.cfg)
-        batch = x.to(self.device), y.to(self.device), {k: v.to(self.device) for k, v in teacher_out.items()}
+        batch = train.batch_at(index, self.tokens, self.cache, self.cfg, self.device)
         started = time.perf_counter()
         train.train_step(self.model, self.teacher, batch, self.optimizer, self.scaler, self.trained, self.cfg)
         if self.device.type == "cuda":

@@ -405,6 +405,13 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 12) -> torch.Tensor:
     return centroids.sort(-1).values
 
 
+def sorted_table(p: dict) -> torch.Tensor:
+    """A LUT's entries in ascending order, equal ones in their stored order (stable): the sort's
+    backward then sends each entry's gradient to the same parameter on every device, compiled or
+    not (CUDA's unstable sort did not)."""
+    return p["lut"].sort(dim=-1, stable=True).values
+
+
 class LUT(Quantizer):
     """A learned table of 2^k values per group (k-means initialised): W = LUT[group, idx], or with
     LUT_RANK > 0, W = (A @ B) * LUT[group, idx], the low-rank scale absorbing row/column magnitude."""
@@ -426,7 +433,13 @@ class LUT(Quantizer):
             b[0] = flat.mean(0) / flat.mean().clamp_min(1e-12)
             params = {"scale_a": a, "scale_b": b.clamp_min(MIN_SCALE)}
             w = w / self.low_rank(params)
-        params["lut"] = kmeans_1d(w, self.levels)
+        # a short last group is fitted to its own weights: its padding repeats one value, which
+        # would draw several entries onto that value and leave them equal
+        full, short = divmod(self.in_features, self.group)
+        tables = [kmeans_1d(w[:, :full], self.levels)] if full else []
+        if short:
+            tables.append(kmeans_1d(w[:, full:, :short], self.levels))
+        params["lut"] = torch.cat(tables, 1)
         return params
 
     def encode(self, w, p):
@@ -435,12 +448,12 @@ class LUT(Quantizer):
         not, and made a 4-bit LUT quantize ~5x slower than this."""
         scale = self.low_rank(p)
         x = w if scale is None else w / scale
-        lut = p["lut"].sort(-1).values
+        lut = sorted_table(p)
         midpoints = (lut[..., 1:] + lut[..., :-1]) / 2
         return sum((x > midpoints[..., k : k + 1]).float() for k in range(self.levels - 1))
 
     def decode(self, codes, p):
-        lut = p["lut"].sort(-1).values  # encode indexes the sorted table; export stores it sorted
+        lut = sorted_table(p)  # encode indexes the sorted table; export stores it sorted
         w = torch.gather(lut, -1, codes.long())
         scale = self.low_rank(p)
         return w if scale is None else w * scale
@@ -449,7 +462,7 @@ class LUT(Quantizer):
         return {**super().spec(), "rank": self.cfg.lut_rank}
 
     def export_params(self, p):
-        return super().export_params({**p, "lut": p["lut"].sort(-1).values})
+        return super().export_params({**p, "lut": sorted_table(p)})
 
 
 def stored_params(q: Quantizer, w: torch.Tensor, learned: dict | None) -> dict:

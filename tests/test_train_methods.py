@@ -309,7 +309,7 @@ def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_de
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert trained.keys() == eager_trained.keys()
     for name, p in trained.items():
-        torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=lambda detail: f"{name}: {detail}")
 
 
 def assert_trains_and_exports(env, monkeypatch, *flags):

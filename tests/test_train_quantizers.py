@@ -121,7 +121,7 @@ def assert_step_matches_definition(method, device, autocast=None):
     for (name, p), q in zip(stepped.qparams.named_parameters(), eager.qparams.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda detail: f"{name}: {detail}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,7 +158,7 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method, device):
     (F.linear(x, weight) * upstream).sum().backward()
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-3, atol=1e-5)
     for name, p in layer.learned().items():
-        torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=lambda detail: f"{name}: {detail}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -267,6 +267,17 @@ def test_lut_codes_index_each_weights_nearest_entry():
         w = train.grouped(layer.weight, q.group)
         nearest = (w.unsqueeze(-1) - p["lut"].sort(-1).values.unsqueeze(-2)).abs().argmin(-1)
         assert torch.equal(q.encode(w, p).long(), nearest)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_short_groups_lut_is_fitted_to_its_own_weights(bits):
+    """in_features 48 = a group of 32 and a short one of 16, padded by repeating its last weight:
+    fitted to the padding too, several entries of the short group's table sit on that one value."""
+    q = layer_for(["--quant", "lut", "--bits", str(bits)]).quantizer
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(0))
+    table = q.calibrate(w)["lut"]
+    assert table.shape == (24, 2, 2**bits)
+    assert (table.diff(dim=-1) > 0).all()  # ascending, no two entries equal
 
 
 def test_mx_encodings_of_known_values_match_the_spec():

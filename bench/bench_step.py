@@ -6,8 +6,10 @@ On the prepared model (the packaged 135M by default), B=4, T=128, on the CPU in 
 cuda: in train.py's bf16 autocast). Each method is train.py's own
 step (train_step, batches from batch_at) on its own model copy, and the steps
 are interleaved round-robin in one process, so that drift and other load on the machine hit every
-method alike; the median step time is divided by FP's. Round 0 is the warm-up (it compiles the
-fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
+method alike, each round starting one method later so that none always follows the same one. A
+method's ratio is the median over rounds of its step time divided by FP's in the same round (with
+a bootstrap 95% interval), so that drift between rounds cancels. Round 0 is the warm-up (it
+compiles the fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
 only grows within a process; on CUDA, the peak allocated) and divided by FP's.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -94,6 +97,15 @@ def peak_memory(method: str, steps: int, batch_size: int, seq_len: int, device: 
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def paired_ratio(times: list[float], fp_times: list[float]) -> tuple[float, list[float]]:
+    """Median over rounds of time / FP's time in the same round, and its bootstrap 95% interval
+    (rounds resampled with replacement)."""
+    ratios = [t / fp for t, fp in zip(times, fp_times)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return statistics.median(ratios), [medians[50], medians[1949]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per method (after one warm-up)")
@@ -118,13 +130,15 @@ def main() -> None:
     built = {name: Method(name, prepared, args.batch_size, args.seq_len, args.device) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(args.rounds + 1):
-        for name, method in built.items():
-            elapsed = method.step(index)
+        start = index % len(names)
+        for name in names[start:] + names[:start]:
+            elapsed = built[name].step(index)
             if index:  # round 0 is the warm-up
                 times[name].append(elapsed)
         print(f"round {index}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t), flush=True)
     del built
     median = {name: statistics.median(t) for name, t in times.items()}
+    ratio = {name: paired_ratio(t, times["fp"]) for name, t in times.items()}
     memory_names = ["fp", *(n for n in names if n in MEMORY_METHODS)]
     memory = {name: peak_memory(name, 3, args.batch_size, args.seq_len, args.device) for name in memory_names}
     report = {
@@ -137,7 +151,8 @@ def main() -> None:
         "seq_len": args.seq_len,
         "rounds": args.rounds,
         "median_step_seconds": median,
-        "step_ratio_vs_fp": {n: median[n] / median["fp"] for n in names},
+        "step_ratio_vs_fp": {n: ratio[n][0] for n in names},
+        "step_ratio_ci95": {n: ratio[n][1] for n in names},
         "step_ratio_target": {n: METHODS[n][1] for n in names},
         "peak_memory_gb": memory,
         "memory_ratio_vs_fp": {n: memory[n] / memory["fp"] for n in memory_names},
@@ -145,7 +160,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("median_step_seconds", "step_ratio_vs_fp", "memory_ratio_vs_fp")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("median_step_seconds", "step_ratio_vs_fp", "step_ratio_ci95", "memory_ratio_vs_fp")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
+def named(name: str):
+    """assert_close's msg that puts name before its mismatch figures (a plain string replaces them)."""
+    return lambda detail: f"{name}: {detail}"
+
+
 def default_sigint() -> None:
     """preexec_fn for a child the test stops with SIGINT: a shell running pytest in the background
     starts it with SIGINT ignored, which the child would inherit and then never see Ctrl-C."""

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import DEVICES, TINY_GROUP, needs_cuda
+from conftest import DEVICES, TINY_GROUP, named, needs_cuda
 from harness import formats
 from harness.artifact import QUANT_SPEC, QUANT_WEIGHTS, load_verified
 from harness.data import load_prepared
@@ -309,7 +309,7 @@ def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_de
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert trained.keys() == eager_trained.keys()
     for name, p in trained.items():
-        torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=lambda detail: f"{name}: {detail}")
+        torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=named(name))
 
 
 def assert_trains_and_exports(env, monkeypatch, *flags):

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import DEVICES, TINY_GROUP
+from conftest import DEVICES, TINY_GROUP, named
 from harness import formats
 from harness.artifact import load_verified
 
@@ -121,7 +121,7 @@ def assert_step_matches_definition(method, device, autocast=None):
     for (name, p), q in zip(stepped.qparams.named_parameters(), eager.qparams.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda detail: f"{name}: {detail}")
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=named(name))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,7 +158,7 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method, device):
     (F.linear(x, weight) * upstream).sum().backward()
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-3, atol=1e-5)
     for name, p in layer.learned().items():
-        torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=lambda detail: f"{name}: {detail}")
+        torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=named(name))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -148,13 +148,15 @@ def ungrouped(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.cat([x[:, :full].flatten(1), x[:, full, : in_features - full * x.shape[-1]]], 1)
 
 
-def group_absmean(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Mean |w| per group (out, n_groups), a short last group averaged over its own length."""
-    pad = -w.shape[1] % group
-    sums = F.pad(w.abs(), (0, pad)).view(w.shape[0], -1, group).sum(-1)
-    lengths = torch.full((sums.shape[1],), float(group), device=w.device)
-    lengths[-1] = group - pad
-    return sums / lengths
+def fit_each_group(w_grouped: torch.Tensor, in_features: int, fit) -> torch.Tensor:
+    """fit(x) -> per-group values, x (out, n_groups, n), on each group's own weights: the full
+    groups at once, a short last group on its real length. Its padding repeats one weight, which
+    changes no min or max but would weigh in a mean or a k-means fit."""
+    full, short = divmod(in_features, w_grouped.shape[-1])
+    fits = [fit(w_grouped[:, :full])] if full else []
+    if short:
+        fits.append(fit(w_grouped[:, full:, :short]))
+    return torch.cat(fits, 1)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +223,8 @@ class Ternary(Quantizer):
     levels = 3
 
     def calibrate(self, w):
-        return {"scale": group_absmean(w, self.group).clamp_min(MIN_SCALE)}
+        absmean = fit_each_group(grouped(w, self.group).abs(), self.in_features, lambda x: x.mean(-1))
+        return {"scale": absmean.clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
         bound = self.expand(self.cfg.ternary_threshold * p["scale"])  # per group: no division per weight
@@ -252,12 +255,16 @@ class Codebook(Quantizer):
     name = "codebook"
 
     def calibrate(self, w):
-        x = grouped(w, self.group).abs()
+        clip = fit_each_group(grouped(w, self.group).abs(), self.in_features, self.mse_clip)
+        return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
+
+    def mse_clip(self, x):
+        """The MSE-optimal clip of |w| (..., n) per row, from the absmax."""
         clip = x.amax(-1)
         for _ in range(10):  # clip <- E[|w| ; |w| > clip] / (4^-k / 3 * P(|w| <= clip) + P(|w| > clip))
             over = (x > clip.unsqueeze(-1)).float()
             clip = (x * over).mean(-1) / ((4.0**-self.bits / 3) * (1 - over).mean(-1) + over.mean(-1)).clamp_min(1e-12)
-        return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
+        return clip
 
     def encode(self, w, p):
         return (w * self.expand(1 / p["scale"])).add_((self.levels - 1) / 2).round_().clamp_(0, self.levels - 1)
@@ -433,13 +440,7 @@ class LUT(Quantizer):
             b[0] = flat.mean(0) / flat.mean().clamp_min(1e-12)
             params = {"scale_a": a, "scale_b": b.clamp_min(MIN_SCALE)}
             w = w / self.low_rank(params)
-        # a short last group is fitted to its own weights: its padding repeats one value, which
-        # would draw several entries onto that value and leave them equal
-        full, short = divmod(self.in_features, self.group)
-        tables = [kmeans_1d(w[:, :full], self.levels)] if full else []
-        if short:
-            tables.append(kmeans_1d(w[:, full:, :short], self.levels))
-        params["lut"] = torch.cat(tables, 1)
+        params["lut"] = fit_each_group(w, self.in_features, lambda x: kmeans_1d(x, self.levels))
         return params
 
     def encode(self, w, p):

@@ -280,6 +280,21 @@ def test_a_short_groups_lut_is_fitted_to_its_own_weights(bits):
     assert (table.diff(dim=-1) > 0).all()  # ascending, no two entries equal
 
 
+@pytest.mark.parametrize("method", ["ternary", "ternary-dynamic-scale", "codebook2", "codebook4", "int4-symmetric", "log4", "lut4"])
+def test_a_short_groups_parameters_are_those_of_its_own_weights(method):
+    """The short last group (16 weights, padded to 32 by repeating its last one) calibrates to
+    what the same 16 weights give as a full group of 16: the padding weighs in no statistic."""
+    cfg = cfg_for(*METHODS[method][0])
+    fmt, bits = train.format_for("mlp.up_proj", cfg)
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((24, 48))
+    padded = train.QUANTIZERS[fmt](bits, TINY_GROUP, 48, cfg).calibrate(w)
+    alone = train.QUANTIZERS[fmt](bits, 16, 16, cfg).calibrate(w[:, TINY_GROUP:])
+    assert padded.keys() == alone.keys()
+    for name in padded:
+        torch.testing.assert_close(padded[name][:, 1], alone[name][:, 0], msg=named(name))
+
+
 def test_mx_encodings_of_known_values_match_the_spec():
     w = torch.zeros(1, 64)
     w[0, :8] = torch.tensor([6.0, -0.5, 1.5, 3.0, 0.0, -6.0, 0.25, 5.0])  # absmax 6: shared exponent 2^0

@@ -491,49 +491,19 @@ def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.
     return ungrouped(q.decode(codes, p) + (straight - straight.detach()), q.in_features)
 
 
-def code_width(levels: int) -> int:
-    """Bits a code is kept in between forward and backward: 2, 4 or 8, so codes pack whole into bytes."""
-    return 2 if levels <= 4 else 4 if levels <= 16 else 8
-
-
-def bit_offsets(width: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, 8, width, dtype=torch.int32, device=device).view(-1, 1, 1, 1)  # (8 // width, 1, 1, 1)
-
-
-def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Grouped codes (out, n_groups, group), floats below 2^width -> uint8, 8 // width per byte: the
-    rows are cut into that many blocks, block k in bits k * width and up. Whole rows, so that the
-    compiled loops read and write contiguous runs; the byte is summed in float (exact below 256)
-    and shifted out in int32 (x86 has no byte-wide vector shifts)."""
-    per_byte = 8 // width
-    blocks = F.pad(codes, (0, 0, 0, 0, 0, -codes.shape[0] % per_byte)).view(per_byte, -1, *codes.shape[1:])
-    return (blocks * (1 << bit_offsets(width, codes.device)).float()).sum(0).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, width: int, rows: int) -> torch.Tensor:
-    codes = (packed.to(torch.int32) >> bit_offsets(width, packed.device)) & (2**width - 1)  # (8 // width, *packed.shape)
-    return codes.flatten(0, 1)[:rows].float()
-
-
-def quantize_keeping_codes(q: Quantizer, w: torch.Tensor, learned: dict | None) -> tuple:
-    """fake_quantize's value (without gradients), its codes packed into bytes and its parameters:
-    all that backward needs to decode the weight again and give the parameters their gradient."""
+def quantized(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
+    """fake_quantize's value without its gradient: the weight a training step computes with."""
     p = stored_params(q, w, learned)
-    codes = q.encode(padded_groups(w, q.group), p)
-    weight = ungrouped(q.decode(codes, p), q.in_features)
-    return weight, pack_codes(codes, code_width(q.levels)), p
+    return ungrouped(q.decode(q.encode(padded_groups(w, q.group), p), p), q.in_features)
 
 
-def decode_packed(q: Quantizer, packed_codes: torch.Tensor, p: dict, rows: int) -> torch.Tensor:
-    """quantize_keeping_codes's weight again, from its codes and parameters."""
-    return ungrouped(q.decode(unpack_codes(packed_codes, code_width(q.levels), rows), p), q.in_features)
-
-
-def params_vjp(q: Quantizer, packed_codes: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
+def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
     """{name: dL/dparam} for grad = dL/d(the quantized weight): decode's vjp at the forward's codes,
-    which is the gradient fake_quantize gives the parameters (its codes are constants)."""
+    which is the gradient fake_quantize gives the parameters (its codes are constants). The codes
+    are encoded again from w, as the forward encoded them: reading w costs 4 bytes a weight where
+    codes kept from the forward cost 1, but writing those codes was a second loop over w there."""
+    codes = q.encode(padded_groups(w, q.group), stored_params(q, w, learned))
     grad = padded_groups(grad, q.group)  # the padding's zero gradient adds nothing
-    codes = unpack_codes(packed_codes, code_width(q.levels), grad.shape[0])
     _, pullback = torch.func.vjp(lambda learned: q.decode(codes, stored_params(q, None, learned)), learned)
     return pullback(grad)[0]
 
@@ -552,16 +522,12 @@ def blend(w: torch.Tensor, w_q: torch.Tensor, lam: float) -> torch.Tensor:
     return w_q if lam >= 1 else w + lam * (w_q - w)
 
 
-def quantize_block(quantizers: list, ws: list, learned: list) -> list[tuple]:
-    return [quantize_keeping_codes(q, w, p) for q, w, p in zip(quantizers, ws, learned)]
+def quantize_block(quantizers: list, ws: list, learned: list) -> list[torch.Tensor]:
+    return [quantized(q, w, p) for q, w, p in zip(quantizers, ws, learned)]
 
 
-def decode_block(quantizers: list, codes: list, params: list, rows: list) -> list[torch.Tensor]:
-    return [decode_packed(q, c, p, r) for q, c, p, r in zip(quantizers, codes, params, rows)]
-
-
-def block_params_vjp(quantizers: list, codes: list, learned: list, grads: list) -> list[dict]:
-    return [params_vjp(q, c, p, g) for q, c, p, g in zip(quantizers, codes, learned, grads)]
+def block_params_vjp(quantizers: list, ws: list, learned: list, grads: list) -> list[dict]:
+    return [params_vjp(q, w, p, g) for q, w, p, g in zip(quantizers, ws, learned, grads)]
 
 
 def block_surrogate_vjp(quantizers: list, ws: list, learned: list, grads: list) -> list[torch.Tensor]:
@@ -569,14 +535,13 @@ def block_surrogate_vjp(quantizers: list, ws: list, learned: list, grads: list) 
 
 
 # Eager, fake_quantize is ~10 passes over every weight, each step; compiled, the forward is one fused
-# loop over w and the backward one over dL/dweight and the codes: what keeps a QAT step near an FP
-# step. One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards, dispatch)
+# loop over w and the backward one over dL/dweight and w: what keeps a QAT step near an FP step.
+# One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards, dispatch)
 # whatever its size, and the 135M model has 210 Linears.
 quantize_block_compiled = torch.compile(quantize_block, dynamic=False)
-decode_block_compiled = torch.compile(decode_block, dynamic=False)
 block_params_vjp_compiled = torch.compile(block_params_vjp, dynamic=False)
 block_surrogate_vjp_compiled = torch.compile(block_surrogate_vjp, dynamic=False)
-torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, decode, params vjp, surrogate
+torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, params vjp, surrogate
 
 
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
@@ -808,10 +773,6 @@ def add_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
     p.grad = grad if p.grad is None else p.grad + grad
 
 
-def free_storage(t: torch.Tensor) -> None:
-    t.untyped_storage().resize_(0)
-
-
 def detached_inputs(layers: list["QuantLinear"]) -> tuple[list, list, list]:
     """(quantizers, latent weights, learned values or None) of layers without gradients: the
     compiled block functions' arguments."""
@@ -835,66 +796,32 @@ class QuantizedStep:
     per compiled call, computed when the block's first layer runs and given their gradients by
     backward(), after loss.backward(). A context: on exit no layer keeps this step's weights.
 
-    Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad.
-    The step keeps its codes, packed into bytes, and its parameters, not the weight: the matmul
-    saves a reference that backward decodes (a block at a time, when it first needs one), and the
-    weight is freed as soon as its matmul is done. So a QAT step holds about what an FP step holds
-    (keeping the weights from forward to backward would take 4 bytes per weight more, 0.43 GB of
-    the 135M model's ~2.0 GB at the end of its forward), and a decoded weight is read while still
-    in cache. backward() then runs no quantizer: w's gradient is dL/dweight itself
-    (straight-through, or the surrogate's slope), the learned parameters' one pass over dL/dweight
-    and the codes. Per block, not per layer: a compiled call costs ~0.1 ms whatever its size
-    (guards, dispatch), and the 135M model has 210 Linears (per layer its CPU step was 1.08x an FP
-    step, per block 1.04x). A layer runs once per step: its weight is freed after its matmul."""
+    Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad, and
+    backward() runs no quantizer on it: w's gradient is dL/dweight itself (straight-through, or the
+    surrogate's slope), the learned parameters' one pass over dL/dweight and w. The weights stay
+    until backward's matmuls have read them: 4 bytes a weight, 0.43 GB for the 135M model, peak
+    memory ~1.1x an FP step's. Freeing each after its matmul and decoding it again from codes kept
+    in 2 bits made the step 1.06-1.08x an FP step where this one is ~1.02x (the decode, the
+    saved-tensor hooks, and writing the codes: a second loop over w). Per block, not per layer: a
+    compiled call costs ~0.1 ms (guards, dispatch) whatever its size, and the 135M model has 210
+    Linears (per layer its CPU step was 1.08x an FP step, per block 1.04x)."""
 
     def __init__(self, model: nn.Module):
         self.blocks = list(layer_blocks(model).values())
         self.block_of = {layer: layers for layers in self.blocks for layer in layers}
         self.weights: dict[QuantLinear, torch.Tensor] = {}  # the leaves whose .grad is dL/dweight
-        self.codes: dict[QuantLinear, tuple[torch.Tensor, dict]] = {}  # (packed codes, parameters)
-        self.decoded: dict[QuantLinear, torch.Tensor] = {}  # backward's weights, not yet handed out
 
     def linear(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-        """The layer's matmul with this step's weight, which autograd saves as a reference that
-        backward decodes: the weight's memory is freed as soon as the matmul returns."""
         if layer not in self.weights:
             self.quantize(self.block_of[layer])
-        weight = self.weights[layer]
-        if weight.untyped_storage().size() == 0:
-            raise RuntimeError("a QuantLinear runs once per training step: its weight is freed after its matmul")
-        storage = weight.untyped_storage().data_ptr()
-
-        def pack(saved: torch.Tensor):  # the weight or a view of it (the matmul saves w.t())
-            return (layer, saved.size(), saved.stride(), saved.storage_offset()) if saved.untyped_storage().data_ptr() == storage else saved
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, self.unpack):
-            y = F.linear(x, weight.to(x.dtype), layer.bias)
-        free_storage(weight)
-        return y
+        return F.linear(x, self.weights[layer].to(x.dtype), layer.bias)
 
     def quantize(self, layers: list["QuantLinear"]) -> None:
         with torch.no_grad(), torch.autocast(layers[0].weight.device.type, enabled=False):
-            kept = quantize_block_compiled(*detached_inputs(layers))
-        for layer, (w_q, codes, params) in zip(layers, kept):
+            weights = quantize_block_compiled(*detached_inputs(layers))
+        for layer, w_q in zip(layers, weights):
             trains = layer.weight.requires_grad or layer.learn
             self.weights[layer] = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
-            self.codes[layer] = codes, params
-
-    def unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        layer, size, stride, offset = packed
-        if layer not in self.decoded:
-            self.decode(self.block_of[layer])
-        return self.decoded.pop(layer).as_strided(size, stride, offset)
-
-    def decode(self, layers: list["QuantLinear"]) -> None:
-        """The forward's weights of a block again, for backward's matmuls."""
-        codes, params = zip(*(self.codes[layer] for layer in layers))
-        with torch.no_grad(), torch.autocast(layers[0].weight.device.type, enabled=False):
-            w_q = decode_block_compiled([layer.quantizer for layer in layers], codes, params, [layer.out_features for layer in layers])
-        for layer, weight in zip(layers, w_q):
-            self.decoded[layer] = blend(layer.weight.detach(), weight, layer.lam)
 
     def backward(self) -> None:
         """The latent weights' and the learned parameters' gradients from the dL/dweight that
@@ -905,9 +832,7 @@ class QuantizedStep:
             grad_q = {layer: grad[layer] if layer.lam >= 1 else layer.lam * grad[layer] for layer in layers}  # dL/dq(w)
             learners = [layer for layer in layers if layer.learn]
             if learners:
-                quantizers, _, learned = detached_inputs(learners)
-                codes = [self.codes[layer][0] for layer in learners]
-                vjps = block_params_vjp_compiled(quantizers, codes, learned, [grad_q[layer] for layer in learners])
+                vjps = block_params_vjp_compiled(*detached_inputs(learners), [grad_q[layer] for layer in learners])
                 for layer, vjp in zip(learners, vjps):
                     for k, v in layer.learned().items():
                         add_grad(v, vjp[k])
@@ -928,7 +853,7 @@ class QuantizedStep:
     def __exit__(self, *exc) -> None:
         for layer in self.block_of:
             layer.step = None
-        self.weights, self.codes, self.decoded = {}, {}, {}
+        self.weights = {}
 
 
 # --- activation quantization ---

@@ -127,18 +127,18 @@ def assert_step_matches_definition(method, device, autocast=None):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", METHODS)
 def test_the_quantized_step_computes_the_definitions_outputs_and_gradients(method, device):
-    """A training step (compiled: the codes kept from forward to backward, the weight decoded
-    again for backward's matmul) and autograd through fake_quantize (the definition, what
-    --compile 0 runs) are one computation: same values, same gradients to the input, the latent
-    weight and the quantizer parameters."""
+    """A training step (compiled: the quantized weight a leaf the matmul reads, the parameters'
+    gradient from the codes encoded again) and autograd through fake_quantize (the definition,
+    what --compile 0 runs) are one computation: same values, same gradients to the input, the
+    latent weight and the quantizer parameters."""
     assert_step_matches_definition(method, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["ternary", "codebook2", "int4-symmetric", "mxfp4"])
 def test_under_bf16_autocast_the_quantized_step_computes_the_definitions_gradients(method, device):
-    """bf16 autocast (CUDA's default) casts the weight before its matmul, so the step saves that
-    copy for backward rather than decoding the codes: the same computation all the same."""
+    """bf16 autocast (CUDA's default) casts the weight before its matmul, so dL/dweight reaches
+    the leaf through that cast: the same computation all the same."""
     assert_step_matches_definition(method, device, autocast=torch.bfloat16)
 
 
@@ -162,32 +162,29 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_step_keeps_codes_not_the_weight_and_decodes_it_for_backward(device):
-    """Between forward and backward the step holds the layer's codes at their width (2 bits for a
-    2-bit codebook), not its quantized weight: the weight is freed when its matmul returns, which
-    saves a reference instead, and backward's matmul gets exactly the forward's weight decoded.
-    w's gradient is the weight's own (straight-through: no copy)."""
+def test_a_step_computes_each_weight_once_and_backward_reads_that_weight(device):
+    """The step quantizes a layer's weight when it first runs and keeps it until backward: a
+    second call reads the same leaf, so its .grad sums both uses, which is w's gradient
+    (straight-through: no copy) and, with the codes encoded again from w, the scale's."""
     layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device)
+    twice = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device)
     x = torch.randn(4, 64, device=device, requires_grad=True)
     expected = layer.quantized_weight()
-    unpacked = []
     with train.QuantizedStep(layer) as step:
-        unpack = step.unpack
-        step.unpack = lambda packed: unpacked.append(unpack(packed)) or unpacked[-1]
         y = layer(x)
-        weight, (codes, _) = step.weights[layer], step.codes[layer]
-        assert weight.shape == layer.weight.shape and weight.untyped_storage().size() == 0
-        assert codes.dtype == torch.uint8 and codes.numel() == layer.weight.numel() // 4
-        with pytest.raises(RuntimeError, match="once per training step"):
-            layer(x)
+        weight = step.weights[layer]
+        assert torch.equal(weight, expected) and weight.requires_grad
         y.sum().backward()
         step.backward()
-    decoded = [t for t in unpacked if t is not x]  # and the matmul's input, as saved
-    assert len(unpacked) == 2 and len(decoded) == 1 and torch.equal(decoded[0], expected.t())
     torch.testing.assert_close(x.grad, torch.ones(4, 32, device=device) @ expected)
     assert layer.weight.grad is weight.grad
-    assert all(p.grad is not None for p in layer.qparams.parameters())
     assert layer.step is None and not step.weights  # nothing of the step outlives it
+    with train.QuantizedStep(twice) as step:
+        (twice(x) + twice(x)).sum().backward()
+        step.backward()
+    torch.testing.assert_close(twice.weight.grad, 2 * layer.weight.grad)
+    for p, q in zip(twice.qparams.parameters(), layer.qparams.parameters()):
+        torch.testing.assert_close(p.grad, 2 * q.grad)
 
 
 def test_float16_rounding_is_the_casts_compiled_or_not():
@@ -201,15 +198,6 @@ def test_float16_rounding_is_the_casts_compiled_or_not():
     expected = x.half().float()
     assert torch.equal(train.float16_value(x), expected)
     assert torch.equal(torch.compile(train.float16_value)(x), expected)
-
-
-@pytest.mark.parametrize("levels", [3, 16, 256])
-def test_packed_codes_unpack_to_themselves(levels):
-    codes = torch.randint(0, levels, (7, 3, 5)).float()  # 7 rows: a last block of rows partly filled
-    width = train.code_width(levels)
-    packed = train.pack_codes(codes, width)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * width // 8) * 3 * 5
-    assert torch.equal(train.unpack_codes(packed, width, 7), codes)
 
 
 @pytest.mark.parametrize("device", DEVICES)

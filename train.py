@@ -35,6 +35,7 @@ import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -129,34 +130,32 @@ def parse_flags(argv: list[str]) -> SimpleNamespace:
 # so the exported artifact computes exactly what training saw.
 
 
-def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
-    """(out, in) -> (out, n_groups, group); a short last group is padded by repeating its last
-    column, which changes no group's min, max or set of values."""
-    pad = -w.shape[1] % group
-    if pad:
-        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
-    return w.view(w.shape[0], -1, group)
+class Segment(NamedTuple):
+    """Columns of a weight that hold a whole number of groups of one width: the full groups, or a
+    short last group (576 inputs in groups of 128: 4 groups of 128, then 1 of 64)."""
+
+    groups: slice
+    columns: slice
 
 
-def ungrouped(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """(out, n_groups, group) -> (out, in_features), contiguous: a padded last group is cut short
-    and concatenated to the full ones. A strided view instead costs the matmul's weight gradient a
-    copy into its layout, and Inductor (2.13) miscompiles a copy of that view (skips the short group)."""
-    full = in_features // x.shape[-1]
-    if full == x.shape[1]:
-        return x.flatten(1)
-    return torch.cat([x[:, :full].flatten(1), x[:, full, : in_features - full * x.shape[-1]]], 1)
+def segments(in_features: int, group: int) -> list[Segment]:
+    full, short = divmod(in_features, group)
+    parts = [Segment(slice(0, full), slice(0, full * group))] if full else []
+    return parts + ([Segment(slice(full, full + 1), slice(full * group, in_features))] if short else [])
 
 
-def fit_each_group(w_grouped: torch.Tensor, in_features: int, fit) -> torch.Tensor:
-    """fit(x) -> per-group values, x (out, n_groups, n), on each group's own weights: the full
-    groups at once, a short last group on its real length. Its padding repeats one weight, which
-    changes no min or max but would weigh in a mean or a k-means fit."""
-    full, short = divmod(in_features, w_grouped.shape[-1])
-    fits = [fit(w_grouped[:, :full])] if full else []
-    if short:
-        fits.append(fit(w_grouped[:, full:, :short]))
-    return torch.cat(fits, 1)
+def grouped(x: torch.Tensor, part: Segment) -> torch.Tensor:
+    """The segment's columns of x (out, in) as (out, its groups, group width): a view. Compiled
+    loops over it run unmasked, where over a weight padded to whole groups each load was masked,
+    which made them twice as slow as their memory traffic."""
+    return x[:, part.columns].unflatten(1, (part.groups.stop - part.groups.start, -1))
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Grouped segments (out, n, width) back to (out, in), contiguous: the compiler writes each
+    segment's loop straight into its columns. A strided view of a padded weight instead made the
+    matmul 14% slower."""
+    return torch.cat([x.flatten(1) for x in parts], 1)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +185,7 @@ MIN_SCALE = 2.0**-14  # smallest normal float16: a scale never rounds to 0
 class Quantizer:
     """Base of the formats: `bits`, `group` (along in_features). Subclasses define levels,
     calibrate (w (out, in) -> per-group params (out, n_groups)), and encode / decode, which work on
-    grouped weights (out, n_groups, group) so a step pads and un-pads a weight only once."""
+    a segment of grouped weights (out, n, width) and the parameters of its groups (restrict)."""
 
     name = ""
     learnable = True  # False: params are a function of w alone (recomputed every step)
@@ -194,6 +193,7 @@ class Quantizer:
     def __init__(self, bits: int, group: int, in_features: int, cfg: SimpleNamespace):
         self.bits, self.in_features, self.cfg = bits, in_features, cfg
         self.group = in_features if group <= 0 else min(group, in_features)
+        self.segments = segments(in_features, self.group)
 
     @property
     def levels(self) -> int:
@@ -215,6 +215,14 @@ class Quantizer:
     def expand(self, per_group: torch.Tensor) -> torch.Tensor:
         return per_group.unsqueeze(-1)  # (out, n_groups) -> broadcast over a group
 
+    def each_group(self, w: torch.Tensor, fit) -> torch.Tensor:
+        """fit(x) -> per-group values, x (out, n, width), on each group's own weights (out, n_groups)."""
+        return torch.cat([fit(grouped(w, part)) for part in self.segments], 1)
+
+    def restrict(self, p: dict, part: Segment) -> dict:
+        """The parameters of the segment's groups."""
+        return {k: v[:, part.groups] for k, v in p.items()}
+
 
 class Ternary(Quantizer):
     """{-1, 0, +1} * s, s = per-group absmean (BitNet b1.58); codes 0, 1, 2."""
@@ -223,7 +231,7 @@ class Ternary(Quantizer):
     levels = 3
 
     def calibrate(self, w):
-        absmean = fit_each_group(grouped(w, self.group).abs(), self.in_features, lambda x: x.mean(-1))
+        absmean = self.each_group(w.abs(), lambda x: x.mean(-1))
         return {"scale": absmean.clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
@@ -255,7 +263,7 @@ class Codebook(Quantizer):
     name = "codebook"
 
     def calibrate(self, w):
-        clip = fit_each_group(grouped(w, self.group).abs(), self.in_features, self.mse_clip)
+        clip = self.each_group(w.abs(), self.mse_clip)
         return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
 
     def mse_clip(self, x):
@@ -279,10 +287,11 @@ class Int(Quantizer):
     name = "int"
 
     def calibrate(self, w):
-        x = grouped(w, self.group)
         if self.cfg.int_symmetric:
-            return {"scale": (x.abs().amax(-1) / (self.levels // 2 - 1)).clamp_min(MIN_SCALE)}
-        low, high = x.amin(-1).clamp_max(0), x.amax(-1).clamp_min(0)  # the grid must hold 0 exactly
+            absmax = self.each_group(w.abs(), lambda x: x.amax(-1))
+            return {"scale": (absmax / (self.levels // 2 - 1)).clamp_min(MIN_SCALE)}
+        low = self.each_group(w, lambda x: x.amin(-1)).clamp_max(0)  # the grid must hold 0 exactly
+        high = self.each_group(w, lambda x: x.amax(-1)).clamp_min(0)
         scale = ((high - low) / (self.levels - 1)).clamp_min(MIN_SCALE)
         return {"scale": scale, "zero": torch.clamp(torch.round(-low / scale), 0, self.levels - 1)}
 
@@ -306,7 +315,7 @@ class Log(Quantizer):
     name = "log"
 
     def calibrate(self, w):
-        return {"scale": grouped(w, self.group).abs().amax(-1).clamp_min(MIN_SCALE)}
+        return {"scale": self.each_group(w.abs(), lambda x: x.amax(-1)).clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
         top = self.levels // 2 - 1
@@ -341,7 +350,7 @@ class MXFP(Quantizer):
         super().__init__(bits, self.block, in_features, cfg)
 
     def calibrate(self, w):
-        absmax = grouped(w, self.group).abs().amax(-1)
+        absmax = self.each_group(w.abs(), lambda x: x.amax(-1))
         shared = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - self.emax
         # E8M0 reaches 2^-127, but at 2^-126 the scale and its inverse are both normal floats; only
         # a block whose absmax is under 2^-124 (zero, in practice) would have gone lower
@@ -425,29 +434,33 @@ class LUT(Quantizer):
 
     name = "lut"
 
-    def low_rank(self, p):
-        """A @ B as stored (float16), grouped like the weight; None without a low-rank scale."""
-        return grouped(as_stored(p["scale_a"]) @ as_stored(p["scale_b"]), self.group) if "scale_a" in p else None
+    def low_rank(self, p, like):
+        """A @ B as stored (float16), grouped like `like`; None without a low-rank scale."""
+        return (as_stored(p["scale_a"]) @ as_stored(p["scale_b"])).view(like.shape) if "scale_a" in p else None
+
+    def restrict(self, p, part):
+        """The tables of the segment's groups, and B's columns of it (A is every column's)."""
+        columns = {"scale_a": slice(None), "scale_b": part.columns, "lut": part.groups}
+        return {k: v[:, columns[k]] for k, v in p.items()}
 
     def calibrate(self, w):
         params, rank = {}, self.cfg.lut_rank
-        w = grouped(w, self.group)
         if rank > 0:  # rank 1 from mean |w| of rows and columns; the other components start at 0
-            flat = ungrouped(w, self.in_features).abs()
-            a = torch.zeros(flat.shape[0], rank, device=w.device)
-            b = torch.full((rank, flat.shape[1]), 0.01, device=w.device)
-            a[:, 0] = flat.mean(1).clamp_min(MIN_SCALE)
-            b[0] = flat.mean(0) / flat.mean().clamp_min(1e-12)
+            magnitude = w.abs()
+            a = torch.zeros(w.shape[0], rank, device=w.device)
+            b = torch.full((rank, w.shape[1]), 0.01, device=w.device)
+            a[:, 0] = magnitude.mean(1).clamp_min(MIN_SCALE)
+            b[0] = magnitude.mean(0) / magnitude.mean().clamp_min(1e-12)
             params = {"scale_a": a, "scale_b": b.clamp_min(MIN_SCALE)}
-            w = w / self.low_rank(params)
-        params["lut"] = fit_each_group(w, self.in_features, lambda x: kmeans_1d(x, self.levels))
+            w = w / self.low_rank(params, w)
+        params["lut"] = self.each_group(w, lambda x: kmeans_1d(x, self.levels))
         return params
 
     def encode(self, w, p):
         """The nearest entry's index: how many midpoints between sorted entries lie below x. As
         comparisons, one per midpoint, it fuses into the compiled loop over w; searchsorted did
         not, and made a 4-bit LUT quantize ~5x slower than this."""
-        scale = self.low_rank(p)
+        scale = self.low_rank(p, w)
         x = w if scale is None else w / scale
         lut = sorted_table(p)
         midpoints = (lut[..., 1:] + lut[..., :-1]) / 2
@@ -456,7 +469,7 @@ class LUT(Quantizer):
     def decode(self, codes, p):
         lut = sorted_table(p)  # encode indexes the sorted table; export stores it sorted
         w = torch.gather(lut, -1, codes.long())
-        scale = self.low_rank(p)
+        scale = self.low_rank(p, w)
         return w if scale is None else w * scale
 
     def spec(self):
@@ -474,27 +487,34 @@ def stored_params(q: Quantizer, w: torch.Tensor, learned: dict | None) -> dict:
     return {k: float16_value(v) for k, v in q.calibrate(w.detach()).items()}
 
 
-def padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
-    """grouped() for elementwise work, where the padding is cut off again: zeros, which the
-    compiler reads in place (masked), where grouped()'s repeated column is a copy of w."""
-    return F.pad(w, (0, -w.shape[1] % group)).view(w.shape[0], -1, group)
-
-
 def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
     """decode(encode(w)) of a (out, in) weight: exactly what the artifact will hold. Gradient:
     straight-through to w (or the surrogate's slope), the true gradient to learned parameters
     through decode (the codes are constants)."""
     p = stored_params(q, w, learned)
-    w_grouped = padded_groups(w, q.group)
-    codes = q.encode(w_grouped.detach(), {k: v.detach() for k, v in p.items()})
-    straight = q.surrogate(w_grouped, p) if q.has_surrogate else w_grouped
-    return ungrouped(q.decode(codes, p) + (straight - straight.detach()), q.in_features)
+    parts = []
+    for part in q.segments:
+        x, p_part = grouped(w, part), q.restrict(p, part)
+        codes = q.encode(x.detach(), {k: v.detach() for k, v in p_part.items()})
+        straight = q.surrogate(x, p_part) if q.has_surrogate else x
+        parts.append(q.decode(codes, p_part) + (straight - straight.detach()))
+    return joined(parts)
+
+
+def encode_weight(q: Quantizer, w: torch.Tensor, p: dict) -> torch.Tensor:
+    """The codes (out, in) of a weight (out, in)."""
+    return joined([q.encode(grouped(w, part), q.restrict(p, part)) for part in q.segments])
+
+
+def decode_weight(q: Quantizer, codes: torch.Tensor, p: dict) -> torch.Tensor:
+    return joined([q.decode(grouped(codes, part), q.restrict(p, part)) for part in q.segments])
 
 
 def quantized(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
-    """fake_quantize's value without its gradient: the weight a training step computes with."""
+    """fake_quantize's value without its gradient: the weight a training step computes with, by
+    one loop over w per segment (decode_weight(encode_weight()) would write the codes between)."""
     p = stored_params(q, w, learned)
-    return ungrouped(q.decode(q.encode(padded_groups(w, q.group), p), p), q.in_features)
+    return joined([q.decode(q.encode(grouped(w, part), q.restrict(p, part)), q.restrict(p, part)) for part in q.segments])
 
 
 def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
@@ -502,19 +522,22 @@ def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor)
     which is the gradient fake_quantize gives the parameters (its codes are constants). The codes
     are encoded again from w, as the forward encoded them: reading w costs 4 bytes a weight where
     codes kept from the forward cost 1, but writing those codes was a second loop over w there."""
-    codes = q.encode(padded_groups(w, q.group), stored_params(q, w, learned))
-    grad = padded_groups(grad, q.group)  # the padding's zero gradient adds nothing
-    _, pullback = torch.func.vjp(lambda learned: q.decode(codes, stored_params(q, None, learned)), learned)
-    return pullback(grad)[0]
+    p = stored_params(q, w, learned)
+    codes = [q.encode(grouped(w, part), q.restrict(p, part)) for part in q.segments]
+
+    def decoded(learned):
+        p = stored_params(q, None, learned)
+        return [q.decode(c, q.restrict(p, part)) for c, part in zip(codes, q.segments)]
+
+    _, pullback = torch.func.vjp(decoded, learned)
+    return pullback([grouped(grad, part) for part in q.segments])[0]
 
 
 def surrogate_vjp(q: Quantizer, w: torch.Tensor, learned: dict | None, grad: torch.Tensor) -> torch.Tensor:
-    """dL/dw through the surrogate's slope (where fake_quantize's w gradient is not the identity).
-    Taken on the padded groups, not through the padding: Inductor (2.13) computes the gradient of
-    F.pad wrongly for a short last group."""
+    """dL/dw through the surrogate's slope (where fake_quantize's w gradient is not the identity)."""
     p = {k: v.detach() for k, v in stored_params(q, w, learned).items()}
-    _, slope = torch.func.vjp(lambda w_grouped: q.surrogate(w_grouped, p), padded_groups(w, q.group))
-    return ungrouped(slope(padded_groups(grad, q.group))[0], q.in_features)
+    _, slope = torch.func.vjp(lambda w: joined([q.surrogate(grouped(w, part), q.restrict(p, part)) for part in q.segments]), w)
+    return slope(grad)[0]
 
 
 def blend(w: torch.Tensor, w_q: torch.Tensor, lam: float) -> torch.Tensor:
@@ -684,9 +707,8 @@ class QuantLinear(nn.Linear):
         with torch.no_grad():
             w = self.weight.float()
             p = self.params(w)
-            codes = self.quantizer.encode(grouped(w, self.quantizer.group), p)
-            weight = ungrouped(self.quantizer.decode(codes, p), self.in_features)
-            codes = ungrouped(codes, self.in_features)
+            codes = encode_weight(self.quantizer, w, p)
+            weight = decode_weight(self.quantizer, codes, p)
             spec, params = self.quantizer.spec(), self.quantizer.export_params(p)
             lora = self.adapter()
             if lora is not None:

@@ -51,8 +51,7 @@ def test_a_group_holds_no_more_levels_than_the_format(method):
     flags, levels = METHODS[method]
     layer = layer_for(flags, in_features=96)
     with torch.no_grad():
-        codes = layer.quantizer.encode(train.grouped(layer.weight, group_of(layer)), layer.params(layer.weight))
-        codes = train.ungrouped(codes, layer.in_features)
+        codes = train.encode_weight(layer.quantizer, layer.weight, layer.params(layer.weight))
         weight = layer.quantized_weight()
     assert codes.min() >= 0 and codes.max() < layer.quantizer.levels
     assert formats.max_levels_per_group(codes, group_of(layer)) <= layer.quantizer.levels
@@ -67,8 +66,8 @@ def test_quantizing_a_quantized_weight_changes_nothing(method):
     q = layer.quantizer
     with torch.no_grad():
         p = layer.params(layer.weight)
-        once = q.decode(q.encode(train.grouped(layer.weight, q.group), p), p)
-        twice = q.decode(q.encode(once, p), p)
+        once = train.decode_weight(q, train.encode_weight(q, layer.weight, p), p)
+        twice = train.decode_weight(q, train.encode_weight(q, once, p), p)
     torch.testing.assert_close(twice, once, rtol=0, atol=1e-6)
 
 
@@ -237,11 +236,11 @@ def test_codebook_scale_init_is_near_the_mse_optimal_clip():
     w = torch.distributions.StudentT(3.0).sample((64, 256))
 
     def error(scale):
-        p, w_grouped = {"scale": scale}, train.grouped(w, q.group)
-        return F.mse_loss(q.decode(q.encode(w_grouped, p), p), w_grouped).item()
+        p = {"scale": scale}
+        return F.mse_loss(train.decode_weight(q, train.encode_weight(q, w, p), p), w).item()
 
     newton = q.calibrate(w)["scale"]
-    absmax = train.grouped(w, q.group).abs().amax(-1) * 2 / q.levels
+    absmax = q.each_group(w.abs(), lambda x: x.amax(-1)) * 2 / q.levels
     searched = min(error(newton * factor) for factor in torch.linspace(0.3, 2.0, 35).tolist())
     assert error(newton) < error(absmax)
     assert error(newton) <= 1.05 * searched
@@ -252,15 +251,15 @@ def test_lut_codes_index_each_weights_nearest_entry():
     q = layer.quantizer
     with torch.no_grad():
         p = layer.params(layer.weight)
-        w = train.grouped(layer.weight, q.group)
+        w = layer.weight.unflatten(1, (-1, q.group))  # 96 inputs: 3 whole groups
         nearest = (w.unsqueeze(-1) - p["lut"].sort(-1).values.unsqueeze(-2)).abs().argmin(-1)
-        assert torch.equal(q.encode(w, p).long(), nearest)
+        assert torch.equal(train.encode_weight(q, layer.weight, p).long(), nearest.flatten(1))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_a_short_groups_lut_is_fitted_to_its_own_weights(bits):
-    """in_features 48 = a group of 32 and a short one of 16, padded by repeating its last weight:
-    fitted to the padding too, several entries of the short group's table sit on that one value."""
+    """in_features 48 = a group of 32 and a short one of 16: fitted to its 16 weights (not to a
+    padding that repeated one of them), no two entries of the short group's table are equal."""
     q = layer_for(["--quant", "lut", "--bits", str(bits)]).quantizer
     w = torch.randn(24, 48, generator=torch.Generator().manual_seed(0))
     table = q.calibrate(w)["lut"]
@@ -270,8 +269,8 @@ def test_a_short_groups_lut_is_fitted_to_its_own_weights(bits):
 
 @pytest.mark.parametrize("method", ["ternary", "ternary-dynamic-scale", "codebook2", "codebook4", "int4-symmetric", "log4", "lut4"])
 def test_a_short_groups_parameters_are_those_of_its_own_weights(method):
-    """The short last group (16 weights, padded to 32 by repeating its last one) calibrates to
-    what the same 16 weights give as a full group of 16: the padding weighs in no statistic."""
+    """The short last group (16 weights of a 32-wide grouping) calibrates to what the same 16
+    weights give as a full group of 16."""
     cfg = cfg_for(*METHODS[method][0])
     fmt, bits = train.format_for("mlp.up_proj", cfg)
     torch.manual_seed(0)
@@ -292,15 +291,15 @@ def test_mx_encodings_of_known_values_match_the_spec():
     p4, p8 = fp4.calibrate(w), fp8.calibrate(w)
     assert p4["exponent"][0, 0] == 127 and p8["exponent"][0, 1] == 127
     assert p8["exponent"][0, 0] == 127 - 8 + 2  # absmax 6 -> 2^(2 - 8)
-    codes4 = fp4.encode(train.grouped(w, 32), p4).long().flatten()
+    codes4 = train.encode_weight(fp4, w, p4).long().flatten()
     # E2M1: sign<<3 | exp<<1 | man; 0.25 is a tie between 0 and 0.5 and rounds to even (0); 5 -> 4 (tie, even)
     assert codes4[:8].tolist() == [0b0111, 0b1001, 0b0011, 0b0101, 0b0000, 0b1111, 0b0000, 0b0110]
-    codes8 = fp8.encode(train.grouped(w, 32), p8).long().flatten()
+    codes8 = train.encode_weight(fp8, w, p8).long().flatten()
     assert codes8[32:36].tolist() == [0x7E, 0x38, 0xC0, 0x01]  # 448, 1, -2, smallest subnormal
     for q, p, codes in ((fp4, p4, codes4), (fp8, p8, codes8)):  # the harness's reference tables agree
         table = formats.E2M1_VALUES if q.name == "mxfp4" else formats.E4M3_VALUES
         scale = torch.exp2(p["exponent"].float() - 127).repeat_interleave(32, dim=1)[0]
-        decoded = q.decode(codes.view(1, 2, 32).float(), p).flatten()
+        decoded = train.decode_weight(q, codes.view(1, 64).float(), p).flatten()
         torch.testing.assert_close(decoded, table[codes].float() * scale)
 
 
@@ -321,8 +320,8 @@ def test_mx_saturates_instead_of_overflowing():
     fp8 = train.QUANTIZERS["mxfp8"](8, 32, 32, cfg_for())
     w = torch.full((1, 32), 1.0)
     w[0, 0] = 500.0  # absmax 500: exponent 2^0, and 500 > 448 saturates to 448 (never NaN)
-    p, w_grouped = fp8.calibrate(w), train.grouped(w, 32)
-    assert fp8.decode(fp8.encode(w_grouped, p), p)[0, 0, 0] == 448.0
+    p = fp8.calibrate(w)
+    assert train.decode_weight(fp8, train.encode_weight(fp8, w, p), p)[0, 0] == 448.0
 
 
 def test_activation_quant_matches_the_harness_hook():

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,11 +74,14 @@ def test_an_exception_becomes_a_crash_row_with_its_message(harness_env):
 
 
 def test_a_hung_run_is_killed_and_recorded(harness_env):
-    script = harness_env / "hang.py"
-    script.write_text("import subprocess, time\nsubprocess.Popen(['sleep', '300'])\ntime.sleep(300)\n")
+    script, child_pid = harness_env / "hang.py", harness_env / "child.pid"
+    script.write_text("import subprocess, time\n"
+                      f"open({str(child_pid)!r}, 'w').write(str(subprocess.Popen(['sleep', '300']).pid))\n"
+                      "time.sleep(300)\n")  # fmt: skip
     outcome = run(harness_env, [], script=script, time_limit=2)
     assert outcome.status == "crash" and outcome.reason.startswith("killed after 2 s")
-    assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).stdout == b""  # whole group gone
+    child = Path("/proc", child_pid.read_text())  # the script's own child, not any "sleep 300" on the machine
+    assert not child.exists() or child.joinpath("stat").read_text().split()[2] == "Z"  # whole group gone
 
 
 def test_an_unverifiable_export_is_invalid_not_scored(harness_env):

@@ -223,6 +223,10 @@ class Quantizer:
         """The parameters of the segment's groups."""
         return {k: v[:, part.groups] for k, v in p.items()}
 
+    def split(self, x: torch.Tensor, p: dict) -> list[tuple[torch.Tensor, dict]]:
+        """(x's segment grouped, its groups' parameters) per segment, for encode / decode."""
+        return [(grouped(x, part), self.restrict(p, part)) for part in self.segments]
+
 
 class Ternary(Quantizer):
     """{-1, 0, +1} * s, s = per-group absmean (BitNet b1.58); codes 0, 1, 2."""
@@ -493,8 +497,7 @@ def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.
     through decode (the codes are constants)."""
     p = stored_params(q, w, learned)
     parts = []
-    for part in q.segments:
-        x, p_part = grouped(w, part), q.restrict(p, part)
+    for x, p_part in q.split(w, p):
         codes = q.encode(x.detach(), {k: v.detach() for k, v in p_part.items()})
         straight = q.surrogate(x, p_part) if q.has_surrogate else x
         parts.append(q.decode(codes, p_part) + (straight - straight.detach()))
@@ -503,18 +506,18 @@ def fake_quantize(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.
 
 def encode_weight(q: Quantizer, w: torch.Tensor, p: dict) -> torch.Tensor:
     """The codes (out, in) of a weight (out, in)."""
-    return joined([q.encode(grouped(w, part), q.restrict(p, part)) for part in q.segments])
+    return joined([q.encode(x, p_part) for x, p_part in q.split(w, p)])
 
 
 def decode_weight(q: Quantizer, codes: torch.Tensor, p: dict) -> torch.Tensor:
-    return joined([q.decode(grouped(codes, part), q.restrict(p, part)) for part in q.segments])
+    return joined([q.decode(c, p_part) for c, p_part in q.split(codes, p)])
 
 
 def quantized(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
     """fake_quantize's value without its gradient: the weight a training step computes with, by
     one loop over w per segment (decode_weight(encode_weight()) would write the codes between)."""
     p = stored_params(q, w, learned)
-    return joined([q.decode(q.encode(grouped(w, part), q.restrict(p, part)), q.restrict(p, part)) for part in q.segments])
+    return joined([q.decode(q.encode(x, p_part), p_part) for x, p_part in q.split(w, p)])
 
 
 def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
@@ -522,12 +525,10 @@ def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor)
     which is the gradient fake_quantize gives the parameters (its codes are constants). The codes
     are encoded again from w, as the forward encoded them: reading w costs 4 bytes a weight where
     codes kept from the forward cost 1, but writing those codes was a second loop over w there."""
-    p = stored_params(q, w, learned)
-    codes = [q.encode(grouped(w, part), q.restrict(p, part)) for part in q.segments]
+    codes = [q.encode(x, p_part) for x, p_part in q.split(w, stored_params(q, w, learned))]
 
     def decoded(learned):
-        p = stored_params(q, None, learned)
-        return [q.decode(c, q.restrict(p, part)) for c, part in zip(codes, q.segments)]
+        return [q.decode(c, p_part) for c, (_, p_part) in zip(codes, q.split(w, stored_params(q, None, learned)))]
 
     _, pullback = torch.func.vjp(decoded, learned)
     return pullback([grouped(grad, part) for part in q.segments])[0]
@@ -536,7 +537,7 @@ def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor)
 def surrogate_vjp(q: Quantizer, w: torch.Tensor, learned: dict | None, grad: torch.Tensor) -> torch.Tensor:
     """dL/dw through the surrogate's slope (where fake_quantize's w gradient is not the identity)."""
     p = {k: v.detach() for k, v in stored_params(q, w, learned).items()}
-    _, slope = torch.func.vjp(lambda w: joined([q.surrogate(grouped(w, part), q.restrict(p, part)) for part in q.segments]), w)
+    _, slope = torch.func.vjp(lambda w: joined([q.surrogate(x, p_part) for x, p_part in q.split(w, p)]), w)
     return slope(grad)[0]
 
 

@@ -796,10 +796,6 @@ def add_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
     p.grad = grad if p.grad is None else p.grad + grad
 
 
-def free_storage(t: torch.Tensor) -> None:
-    t.untyped_storage().resize_(0)
-
-
 def detached_inputs(layers: list["QuantLinear"]) -> tuple[list, list, list]:
     """(quantizers, latent weights, learned values or None) of layers without gradients: the
     compiled block functions' arguments."""
@@ -825,14 +821,15 @@ class QuantizedStep:
 
     Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad, and
     backward() runs no quantizer: w's gradient is dL/dweight itself (straight-through, or the
-    surrogate's slope), the learned parameters' one pass over dL/dweight and w. A weight stays
-    until its gradient has arrived, when backward's matmuls are done with it: 4 bytes a weight
-    at the end of the forward, 0.43 GB for the 135M model. Freeing each after its forward matmul
-    and decoding it again from codes kept in 2-4 bits took less memory, but the decode, the
-    saved-tensor hooks and writing the codes (a second loop over w) made the step 1.06-1.08x an
-    FP step, where this one is ~1.03x. Per block, not per layer: a compiled call costs ~0.1 ms
-    (guards, dispatch) whatever its size, and the 135M model has 210 Linears (per layer its CPU
-    step was 1.08x an FP step, per block 1.04x)."""
+    surrogate's slope), the learned parameters' one pass over dL/dweight and w. The weights stay
+    to the end of the step: 4 bytes a weight, 0.43 GB for the 135M model. Freeing each after its
+    forward matmul and decoding it again from codes kept in 2-4 bits took less memory, but the
+    decode, the saved-tensor hooks and writing the codes (a second loop over w) made the step
+    1.06-1.08x an FP step, where this one is ~1.03x. Freeing each as its gradient arrived (a
+    post-accumulate-grad hook) lowered the peak over the first steps only: by the tenth, glibc's
+    heap had grown as far (4.0 GB, FP 3.5), and backward was ~60 ms slower. Per block, not per
+    layer: a compiled call costs ~0.1 ms (guards, dispatch) whatever its size, and the 135M model
+    has 210 Linears (per layer its CPU step was 1.08x an FP step, per block 1.04x)."""
 
     def __init__(self, model: nn.Module):
         self.blocks = list(layer_blocks(model).values())
@@ -849,9 +846,7 @@ class QuantizedStep:
             weights = quantize_block_compiled(*detached_inputs(layers))
         for layer, w_q in zip(layers, weights):
             trains = layer.weight.requires_grad or layer.learn
-            self.weights[layer] = weight = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
-            if trains:  # its matmuls are done once its gradient is: backward's later ones can take the memory
-                weight.register_post_accumulate_grad_hook(free_storage)
+            self.weights[layer] = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
 
     def backward(self) -> None:
         """The latent weights' and the learned parameters' gradients from the dL/dweight that

@@ -10,7 +10,7 @@ method alike, each round starting one method later so that none always follows t
 method's ratio is the median over rounds of its step time divided by FP's in the same round (with
 a bootstrap 95% interval), so that drift between rounds cancels. Round 0 is the warm-up (it
 compiles the fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
-only grows within a process; on CUDA, the peak allocated) and divided by FP's.
+only grows within a process; on CUDA, the peak allocated) over MEMORY_STEPS steps and divided by FP's.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ METHODS = {
 }
 MEMORY_TARGET = 1.2  # peak memory of QAT (no teacher in memory) vs FP training
 MEMORY_METHODS = ("ternary", "codebook2", "int4", "mxfp4", "kd_cache")
+MEMORY_STEPS = 10  # glibc's heap grows over the first steps as freed buffers fragment; on the CPU FP's settles by the tenth
 
 
 class Method:
@@ -140,7 +141,7 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = {name: paired_ratio(t, times["fp"]) for name, t in times.items()}
     memory_names = ["fp", *(n for n in names if n in MEMORY_METHODS)]
-    memory = {name: peak_memory(name, 3, args.batch_size, args.seq_len, args.device) for name in memory_names}
+    memory = {name: peak_memory(name, MEMORY_STEPS, args.batch_size, args.seq_len, args.device) for name in memory_names}
     report = {
         "model": prepared.model_name,
         "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",

@@ -528,7 +528,8 @@ def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor)
     codes = [q.encode(x, p_part) for x, p_part in q.split(w, stored_params(q, w, learned))]
 
     def decoded(learned):
-        return [q.decode(c, p_part) for c, (_, p_part) in zip(codes, q.split(w, stored_params(q, None, learned)))]
+        p = stored_params(q, None, learned)
+        return [q.decode(c, q.restrict(p, part)) for c, part in zip(codes, q.segments)]
 
     _, pullback = torch.func.vjp(decoded, learned)
     return pullback([grouped(grad, part) for part in q.segments])[0]

@@ -219,6 +219,10 @@ class Quantizer:
         """fit(x) -> per-group values, x (out, n, width), on each group's own weights (out, n_groups)."""
         return torch.cat([fit(grouped(w, part)) for part in self.segments], 1)
 
+    def absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """Each group's largest |w| (out, n_groups)."""
+        return self.each_group(w.abs(), lambda x: x.amax(-1))
+
     def restrict(self, p: dict, part: Segment) -> dict:
         """The parameters of the segment's groups."""
         return {k: v[:, part.groups] for k, v in p.items()}
@@ -292,8 +296,7 @@ class Int(Quantizer):
 
     def calibrate(self, w):
         if self.cfg.int_symmetric:
-            absmax = self.each_group(w.abs(), lambda x: x.amax(-1))
-            return {"scale": (absmax / (self.levels // 2 - 1)).clamp_min(MIN_SCALE)}
+            return {"scale": (self.absmax(w) / (self.levels // 2 - 1)).clamp_min(MIN_SCALE)}
         low = self.each_group(w, lambda x: x.amin(-1)).clamp_max(0)  # the grid must hold 0 exactly
         high = self.each_group(w, lambda x: x.amax(-1)).clamp_min(0)
         scale = ((high - low) / (self.levels - 1)).clamp_min(MIN_SCALE)
@@ -319,7 +322,7 @@ class Log(Quantizer):
     name = "log"
 
     def calibrate(self, w):
-        return {"scale": self.each_group(w.abs(), lambda x: x.amax(-1)).clamp_min(MIN_SCALE)}
+        return {"scale": self.absmax(w).clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
         top = self.levels // 2 - 1
@@ -354,8 +357,7 @@ class MXFP(Quantizer):
         super().__init__(bits, self.block, in_features, cfg)
 
     def calibrate(self, w):
-        absmax = self.each_group(w.abs(), lambda x: x.amax(-1))
-        shared = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - self.emax
+        shared = torch.floor(torch.log2(self.absmax(w).clamp_min(2.0**-127))) - self.emax
         # E8M0 reaches 2^-127, but at 2^-126 the scale and its inverse are both normal floats; only
         # a block whose absmax is under 2^-124 (zero, in practice) would have gone lower
         return {"exponent": torch.clamp(shared, -126, 126) + 127}

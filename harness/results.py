@@ -1,8 +1,12 @@
-"""results.tsv: one row per experiment, appended atomically, read with pandas.
+"""results.tsv: one row per experiment, appended atomically, read without pandas' parser.
 
 Writers take an exclusive lock on `results.tsv.lock` and append one whole line, so concurrent
-runs never interleave. A row is never rewritten. Metrics of a run that produced none are empty,
-not 0. Readers skip malformed lines rather than fail.
+runs never interleave. A row is never rewritten, and a run_id is recorded once. A row that cannot
+go into results.tsv (another header, a duplicate run_id, a lock held too long, an OSError) goes to
+`results.tsv.unrecorded.tsv` beside it instead, and the error says so: no row is ever lost.
+Metrics of a run that produced none are empty, not 0. Readers take any bytes: a line is a row when
+it has exactly len(COLUMNS) tab-separated cells and a known status; everything else is counted and
+skipped, never raised.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import fcntl
 import json
 import math
 import os
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -33,13 +39,27 @@ TRACKS = (("ternary", 1.8), ("2bit", 2.5), ("3bit", 3.5), ("4bit", 4.5), ("8bit"
 
 
 class ResultsError(Exception):
-    """results.tsv cannot be written safely; nothing was written."""
+    """A row could not go into results.tsv. `side` is the file it went to instead (None: nowhere,
+    and the message carries the row itself), so the caller can say where to find it."""
+
+    def __init__(self, message: str, side: Path | None = None):
+        super().__init__(message)
+        self.side = side
+
+
+class DuplicateRun(ResultsError):
+    """The run_id already has a row: a run is recorded once, so a second row is a forgery or a bug."""
 
 
 def bpw_track(bpw: float | None) -> str | None:
     if bpw is None or not math.isfinite(bpw):
         return None
     return next(name for name, bound in TRACKS if bpw <= bound)
+
+
+# C0/C1 controls and DEL (ANSI escapes), and the bidi controls that reorder a terminal line
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_READ = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _cell(column: str, value) -> str:
@@ -49,7 +69,9 @@ def _cell(column: str, value) -> str:
         value = json.dumps(value, sort_keys=True, separators=(",", ":"))
     elif column in FLOAT_FORMAT:
         value = FLOAT_FORMAT[column].format(float(value))
-    return " ".join(str(value).split())  # no tab or newline can break the row
+    text = str(value).encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> "?"
+    # split() folds tabs and newlines, so no cell can break the row; then drop what could hijack a terminal
+    return " ".join(filter(None, (_UNSAFE.sub("", part) for part in text.split())))
 
 
 def format_row(row: dict) -> str:
@@ -60,13 +82,45 @@ def format_row(row: dict) -> str:
 
 
 HEADER = "\t".join(COLUMNS) + "\n"
+_HEADER_BYTES = HEADER.encode()
+_HEADER_LINE = HEADER.rstrip("\n")
+_RUN_ID = COLUMNS.index("run_id")
+_STATUS = COLUMNS.index("status")
+_KNOWN_STATUS = frozenset(STATUSES)
 
 
-def append(row: dict, path: Path) -> None:
-    """Append one row under an exclusive lock. Raises ResultsError, writing nothing, when the
-    file has another header or the lock is held too long."""
-    line = format_row(row).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
+def unrecorded_path(path: Path) -> Path:
+    """Where rows go that results.tsv could not take: same format, header first."""
+    return path.with_name(path.name + ".unrecorded.tsv")
+
+
+def _parse(text: str) -> tuple[list[list[str]], int, bool]:
+    """(rows, skipped non-blank lines after the first, whether the first line is the header). A row
+    is a line of exactly len(COLUMNS) cells with a known status whose run_id has no earlier row; the
+    header is fixed, so a foreign first line (a row, or a header not counted as skipped) costs only
+    itself. Controls are dropped from what is kept."""
+    lines = text.split("\n")
+    has_header = lines[0].lstrip("\ufeff").rstrip("\r") == _HEADER_LINE
+    rows, skipped, seen = [], 0, set()
+    for number, line in enumerate(lines):
+        if number == 0 and has_header or not line.strip():
+            continue
+        line = line.rstrip("\r")
+        if _UNSAFE_READ.search(line):  # NUL, ESC, bidi: a hand edit or damage; never our writer
+            line = _UNSAFE_READ.sub("", line)
+        cells = line.split("\t")
+        if len(cells) != len(COLUMNS) or cells[_STATUS] not in _KNOWN_STATUS or cells[_RUN_ID] in seen:
+            skipped += number > 0  # junk, a torn line, a repeated header, a foreign status, a run's second row
+            continue
+        if cells[_RUN_ID]:
+            seen.add(cells[_RUN_ID])
+        rows.append(cells)
+    return rows, skipped, has_header
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive flock on `<path>.lock`, waited for at most LOCK_TIMEOUT_SECONDS."""
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
         while True:
@@ -78,23 +132,54 @@ def append(row: dict, path: Path) -> None:
                     raise ResultsError(f"{path} is locked by another writer for {LOCK_TIMEOUT_SECONDS:.0f} s") from None
                 time.sleep(0.01)
         try:
-            with open(path, "a+b") as handle:
-                size = handle.seek(0, os.SEEK_END)
-                if size == 0:
-                    handle.write(HEADER.encode())
-                else:
-                    handle.seek(0)
-                    header = handle.readline().decode(errors="replace")
-                    if header != HEADER:
-                        raise ResultsError(f"{path} has another header ({header.strip()[:80]!r}): move it aside")
-                    handle.seek(size - 1)
-                    if handle.read(1) != b"\n":  # a torn last line stays torn, but alone on its line
-                        handle.write(b"\n")
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write(path: Path, line: str, checked: bool) -> None:
+    """Append one line under the lock, header first. `checked` (results.tsv itself) refuses a
+    foreign first line and a run_id that already has a row; the side file takes anything."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path), open(path, "a+b") as handle:
+        handle.seek(0)
+        data = handle.read()
+        if _HEADER_BYTES.startswith(data):  # empty, truncated, or torn while its header was written
+            handle.write(_HEADER_BYTES[len(data) :])
+        else:
+            if checked:
+                rows, _, has_header = _parse(data.decode(errors="replace"))
+                if not has_header:
+                    first = data.split(b"\n", 1)[0].decode(errors="replace")
+                    raise ResultsError(f"{path} has another header ({first.strip()[:80]!r}): move it aside")
+                run_id = line.split("\t")[_RUN_ID]
+                if run_id and any(cells[_RUN_ID] == run_id for cells in rows):
+                    raise DuplicateRun(f"{path} already has a row for run {run_id}")
+            if not data.endswith(b"\n"):  # a torn last line stays torn, but alone on its line
+                handle.write(b"\n")
+        handle.write(line.encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def append(row: dict, path: Path) -> None:
+    """Append one row under an exclusive lock. When results.tsv cannot take it safely (another
+    header, its run_id already recorded, the lock held too long, an OSError) the row goes to
+    unrecorded_path(path) and ResultsError (DuplicateRun for a run_id) says so: nothing is lost."""
+    line = format_row(row)
+    try:
+        _write(path, line, checked=True)
+        return
+    except (ResultsError, OSError) as err:
+        failure = err
+    kind = DuplicateRun if isinstance(failure, DuplicateRun) else ResultsError
+    reason = str(failure) if isinstance(failure, ResultsError) else f"{path} could not be written ({failure})"
+    side = unrecorded_path(path)
+    try:
+        _write(side, line, checked=False)
+    except (ResultsError, OSError) as err:
+        raise kind(f"{reason}; nor could {side} ({err}): the row, unrecorded: {line.rstrip()}") from failure
+    raise kind(f"{reason}; the row went to {side}", side) from failure
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -104,21 +189,17 @@ def read(path: Path) -> pd.DataFrame:
 
 
 def read_counted(path: Path) -> tuple[pd.DataFrame, int]:
-    """read(), plus how many non-blank lines after the header were skipped (all of them when the
-    header is foreign), so a viewer can say so."""
-    if not path.exists() or path.stat().st_size == 0:
-        return pd.DataFrame(columns=list(COLUMNS)), 0
-    with open(path, errors="replace") as handle:
-        data_lines = sum(1 for line in handle if line.strip()) - 1
-    frame = pd.read_csv(
-        path, sep="\t", dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python", quoting=3
-    )
-    if tuple(frame.columns) != COLUMNS:
-        return pd.DataFrame(columns=list(COLUMNS)), max(data_lines, 0)
-    frame = frame[frame["status"].isin(STATUSES)].copy()
+    """read(), plus how many non-blank lines after the first (the header, or a foreign one) were
+    skipped, so a viewer can say so. Any bytes read: invalid UTF-8 becomes U+FFFD, never an error."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    rows, skipped, _ = _parse(data.decode(errors="replace"))
+    frame = pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
     for column in NUMERIC:
-        frame[column] = pd.to_numeric(frame[column].replace("", None), errors="coerce")
-    return frame.reset_index(drop=True), data_lines - len(frame)
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame, skipped
 
 
 def best_in_track(frame: pd.DataFrame, eval_set: str, model: str, track: str | None) -> float | None:

@@ -48,12 +48,151 @@ def test_rows_read_back_with_types_and_empty_metrics(tmp_path):
     assert "\t\t" in path.read_text().splitlines()[2]  # empty cells, not 0
 
 
-def test_a_foreign_header_is_refused_and_left_intact(tmp_path):
+def test_a_foreign_header_is_refused_left_intact_and_the_row_side_filed(tmp_path):
     path = tmp_path / "results.tsv"
     path.write_text("a\tb\n1\t2\n")
-    with pytest.raises(results.ResultsError, match="another header"):
+    side = tmp_path / "results.tsv.unrecorded.tsv"
+    with pytest.raises(results.ResultsError, match="another header") as caught:
         results.append(row(), path)
+    assert caught.value.side == side == results.unrecorded_path(path) and str(side) in str(caught.value)
     assert path.read_text() == "a\tb\n1\t2\n"
+    assert side.read_text().splitlines()[0] == results.HEADER.strip("\n")
+    assert list(results.read(side)["run_id"]) == ["r0"]  # nothing lost
+
+
+def test_rows_after_a_foreign_first_line_still_read_and_appends_go_aside(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.write_text("# edited by hand\n" + results.format_row(row(0)) + results.format_row(row(1)))
+    frame, skipped = results.read_counted(path)
+    assert list(frame["run_id"]) == ["r0", "r1"] and skipped == 0
+    assert frame["val_bpb"].dtype == float and frame.loc[1, "val_bpb"] == pytest.approx(1.501)
+    with pytest.raises(results.ResultsError, match="unrecorded.tsv"):
+        results.append(row(2), path)
+    with pytest.raises(results.ResultsError):
+        results.append(row(3), path)
+    assert list(results.read(path)["run_id"]) == ["r0", "r1"]
+    side = results.read(results.unrecorded_path(path))
+    assert list(side["run_id"]) == ["r2", "r3"]  # one header, both rows
+
+
+def _bytes_ledger(path, junk: bytes):
+    path.write_bytes(results.HEADER.encode() + results.format_row(row(0)).encode() + junk
+                     + results.format_row(row(1)).encode())  # fmt: skip
+
+
+@pytest.mark.parametrize("junk, skipped", [
+    (b"\xff\n", 1),  # the byte that used to make pandas drop the next row
+    (b"\x00\x00\x00\x00\n", 1),  # a block of NULs, as a crash can leave
+    (b"abc\xc3\x28\xfe\tr9\n", 1),  # invalid UTF-8 in a short line
+    (b"\xff" * 3 + b"\t" * 15 + b"\n", 1),  # invalid bytes with the right tab count, no status
+    (results.HEADER.encode(), 1),  # a header repeated in the middle
+    (b"\t" * 20 + b"keep\n", 1),  # too many tabs
+    (b"abc\tr9\t2026\tkeep\n", 1),  # too few tabs
+    (b"\r\n\n  \n", 0),  # blank lines are not counted
+], ids=["ff", "nul", "bad-utf8", "bad-utf8-tabs", "header-again", "many-tabs", "few-tabs", "blank"])  # fmt: skip
+def test_any_bytes_in_the_middle_cost_only_their_line(tmp_path, junk, skipped):
+    path = tmp_path / "results.tsv"
+    _bytes_ledger(path, junk)
+    frame, count = results.read_counted(path)
+    assert list(frame["run_id"]) == ["r0", "r1"] and count == skipped
+    results.append(row(2), path)  # and the next append lands
+    assert list(results.read(path)["run_id"]) == ["r0", "r1", "r2"]
+
+
+def test_damaged_bytes_inside_a_row_keep_the_row_and_drop_the_controls(tmp_path):
+    path = tmp_path / "results.tsv"
+    line = results.format_row(row(5, description="plain")).encode()
+    _bytes_ledger(path, line.replace(b"plain", b"pl\xffa\x00i\x1b[31mn"))
+    frame, skipped = results.read_counted(path)
+    assert list(frame["run_id"]) == ["r0", "r5", "r1"] and skipped == 0
+    assert frame.loc[1, "description"] == "pl\ufffdai[31mn"
+
+
+def test_crlf_bom_and_a_torn_last_line_read(tmp_path):
+    path = tmp_path / "results.tsv"
+    text = results.HEADER + results.format_row(row(0)) + results.format_row(row(1))
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode() + b"abc1234\tr2\t20")
+    frame, skipped = results.read_counted(path)
+    assert list(frame["run_id"]) == ["r0", "r1"] and skipped == 1
+    assert frame.loc[0, "config"].endswith("}")  # no \r left on the last cell
+    results.append(row(3), path)  # a CRLF header is still the header
+    assert list(results.read(path)["run_id"]) == ["r0", "r1", "r3"]
+
+
+def test_a_duplicate_run_id_is_refused_and_side_filed(tmp_path):
+    path = tmp_path / "results.tsv"
+    results.append(row(0), path)
+    before = path.read_bytes()
+    with pytest.raises(results.DuplicateRun, match="r0") as caught:
+        results.append(row(0, status="baseline", val_bpb=0.1, description="forged"), path)
+    assert isinstance(caught.value, results.ResultsError) and caught.value.side == results.unrecorded_path(path)
+    assert path.read_bytes() == before
+    assert list(results.read(caught.value.side)["description"]) == ["forged"]
+
+
+def test_a_row_written_by_hand_for_a_recorded_run_is_skipped(tmp_path):
+    path = tmp_path / "results.tsv"
+    results.append(row(0), path)
+    with open(path, "a") as handle:  # around append(): the forged row comes second, so it loses
+        handle.write(results.format_row(row(0, status="baseline", val_bpb=0.1)))
+    frame, skipped = results.read_counted(path)
+    assert len(frame) == 1 and frame.loc[0, "val_bpb"] == pytest.approx(1.5) and skipped == 1
+
+
+def test_a_lock_held_too_long_side_files_the_row(tmp_path, monkeypatch):
+    import fcntl
+
+    path = tmp_path / "results.tsv"
+    monkeypatch.setattr(results, "LOCK_TIMEOUT_SECONDS", 0.05)
+    with open(tmp_path / "results.tsv.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        holder = multiprocessing.get_context("fork").Process(target=results.append, args=(row(0), path))
+        holder.start()
+        holder.join()
+    assert holder.exitcode != 0 and not path.exists()
+    assert list(results.read(results.unrecorded_path(path))["run_id"]) == ["r0"]
+
+
+def test_an_unwritable_file_side_files_the_row(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.mkdir()  # open() raises IsADirectoryError, an OSError
+    with pytest.raises(results.ResultsError, match="could not be written") as caught:
+        results.append(row(0), path)
+    assert list(results.read(caught.value.side)["run_id"]) == ["r0"]
+
+
+def test_when_even_the_side_file_fails_the_error_carries_the_row(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.mkdir()
+    results.unrecorded_path(path).mkdir()
+    with pytest.raises(results.ResultsError) as caught:
+        results.append(row(0, description="keep me"), path)
+    assert caught.value.side is None and "keep me" in str(caught.value)
+
+
+def test_terminal_controls_are_stripped_from_cells(tmp_path):
+    path = tmp_path / "results.tsv"
+    nasty = "\x1b[2J\x1b[31mred\x1b[0m \u202egnp.exe\u202c \u2066iso\u2069 \u200e\u200f\u061c\x7f\x9b\x00 sur\ud800rogate"
+    results.append(row(0, description=nasty, model="m\x07\x08"), path)
+    cells = path.read_text().splitlines()[1].split("\t")
+    assert cells[results.COLUMNS.index("description")] == "[2J[31mred[0m gnp.exe iso sur?rogate"
+    assert cells[results.COLUMNS.index("model")] == "m"
+    assert results.read(path).loc[0, "description"] == "[2J[31mred[0m gnp.exe iso sur?rogate"
+
+
+def test_truncation_is_survived(tmp_path):
+    path = tmp_path / "results.tsv"
+    results.append(row(0), path)
+    path.write_bytes(b"")  # truncated to nothing: history is gone, but the file works again
+    assert results.read_counted(path)[1] == 0 and results.read(path).empty
+    results.append(row(1), path)
+    assert path.read_text() == results.HEADER + results.format_row(row(1))
+    path.write_text(results.HEADER[:11])  # torn inside the header: completed, not foreign
+    results.append(row(2), path)
+    assert list(results.read(path)["run_id"]) == ["r2"]
+    path.write_text(results.HEADER + results.format_row(row(3))[:30])  # torn inside a row
+    results.append(row(4), path)
+    assert list(results.read(path)["run_id"]) == ["r4"]
 
 
 def test_a_torn_last_line_is_isolated_and_skipped(tmp_path):

@@ -1,9 +1,11 @@
-"""Token files on disk and the batches train.py draws from them.
+"""Token files on disk and the record of what prepare.py chose.
 
 prepare.py writes each tokenized split as `<name>.bin` (a flat uint16/uint32 array, memory-mapped
 when read) beside `<name>.json`, its manifest entry: source, split, sha256 of the text and of the
-token file, token and UTF-8 byte counts, tokenizer id. `data/prepared.json` names the model and the
-train/eval files in use. A file that does not match its manifest is never used.
+token file, token and UTF-8 byte counts, tokenizer id. `data/prepared.json` names the model, the
+train/eval files in use, the token byte lengths (with their sha256) and the eval token budget. A file
+that does not match its manifest is never used. A copy of prepared.json without "eval" is what
+untrusted code gets: it then cannot find the eval tokens through it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from harness import paths
 
@@ -91,14 +91,18 @@ def check_token_file(path: Path, expect: dict | None = None, full: bool = True) 
     manifest = path.with_suffix(".json")
     if not path.exists() or not manifest.exists():
         raise DataError(f"{path.name}: missing")
-    meta = json.loads(manifest.read_text())
+    try:
+        meta = json.loads(manifest.read_text())
+        size = int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize
+        digest = str(meta["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{manifest.name}: unreadable manifest ({type(err).__name__}: {err})") from None
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
             raise DataError(f"{path.name}: {key} is {meta.get(key)!r}, wanted {value!r}")
-    size = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
     if path.stat().st_size != size:
         raise DataError(f"{path.name}: {path.stat().st_size} bytes, its manifest says {size} (truncated?)")
-    if full and sha256_file(path) != meta["sha256"]:
+    if full and sha256_file(path) != digest:
         raise DataError(f"{path.name}: contents differ from its manifest's sha256 (corrupt)")
     return TokenFile(path, meta)
 
@@ -111,35 +115,57 @@ class Prepared:
     model_name: str  # e.g. "smollm2-135m"
     model_dir: Path  # a plain HF folder
     train: TokenFile
-    eval: TokenFile
+    eval: TokenFile | None  # None in the copy given to train.py, which must not see the eval text
     token_bytes: np.ndarray  # UTF-8 bytes of each token id (0 for special tokens)
+    eval_tokens: int  # the eval budget prepare.py checked the eval split against
 
 
-def load_prepared(data_dir: Path | None = None, full_check: bool = False) -> Prepared:
+RECORD_FIELDS = {"model_name": str, "model_dir": str, "train": str, "token_bytes": str, "token_bytes_sha256": str, "eval_tokens": int}
+
+
+def _read_record(path: Path) -> dict:
+    """prepared.json as a dict of the expected keys and types; anything else is one DataError line."""
+
+    def broken(why: str) -> DataError:
+        return DataError(f"{path} is broken ({why}): run `python prepare.py` again")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise broken(str(err)) from None
+    try:
+        info = json.loads(text)
+    except ValueError as err:
+        raise broken(f"not JSON: {err}") from None
+    if not isinstance(info, dict):
+        raise broken(f"a JSON {type(info).__name__}, not an object")
+    for key, kind in RECORD_FIELDS.items():
+        if key not in info:
+            raise broken(f"no {key!r}")
+        if not isinstance(info[key], kind) or isinstance(info[key], bool):
+            raise broken(f"{key!r} is {info[key]!r}, not a {kind.__name__}")
+    if "eval" in info and not isinstance(info["eval"], str):
+        raise broken(f"'eval' is {info['eval']!r}, not a str")
+    return info
+
+
+def load_prepared(data_dir: Path | None = None, full_check: bool = False, need_eval: bool = True) -> Prepared:
+    """What prepare.py chose, checked against the manifests; `full_check` hashes every file (the
+    token files and token_bytes.npy, which scales every bits-per-byte figure)."""
     data_dir = data_dir or paths.data_dir()
     record = data_dir / PREPARED
     if not record.exists():
         raise DataError(f"no {record}: run `python prepare.py` first")
-    info = json.loads(record.read_text())
+    info = _read_record(record)
+    if need_eval and "eval" not in info:
+        raise DataError(f"{record} names no eval split (a copy made for train.py?): run `python prepare.py` again")
     try:
         train = check_token_file(data_dir / info["train"], full=full_check)
-        evaluation = check_token_file(data_dir / info["eval"], full=full_check)
-        token_bytes = np.load(data_dir / info["token_bytes"])
-    except (DataError, OSError, ValueError) as err:
+        evaluation = check_token_file(data_dir / info["eval"], full=full_check) if "eval" in info else None
+        token_bytes_path = data_dir / info["token_bytes"]
+        if full_check and sha256_file(token_bytes_path) != info["token_bytes_sha256"]:
+            raise DataError(f"{token_bytes_path.name}: contents differ from prepared.json's sha256 (corrupt)")
+        token_bytes = np.load(token_bytes_path)
+    except (DataError, OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"prepared data is broken ({err}): run `python prepare.py` again") from None
-    return Prepared(info["model_name"], data_dir / info["model_dir"], train, evaluation, token_bytes)
-
-
-# --- batches ---
-
-
-def batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x, y) int64 batches of random windows; y is x shifted by one. Same seed, same batches."""
-    if len(tokens) <= seq_len + 1:
-        raise DataError(f"{len(tokens)} tokens cannot fill one window of {seq_len + 1}")
-    rng = np.random.default_rng(seed)
-    offsets = np.arange(seq_len + 1)
-    while True:
-        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-        window = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
-        yield window[:, :-1], window[:, 1:]
+    return Prepared(info["model_name"], data_dir / info["model_dir"], train, evaluation, token_bytes, info["eval_tokens"])

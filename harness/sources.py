@@ -14,11 +14,13 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 TRAIN, EVAL = "train", "eval"
+OFFLINE_HINT = "offline, use sotu, moby-dick or file:PATH"
 
 
 class SourceError(Exception):
@@ -94,7 +96,7 @@ def _hub_dataset(load: Callable[[], list[str]], what: str) -> list[str]:
         return load()
     except Exception as err:  # noqa: BLE001 - offline, missing and auth errors all end here
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise SourceError(f"cannot load {what} from the dataset hub ({first_line}); offline, use --train sotu --eval sotu") from None
+        raise SourceError(f"cannot load {what} from the dataset hub ({first_line}); {OFFLINE_HINT}") from None
 
 
 def _tinystories(split: str, cache_dir: Path) -> list[str]:
@@ -135,15 +137,36 @@ PRESETS = {  # name -> (train source, eval source)
 }
 
 
+def _file_documents(source: str) -> list[str]:
+    """One document per file; a directory, an empty file or an unreadable one is refused, since a
+    silently skipped file would change what is trained or scored."""
+    pattern = os.path.expanduser(source[len("file:"):])
+    if Path(pattern).is_dir():
+        raise SourceError(f"{source} is a directory: use file:{pattern.rstrip('/')}/*.txt")
+    files = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
+    if not files:
+        raise SourceError(f"{source}: no such file")
+    documents = []
+    for name in files:
+        if Path(name).is_dir():
+            raise SourceError(f"{source}: {name} is a directory: use file:{name.rstrip('/')}/*.txt")
+        try:
+            text = Path(name).read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            raise SourceError(f"{source}: cannot read {name} ({err.strerror or type(err).__name__})") from None
+        if not text.strip():
+            raise SourceError(f"{source}: {name} holds no text (empty or whitespace only)")
+        documents.append(text)
+    return documents
+
+
 def load_documents(source: str, split: str, cache_dir: Path) -> list[str]:
     if source.startswith("file:"):
-        pattern = os.path.expanduser(source[len("file:"):])
-        files = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
-        if not files:
-            raise SourceError(f"{source}: no such file")
-        return [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+        return _file_documents(source)
     if source not in SOURCES:
         raise SourceError(f"unknown text source {source!r}: use one of {sorted(SOURCES)} or file:PATH")
+    if SOURCES[source].needs_hub and not hub_reachable():  # `datasets` would retry for minutes first
+        raise SourceError(f"{source} needs the dataset hub, which is unreachable (or HF_HUB_OFFLINE is set); {OFFLINE_HINT}")
     documents = SOURCES[source].load(split, cache_dir)
     if not documents:
         raise SourceError(f"{source}:{split} holds no text")
@@ -155,17 +178,22 @@ def split_name(source: str, split: str) -> str:
     return "all" if source.startswith("file:") else split
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the hub looks reachable: respects HF_HUB_OFFLINE and asks DNS only, so a machine
-    without network sends no traffic."""
+    without network sends no traffic. The lookup runs in a thread because getaddrinfo ignores socket
+    timeouts and a dead resolver can stall it for many seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
+    answer: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo("huggingface.co", 443)
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])

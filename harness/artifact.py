@@ -1,21 +1,23 @@
 """The exported low-bit model: how train.py writes it and how the harness verifies it.
 
-An artifact is a folder that plain `AutoModelForCausalLM.from_pretrained` loads (config, tokenizer,
-model.safetensors holding the dequantized weights) plus two files that are the real low-bit model:
+An artifact (format v2) is a folder of data, exactly these files:
 
-    quant.safetensors   packed integer codes and per-group parameters, `<linear>.codes`, `<linear>.scale`, ...
-    quant.json          {"version": 1, "layers": {<linear>: {"format": ..., "shape": [out, in], ...}}}
+    quant.json          {"version": 2, "layers": {<module>: {"format": ..., "shape": [out, in], ...} | {"format": "dense"}}}
+    quant.safetensors   packed integer codes and per-group parameters, `<module>.codes`, `<module>.scale`, ...
+    dense.safetensors   optional: floating-point tensors by state_dict key (norms, embeddings, a dense
+                        layer's weight), only those the run changed
 
-`load_verified` rebuilds every decoder Linear (and lm_head when declared) from its codes, checks it
-against its declared format (formats.decode_layer, LoRA adapter included), checks the dequantized HF
-weights agree with the codes, installs any declared input fake-quant, and counts the bits actually
-stored. Evaluation then runs on the decoded weights, never on anything else.
+No config, no code, no HF weights, no pickle: the architecture and every tensor the artifact does not
+give are the prepared model's (prepare.py's plain HF folder), so train.py cannot change what the model
+computes except through the tensors it declares. `load_verified` builds the prepared model, rebuilds
+every declared matmul weight from its codes (formats.decode_layer, LoRA adapter included), loads
+dense.safetensors, installs any declared input fake-quant, checks the result is still causal and
+counts the bits actually stored. Evaluation then runs on that model, never on anything else.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +31,21 @@ from harness.formats import DENSE, FORMATS, InvalidArtifact, decode_layer, input
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors header dtype -> bytes per element
 
-QUANT_WEIGHTS = "quant.safetensors"
 QUANT_SPEC = "quant.json"
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+QUANT_WEIGHTS = "quant.safetensors"
+DENSE_WEIGHTS = "dense.safetensors"
+ARTIFACT_FILES = (QUANT_SPEC, QUANT_WEIGHTS, DENSE_WEIGHTS)
+FORMAT_VERSION = 2
 
-# The HF weights may be stored in a lower precision than the decode; anything beyond this
-# relative gap means model.safetensors is not the model the codes describe.
-AGREEMENT_RTOL = 1e-3
+# Size caps, so a hostile artifact cannot exhaust memory before it is judged: a tensor file may hold
+# at most twice the prepared model's weights (an fp32 copy of a bf16 model) plus some slack.
+MAX_SPEC_BYTES = 4 << 20
+WEIGHTS_SLACK_BYTES = 16 << 20
+
+# Causality probe: logits at the first half of PROBE_TOKENS random ids must not move (beyond this
+# fraction of their scale) when the second half changes.
+PROBE_TOKENS = 32
+CAUSAL_RTOL = 1e-4
 
 
 @dataclass
@@ -53,11 +62,11 @@ class QuantizedLinear:
 
 @dataclass
 class ArtifactReport:
-    bpw: float  # stored bits per weight over the decoder Linears (codes + scales + dense layers)
-    linear_mb: float  # their packed size
-    other_mb: float  # embeddings, lm_head when untied (its codes when declared), norms: at stored precision
-    quantized_weights: int  # weights in the decoder Linears
-    formats: dict[str, int]  # format name -> number of verified Linears (lm_head included when declared)
+    bpw: float  # stored bits per weight over the decoder matmul weights (codes + scales + dense layers)
+    linear_mb: float  # their stored size
+    other_mb: float  # embeddings, the output head (its codes when quantized), norms: at stored precision
+    quantized_weights: int  # weights in the decoder matmul layers
+    formats: dict[str, int]  # format name -> number of declared layers (the output head included when declared)
 
     @property
     def size_mb(self) -> float:
@@ -66,15 +75,17 @@ class ArtifactReport:
 
 def save(
     out_dir: Path,
-    model: nn.Module,
     layers: dict[str, QuantizedLinear],
-    tokenizer_dir: Path | None = None,
+    dense_tensors: dict[str, torch.Tensor] | None = None,
     dense: list[str] = (),
 ) -> None:
-    """Write the artifact. `model` must already compute with the dequantized weights; `dense`
-    names Linears deliberately left in floating point."""
+    """Write the artifact: `layers` as codes, `dense_tensors` (state_dict key -> the floating tensors
+    the run changed) as they are, and `dense` naming layers deliberately left in floating point.
+    quant.json goes last and any old one first: a half-written folder is no artifact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (QUANT_SPEC, DENSE_WEIGHTS):
+        (out_dir / name).unlink(missing_ok=True)
     tensors, declared = {}, {}
     for name, layer in layers.items():
         spec = {"format": layer.format, "shape": list(layer.codes.shape), **layer.spec}
@@ -83,113 +94,278 @@ def save(
         declared[name] = spec
     declared.update({name: {"format": DENSE} for name in dense})
     save_file(tensors, str(out_dir / QUANT_WEIGHTS))
+    if dense_tensors:
+        plain = {key: value.detach().contiguous().cpu() for key, value in dense_tensors.items()}
+        save_file(plain, str(out_dir / DENSE_WEIGHTS))
     (out_dir / QUANT_SPEC).write_text(json.dumps({"version": FORMAT_VERSION, "layers": declared}, indent=1))
-    model.save_pretrained(out_dir)
-    for filename in TOKENIZER_FILES if tokenizer_dir else ():
-        if (Path(tokenizer_dir) / filename).exists():
-            shutil.copy(Path(tokenizer_dir) / filename, out_dir / filename)
 
 
-def _stored_tensors(artifact_dir: Path) -> dict[str, tuple[str, int]]:
-    """name -> (dtype, bytes) of every tensor in the HF weight files, read from headers only."""
+# --- the prepared model ---
+
+
+def stored_bytes(model_dir: Path) -> dict[str, int]:
+    """state_dict key -> bytes of every tensor in the prepared model's weight files, from headers only."""
     stored = {}
-    for path in sorted(artifact_dir.glob("model*.safetensors")):
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():
                 piece = handle.get_slice(name)
                 n_elements = 1
                 for dim in piece.get_shape():
                     n_elements *= dim
-                stored[name] = (piece.get_dtype(), n_elements * _DTYPE_BYTES[piece.get_dtype()])
+                stored[name] = n_elements * _DTYPE_BYTES[piece.get_dtype()]
     return stored
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear that must be quantized: all of them except the output head."""
+def output_head_name(model: nn.Module) -> str:
     head = model.get_output_embeddings()
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    return next(name for name, module in model.named_modules() if module is head)
 
 
-def output_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    head = model.get_output_embeddings()
-    return next(name for name, module in model.named_modules() if module is head), head
+def matmul_weights(model: nn.Module) -> dict[str, str]:
+    """layer name -> state_dict key of every floating 2-D parameter, whatever its module's class,
+    except embedding tables (token, position) and an output head tied to them."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {key.removesuffix(".weight"): key for key, p in model.named_parameters()
+            if p.dim() == 2 and p.is_floating_point() and id(p) not in tables}  # fmt: skip
 
 
-def install_input_quant(linear: nn.Linear, quant) -> None:
-    """Fake-quantize the Linear's input on every forward (the HF folder cannot say this)."""
-    linear.register_forward_pre_hook(lambda module, args: (quant(args[0]), *args[1:]))
+def decoder_weights(model: nn.Module) -> dict[str, str]:
+    """The matmul weights that must be declared and make up bpw: all but the output head's."""
+    layers = matmul_weights(model)
+    layers.pop(output_head_name(model), None)
+    return layers
 
 
-def load_verified(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ArtifactReport]:
-    """Load the artifact's model with every decoder Linear (and lm_head, when declared) rebuilt
-    from its verified codes and its declared input fake-quant installed.
+def owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    path, _, attr = key.rpartition(".")
+    return model.get_submodule(path), attr
 
-    Raises InvalidArtifact (one-line reason) if any Linear is missing, lies about its format,
-    or if the dequantized HF weights are not what the codes decode to.
-    """
-    from transformers import AutoModelForCausalLM
 
-    artifact_dir = Path(artifact_dir)
-    for required in ("config.json", QUANT_SPEC, QUANT_WEIGHTS):
+def transposed(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight (in, out); a spec's shape is always [out, in]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def install_weight(model: nn.Module, key: str, weight: torch.Tensor) -> None:
+    """Give the parameter `key` a Parameter of its own holding `weight` (this unties a tied head)."""
+    module, attr = owner(model, key)
+    setattr(module, attr, nn.Parameter(weight.to(getattr(module, attr).dtype).contiguous()))
+
+
+def install_input_quant(module: nn.Module, quant) -> None:
+    """Fake-quantize the layer's input on every forward."""
+    module.register_forward_pre_hook(lambda module, args: (quant(args[0]), *args[1:]))
+
+
+# --- reading the artifact ---
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def check_files(artifact_dir: Path, max_weights_bytes: int) -> None:
+    """Only the artifact's own plain files, none too large; quant.json and quant.safetensors present."""
+    if artifact_dir.is_symlink() or not artifact_dir.is_dir():
+        raise InvalidArtifact(f"{artifact_dir} is not a folder (a symlink or missing): not an exported artifact")
+    for entry in sorted(artifact_dir.iterdir()):
+        if entry.is_symlink():
+            raise InvalidArtifact(f"{entry.name} is a symlink: an artifact holds plain files only")
+        if entry.name not in ARTIFACT_FILES or not entry.is_file():
+            raise InvalidArtifact(f"{entry.name} in the artifact: only {', '.join(ARTIFACT_FILES[:-1])} and "
+                                  f"{ARTIFACT_FILES[-1]} are read")  # fmt: skip
+        cap = MAX_SPEC_BYTES if entry.name == QUANT_SPEC else max_weights_bytes
+        if entry.stat().st_size > cap:
+            raise InvalidArtifact(f"{entry.name} is {entry.stat().st_size} bytes, over its cap of {cap}")
+    for required in (QUANT_SPEC, QUANT_WEIGHTS):
         if not (artifact_dir / required).exists():
             raise InvalidArtifact(f"no {required} in {artifact_dir}: not an exported artifact")
-    declaration = json.loads((artifact_dir / QUANT_SPEC).read_text())
+
+
+def read_declaration(path: Path) -> dict[str, dict]:
+    """quant.json's layers, each spec an object naming its format; anything else is a verdict."""
+    try:
+        declaration = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise InvalidArtifact(f"{QUANT_SPEC} is not JSON: {_one_line(err)}") from None
+    if not isinstance(declaration, dict):
+        raise InvalidArtifact(f"{QUANT_SPEC} holds a {type(declaration).__name__}, not an object")
     if declaration.get("version") != FORMAT_VERSION:
         raise InvalidArtifact(f"{QUANT_SPEC} version {declaration.get('version')!r}, expected {FORMAT_VERSION}")
-    declared: dict[str, dict] = declaration.get("layers", {})
+    layers = declaration.get("layers")
+    if not isinstance(layers, dict):
+        raise InvalidArtifact(f"{QUANT_SPEC}: layers is {type(layers).__name__}, not an object")
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("format"), str):
+            raise InvalidArtifact(f"{QUANT_SPEC}: {name}: {str(spec)[:60]!r} is not an object naming a format")
+    return layers
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=dtype)
-    except Exception as err:  # noqa: BLE001 - any load failure makes the artifact unusable
-        raise InvalidArtifact(f"model.safetensors does not load: {type(err).__name__}: {err}") from None
-    linears = decoder_linears(model)
-    head_name, head = output_head(model)
-    if head_name in declared:  # optional: a quantized head is verified too, but it is not decoder bpw
-        if head.weight is model.get_input_embeddings().weight:
-            raise InvalidArtifact(f"{head_name} is declared but tied to the embeddings: untie it "
-                                  "(tie_word_embeddings=false) so the embeddings stay as stored")  # fmt: skip
-        linears[head_name] = head
-    unknown = sorted(set(declared) - set(linears))
-    if unknown:
-        raise InvalidArtifact(f"{QUANT_SPEC} declares layers the model does not have: {unknown[:3]}")
-    stored = _stored_tensors(artifact_dir)
-    quant = load_file(str(artifact_dir / QUANT_WEIGHTS))
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors on a corrupt or hostile file
+        raise InvalidArtifact(f"{path.name} does not load: {_one_line(err)}") from None
+
+
+# --- verifying it ---
+
+
+def check_spec(name: str, spec: dict, shape: list[int]) -> None:
+    """What decode_layer takes as given: the shape is the model's, the format known, a group fits a row."""
+    declared = spec.get("shape")
+    if not isinstance(declared, list) or any(type(d) is not int for d in declared) or declared != shape:
+        raise InvalidArtifact(f"{name}: declared shape {str(declared)[:40]}, the model has {shape}")
+    fmt = FORMATS.get(spec["format"])
+    if fmt is None:
+        raise InvalidArtifact(f"{name}: unknown format {spec['format']!r} (known: {sorted(FORMATS)} or {DENSE})")
+    try:
+        group = fmt.group_size(spec)
+    except InvalidArtifact as err:
+        raise InvalidArtifact(f"{name}: {err}") from None
+    if group > shape[1]:
+        raise InvalidArtifact(f"{name}: group size {group} exceeds in_features {shape[1]}")
+
+
+def decode_declared(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """decode_layer, with a malformed value anywhere in the spec a verdict rather than a traceback."""
+    try:
+        return decode_layer(name, spec, tensors)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:
+        raise InvalidArtifact(f"{name}: malformed spec or tensors: {_one_line(err)}") from None
+
+
+def install_quantized(model: nn.Module, specs: dict[str, tuple[str, dict]], quant: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Decode each quantized layer (name -> (state_dict key, spec)) into the model, with its input
+    fake-quant; returns state_dict key -> bytes stored. Every tensor of quant.safetensors must be used."""
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in quant.items():
         layer, _, suffix = key.rpartition(".")
         by_layer.setdefault(layer, {})[suffix] = tensor
-
-    layer_bytes, formats = {}, {}
-    for name, linear in linears.items():
-        spec = declared.get(name)
-        if spec is None:
-            raise InvalidArtifact(f"{name} is stored in full precision with no format in {QUANT_SPEC}: not quantized")
-        formats[spec.get("format")] = formats.get(spec.get("format"), 0) + 1
-        if spec.get("format") == DENSE:  # declared floating point: honest, and it pays its stored bits
-            layer_bytes[name] = stored[f"{name}.weight"][1]
-            continue
-        if list(spec.get("shape", [])) != list(linear.weight.shape):
-            raise InvalidArtifact(f"{name}: declared shape {spec.get('shape')}, the model has {list(linear.weight.shape)}")
+    stored = {}
+    for name, (key, spec) in specs.items():
+        module, attr = owner(model, key)
+        shape = list(getattr(module, attr).shape)[:: -1 if transposed(module) else 1]
+        check_spec(name, spec, shape)
         tensors = by_layer.pop(name, {})
-        weight = decode_layer(name, spec, tensors)
-        gap = (weight - linear.weight.detach().float()).abs().max()
-        if gap > AGREEMENT_RTOL * weight.abs().max().clamp_min(1e-12):
-            raise InvalidArtifact(
-                f"{name}: model.safetensors differs from the decoded codes by {float(gap):.3g} "
-                "(a blended or unquantized export)"
-            )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
+        weight = decode_declared(name, spec, tensors)
+        install_weight(model, key, weight.T if transposed(module) else weight)
         if quant_input := input_quant_of(spec):
-            install_input_quant(linear, quant_input)
-        layer_bytes[name] = sum(t.numel() * t.element_size() for t in tensors.values())
+            install_input_quant(module, quant_input)
+        stored[key] = sum(t.numel() * t.element_size() for t in tensors.values())
     if by_layer:
-        raise InvalidArtifact(f"{QUANT_WEIGHTS} holds tensors for undeclared layers: {sorted(by_layer)[:3]}")
+        raise InvalidArtifact(f"{QUANT_WEIGHTS} holds tensors for layers with no quantized format: {sorted(by_layer)[:3]}")
+    return stored
 
-    decoder = [name for name in linears if name != head_name]
-    linear_bytes = sum(layer_bytes[name] for name in decoder)
-    n_weights = sum(linears[name].weight.numel() for name in decoder)
-    linear_keys = {f"{name}.weight" for name in linears}
-    other_bytes = layer_bytes.get(head_name, 0) + sum(size for key, (_, size) in stored.items() if key not in linear_keys)
+
+def check_dense_tensors(model: nn.Module, given: dict[str, torch.Tensor], quantized_keys: set[str]) -> None:
+    """Each tensor of dense.safetensors replaces one of the model's, like for like."""
+    own = model.state_dict()
+    for key, tensor in given.items():
+        if key not in own:
+            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is not a tensor of the model")
+        if key in quantized_keys:
+            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is the weight of a quantized layer: its codes are its weight")
+        if tensor.shape != own[key].shape:
+            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is {tuple(tensor.shape)}, the model's is {tuple(own[key].shape)}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor.float()).all():
+            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} must hold finite floating-point values, not {tensor.dtype}")
+
+
+@torch.no_grad()
+def load_dense_tensors(model: nn.Module, given: dict[str, torch.Tensor], head_key: str) -> None:
+    """dense.safetensors into the model (cast to its dtype): the head gets a tensor of its own
+    (untied), anything else is overwritten in place, so tensors tied to it follow."""
+    own = model.state_dict(keep_vars=True)
+    for key, tensor in given.items():
+        if key == head_key:
+            install_weight(model, key, tensor)
+        else:
+            own[key].copy_(tensor)
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """state_dict keys grouped by the tensor they name: a tied tensor is one group."""
+    groups: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(key)
+    return list(groups.values())
+
+
+def stored_size(keys: list[str], quantized: dict[str, int], given: dict[str, torch.Tensor], prepared: dict[str, int]) -> int:
+    """Bytes one tensor (named by `keys`) is stored in: its codes, else the artifact's copy, else the prepared model's."""
+    for key in keys:
+        if key in quantized:
+            return quantized[key]
+        if key in given:
+            return given[key].numel() * given[key].element_size()
+    return next(prepared[key] for key in keys if key in prepared)
+
+
+@torch.no_grad()
+def check_causal(model: nn.Module) -> None:
+    """A second line of defence: no logit may depend on a later token."""
+    vocab, half = model.get_input_embeddings().num_embeddings, PROBE_TOKENS // 2
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (1, PROBE_TOKENS), generator=generator)
+    changed = torch.cat([ids[:, :half], torch.randint(vocab, (1, PROBE_TOKENS - half), generator=generator)], dim=1)
+    before, after = (model(input_ids=x).logits[0, :half].float() for x in (ids, changed))
+    gap = (after - before).abs().max()
+    if gap > CAUSAL_RTOL * before.abs().max():
+        raise InvalidArtifact(f"the model is not causal: its logits at the first {half} positions move by "
+                              f"{float(gap):.3g} when later tokens change")  # fmt: skip
+
+
+def load_verified(artifact_dir: Path, model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ArtifactReport]:
+    """The prepared model (`model_dir`: architecture and original weights) with every declared
+    matmul weight rebuilt from its verified codes, dense.safetensors loaded and declared input
+    fake-quant installed, and the bits it stores.
+
+    Raises InvalidArtifact (one-line reason) if the folder holds anything but the artifact's files,
+    a decoder matmul weight is undeclared, a layer lies about its format, a dense tensor does not
+    fit the model, or the loaded model is not causal.
+    """
+    from transformers import AutoModelForCausalLM
+
+    artifact_dir = Path(artifact_dir)
+    prepared = stored_bytes(model_dir)
+    check_files(artifact_dir, 2 * sum(prepared.values()) + WEIGHTS_SLACK_BYTES)
+    declared = read_declaration(artifact_dir / QUANT_SPEC)
+    quant = read_tensors(artifact_dir / QUANT_WEIGHTS)
+    given = read_tensors(artifact_dir / DENSE_WEIGHTS) if (artifact_dir / DENSE_WEIGHTS).exists() else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    decoder = decoder_weights(model)
+    head_name = output_head_name(model)
+    layers = {**decoder, head_name: f"{head_name}.weight"}  # the head is optional: as stored unless declared
+    unknown = sorted(set(declared) - set(layers))
+    if unknown:
+        raise InvalidArtifact(f"{QUANT_SPEC} declares layers that are not matmul weights of the model: {unknown[:3]}")
+    for name in decoder:
+        if name not in declared:
+            raise InvalidArtifact(f"{name} has no format in {QUANT_SPEC}: every matmul weight is declared, quantized or dense")
+    specs = {name: (layers[name], spec) for name, spec in declared.items() if spec["format"] != DENSE}
+    check_dense_tensors(model, given, {key for key, _ in specs.values()})
+    quantized = install_quantized(model, specs, quant)
+    load_dense_tensors(model, given, layers[head_name])
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        model.config.tie_word_embeddings = False  # the config says what the model now is (a saved copy stays untied)
+    check_causal(model)
+
+    decoder_keys = set(decoder.values())
+    linear_bytes = other_bytes = 0
+    for keys in tied_groups(model):
+        size = stored_size(keys, quantized, given, prepared)
+        if decoder_keys.intersection(keys):
+            linear_bytes += size
+        else:
+            other_bytes += size
+    n_weights = sum(model.get_parameter(key).numel() for key in decoder_keys)
+    formats: dict[str, int] = {}
+    for spec in declared.values():
+        formats[spec["format"]] = formats.get(spec["format"], 0) + 1
     report = ArtifactReport(
         bpw=8 * linear_bytes / max(n_weights, 1),
         linear_mb=linear_bytes / 1e6,

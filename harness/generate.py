@@ -60,7 +60,7 @@ def compare(run_dir: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # one tokenizer: both models see the same ids
     full_precision = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     try:
-        low_bit, report = load_verified(run_dir / "artifact")
+        low_bit, report = load_verified(run_dir / "artifact", model_dir)
         about = f"{report.bpw:.2f} bpw, " + ", ".join(f"{count} x {name}" for name, count in sorted(report.formats.items()))
     except InvalidArtifact as err:
         low_bit, about = None, f"invalid artifact: {err}"

@@ -139,7 +139,7 @@ def test_generate_prints_both_models_on_the_same_prompt(tiny_run, tiny_model_dir
     assert f"low-bit:        run {tiny_run.run_id} (" in out and "14 x ternary" in out
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     full_precision = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    low_bit, _ = load_verified(tiny_run.run_dir / "artifact")
+    low_bit, _ = load_verified(tiny_run.run_dir / "artifact", tiny_model_dir)
     expected_fp = argmax_continuation(full_precision, tokenizer, "The city of", 12)
     expected_low_bit = argmax_continuation(low_bit.eval(), tokenizer, "The city of", 12)
     assert expected_fp and expected_low_bit

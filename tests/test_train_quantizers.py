@@ -209,7 +209,7 @@ def test_the_export_verifies_and_computes_the_training_forward(method, device, t
     ids = torch.arange(40)[None] * 7 % 512
     fake_quant_logits = model(input_ids=ids.to(device)).logits.detach().cpu()
     train.export(model, cfg, tiny_model_dir, tmp_path / "artifact")
-    verified, report = load_verified(tmp_path / "artifact")
+    verified, report = load_verified(tmp_path / "artifact", tiny_model_dir)
     assert report.formats == {cfg.quant: 14}
     torch.testing.assert_close(verified(input_ids=ids).logits, fake_quant_logits, rtol=1e-4, atol=1e-4)
 
@@ -344,7 +344,7 @@ def test_per_module_bits_and_a_quantized_head_verify(tiny_model_dir, tmp_path):
     ids = torch.arange(24)[None]
     reference = model(input_ids=ids).logits.detach()
     train.export(model, cfg, tiny_model_dir, tmp_path / "a")
-    verified, report = load_verified(tmp_path / "a")
+    verified, report = load_verified(tmp_path / "a", tiny_model_dir)
     assert report.formats == {"codebook": 6, "int": 9}  # 2 layers x 3 MLP, 2 x 4 attention + the head
     torch.testing.assert_close(verified(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
 

@@ -8,6 +8,8 @@
 Writes under data/: models/<name>/ (plain HF folder), text/ (downloaded text), tokens/<model>/ (token
 files + manifests + token byte lengths) and prepared.json (what train.py and the evaluation use).
 Idempotent: a re-run with the same inputs only checks files; a corrupt or stale file is rebuilt.
+Refused, one line and exit code 2: train text that holds any eval document (compared by content, not
+by path), an eval split too short for --eval-tokens, hub text while offline, unusable file: paths.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from harness import models, paths, sources
-from harness.data import PREPARED, DataError, atomic_write_bytes, atomic_write_json, check_token_file, token_dtype, write_token_file
+from harness import integrity, models, paths, sources
+from harness.data import PREPARED, DataError, atomic_write_bytes, atomic_write_json, check_token_file, sha256_file, token_dtype, write_token_file
+from harness.evaluate import EVAL_CONTEXT, EVAL_TOKENS
 
 TOKENIZE_BATCH_DOCS = 16  # documents per tokenizer call: keeps the progress bar moving on long texts
 
@@ -48,9 +51,51 @@ def file_stem(source: str, split: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '-', source)}-{split}"
 
 
-def prepare_split(source: str, split: str, tokenizer, tokenizer_id: str, out_dir: Path, text_dir: Path):
+def same_array(path: Path, array: np.ndarray) -> bool:
+    """Whether `path` holds `array`; a missing or unreadable file is simply rewritten."""
+    try:
+        return np.array_equal(np.load(path), array)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Refused(Exception):
+    """The inputs would make a meaningless score; one line that says what to change."""
+
+
+def document_hashes(documents: list[str]) -> set[str]:
+    """sha256 of each non-empty document with whitespace normalised, so a copy that differs only in
+    line endings or spacing still counts as the same document."""
+    normalised = (" ".join(doc.split()) for doc in documents)
+    return {hashlib.sha256(doc.encode("utf-8")).hexdigest() for doc in normalised if doc}
+
+
+def check_disjoint(train_source: str, train_docs: list[str], eval_source: str, eval_docs: list[str]) -> None:
+    """Eval documents inside the train text would make the score measure memorisation."""
+    eval_hashes = document_hashes(eval_docs)
+    shared = len(eval_hashes & document_hashes(train_docs))
+    if shared:
+        raise Refused(f"{shared} of {len(eval_hashes)} eval documents ({eval_source}) also appear in the train text "
+                      f"({train_source}): train on text that leaves them out")  # fmt: skip
+
+
+def load_split(source: str, split: str, text_dir: Path) -> tuple[str, list[str]]:
     split = sources.split_name(source, split)
-    documents = sources.load_documents(source, split, text_dir)
+    return split, sources.load_documents(source, split, text_dir)
+
+
+def load_texts(train_source: str, eval_source: str, text_dir: Path) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+    return load_split(train_source, sources.TRAIN, text_dir), load_split(eval_source, sources.EVAL, text_dir)
+
+
+def prepare_split(source: str, split: str, documents: list[str], tokenizer, tokenizer_id: str, out_dir: Path):
     text_sha = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()
     expect = {"source": source, "split": split, "text_sha256": text_sha, "tokenizer": tokenizer_id}
     path = out_dir / f"{file_stem(source, split)}.bin"
@@ -88,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", help=f"training text: {', '.join(sources.SOURCES)} or file:PATH")
     parser.add_argument("--eval", help="evaluation text, same choices")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: data/ (or $HARNESS_DATA_DIR)")
+    parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help=f"eval budget the eval split must cover (default {EVAL_TOKENS:,})")
     args = parser.parse_args(argv)
+    if args.eval_tokens <= 0 or args.eval_tokens % EVAL_CONTEXT:
+        print(f"error: --eval-tokens {args.eval_tokens}: use a positive multiple of the eval context {EVAL_CONTEXT}", file=sys.stderr)
+        return 2
     data_dir = (args.data_dir or paths.data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -104,26 +153,28 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         token_bytes_path = out_dir / "token_bytes.npy"
         token_bytes = models.token_byte_lengths(tokenizer)
-        if not token_bytes_path.exists() or not np.array_equal(np.load(token_bytes_path), token_bytes):
+        if not same_array(token_bytes_path, token_bytes):
             buffer = io.BytesIO()
             np.save(buffer, token_bytes)
             atomic_write_bytes(token_bytes_path, buffer.getvalue())
         text_dir = data_dir / "text"
         try:
-            train = prepare_split(train_source, sources.TRAIN, tokenizer, tokenizer_id, out_dir, text_dir)
-            evaluation = prepare_split(eval_source, sources.EVAL, tokenizer, tokenizer_id, out_dir, text_dir)
+            train_text, eval_text = load_texts(train_source, eval_source, text_dir)
         except sources.SourceError as err:
             if args.preset != "auto" or args.train or args.eval:
                 raise
             print(f"hub text unavailable ({err}); falling back to the packaged offline text")
             train_source, eval_source = sources.PRESETS["offline"]
-            train = prepare_split(train_source, sources.TRAIN, tokenizer, tokenizer_id, out_dir, text_dir)
-            evaluation = prepare_split(eval_source, sources.EVAL, tokenizer, tokenizer_id, out_dir, text_dir)
-    except (models.ModelError, sources.SourceError) as err:
+            train_text, eval_text = load_texts(train_source, eval_source, text_dir)
+        check_disjoint(train_source, train_text[1], eval_source, eval_text[1])
+        evaluation = prepare_split(eval_source, *eval_text, tokenizer, tokenizer_id, out_dir)  # first: a short one stops us early
+        if evaluation.n_tokens < args.eval_tokens + 1:
+            raise Refused(f"the eval text {eval_source} has {evaluation.n_tokens:,} tokens, fewer than the {args.eval_tokens + 1:,} "
+                          f"that scoring --eval-tokens {args.eval_tokens} needs: use a longer eval text or lower --eval-tokens")  # fmt: skip
+        train = prepare_split(train_source, *train_text, tokenizer, tokenizer_id, out_dir)
+    except (models.ModelError, sources.SourceError, Refused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if train.path == evaluation.path:
-        print("warning: train and eval are the same text: the score measures memorisation", file=sys.stderr)
 
     def relative(path: Path) -> str:
         return str(path.resolve().relative_to(data_dir)) if path.resolve().is_relative_to(data_dir) else str(path)
@@ -134,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         "train": relative(train.path),
         "eval": relative(evaluation.path),
         "token_bytes": relative(token_bytes_path),
+        "token_bytes_sha256": sha256_file(token_bytes_path),
+        "eval_tokens": args.eval_tokens,
         "sources": {"train": train_source, "eval": eval_source, "why": why},
     }
-    if not (data_dir / PREPARED).exists() or json.loads((data_dir / PREPARED).read_text()) != record:
+    if read_json(data_dir / PREPARED) != record:
         atomic_write_json(data_dir / PREPARED, record)
-    print(f"prepared: {data_dir / PREPARED}")
+    integrity.write_manifest(data_dir)  # what the runner checks before every run and every scoring
+    print(f"prepared: {data_dir / PREPARED} (hashes in {data_dir / integrity.MANIFEST})")
     return 0
 
 

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -40,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
@@ -92,7 +93,7 @@ HARD_FULL_TOP1_WEIGHT = 0.0  # + CE over the full vocab towards the teacher's to
 TEACHER_CACHE_K = 0  # > 0: distil from a precomputed cache of the teacher's top-k logits (no teacher in memory)
 TEACHER_CACHE_NEGATIVES = 32  # random other tokens cached per position, so KD also pushes some tail mass down
 TEACHER_CACHE_TOKENS = 65_536  # cached positions (6 bytes * (k + negatives) each); a 300 s CPU run reads ~40K
-TEACHER_CACHE_DIR = ""  # where caches live; "" = <data dir>/teacher_cache
+TEACHER_CACHE_DIR = ""  # where caches live; "" = <harness cache>/teacher (shared by runs, writable in the sandbox)
 # LoRA recovery
 LORA_RANK = 0  # > 0: a second stage freezes the quantized weights and trains LoRA adapters of this rank
 LORA_ALPHA = 16.0  # adapter output scale is alpha / rank
@@ -104,7 +105,7 @@ FREEZE_ATTN_OV = 0  # 1: attention v_proj and o_proj latent weights stay fixed (
 FREEZE_LAST_MLPS = 0  # the last N layers' MLP latent weights stay fixed
 EMA_DECAY = 0.0  # > 0: export an exponential moving average of the trained parameters
 CHECKPOINT_EVERY = 0  # steps between checkpoints (model, optimizer, EMA, RNG); 0 = none
-CHECKPOINT_DIR = ""  # "" = <runs dir>/checkpoints/<hash of the training settings>
+CHECKPOINT_DIR = ""  # "" = <harness cache>/checkpoints/<hash of the training settings>
 RESUME = ""  # "auto": continue from the latest compatible checkpoint, or a path (bit-exact under --steps; a time budget restarts)
 # bookkeeping
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
@@ -565,10 +566,25 @@ def block_surrogate_vjp(quantizers: list, ws: list, learned: list, grads: list) 
 # loop over w and the backward one over dL/dweight and w: what keeps a QAT step near an FP step.
 # One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards, dispatch)
 # whatever its size, and the 135M model has 210 Linears.
-quantize_block_compiled = torch.compile(quantize_block, dynamic=False)
-block_params_vjp_compiled = torch.compile(block_params_vjp, dynamic=False)
-block_surrogate_vjp_compiled = torch.compile(block_surrogate_vjp, dynamic=False)
-torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its layers' shapes and widths): forward, params vjp, surrogate
+def compiled(fn):
+    """torch.compile(fn), done at its first call: importing the compiler costs a process seconds
+    that baselines and COMPILE=0 runs need not pay."""
+    compiled_fn = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled_fn
+        if compiled_fn is None:
+            torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its shapes and widths)
+            compiled_fn = torch.compile(fn, dynamic=False)
+        return compiled_fn(*args)
+
+    return call
+
+
+quantize_block_compiled = compiled(quantize_block)
+block_params_vjp_compiled = compiled(block_params_vjp)
+block_surrogate_vjp_compiled = compiled(block_surrogate_vjp)
 
 
 QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
@@ -921,7 +937,7 @@ def kl_to_teacher(s_logits: torch.Tensor, t_logits: torch.Tensor, temp: float) -
 
 # Over a 49K vocabulary, eager KL is ~8 passes over the logits forward and backward; compiled, the
 # softmaxes, the KL and its gradient fuse into a few row-wise loops.
-kl_to_teacher_compiled = torch.compile(kl_to_teacher, dynamic=False)
+kl_to_teacher_compiled = compiled(kl_to_teacher)
 
 
 def distill_terms(logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace) -> dict[str, torch.Tensor]:
@@ -948,7 +964,7 @@ def teacher_cache_path(prepared, cfg: SimpleNamespace) -> Path:
     config = (prepared.model_dir / "config.json").read_bytes()
     key = (f"{prepared.model_name}-{hashlib.sha256(config).hexdigest()[:8]}-{prepared.train.meta['sha256'][:12]}"
            f"-T{cfg.seq_len}-k{cfg.teacher_cache_k}-n{cfg.teacher_cache_negatives}-{cfg.teacher_cache_tokens}tok-s{cfg.seed}")  # fmt: skip
-    root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else paths.data_dir() / "teacher_cache"
+    root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else paths.cache_dir() / "teacher"
     return root / key
 
 
@@ -1116,7 +1132,7 @@ def checkpoint_dir(cfg: SimpleNamespace) -> Path:
     if cfg.checkpoint_dir:
         return Path(cfg.checkpoint_dir)
     key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in NOT_TRAINING})
-    return Path(os.environ["HARNESS_RUN_DIR"]).parent / "checkpoints" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    return paths.cache_dir() / "checkpoints" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def save_checkpoint(state: dict, cfg: SimpleNamespace) -> Path:
@@ -1307,7 +1323,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         if ema is not None:
             ema.update()
         step += 1
-        budget.step_done()
+        budget.step_done(cfg.batch_size * cfg.seq_len)
 
         window_tokens += cfg.batch_size * cfg.seq_len
         rate = window_tokens / (time.perf_counter() - window_started)
@@ -1323,10 +1339,9 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():  # the last step exports instead
-            with budget.paused():
-                rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-                save_checkpoint({"step": step, "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict(), "ema": ema.shadow if ema else None, "rng": rng}, cfg)  # fmt: skip
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+            save_checkpoint({"step": step, "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "ema": ema.shadow if ema else None, "rng": rng}, cfg)  # fmt: skip
     bar.close()
     log.close()
     if ema is not None:
@@ -1337,10 +1352,26 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
 # --- export ---
 
 
+def changed_tensors(model: nn.Module, model_dir: Path, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The model's floating tensors (a tied one once) that differ from the prepared model's, by
+    state_dict key: the artifact stores those, the harness takes every other from the prepared model."""
+    prepared = {}
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):
+        prepared.update(load_file(path))
+    changed, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if key in skip or not tensor.is_floating_point() or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        if key not in prepared or not torch.equal(tensor, prepared[key].to(tensor.dtype)):
+            changed[key] = tensor
+    return changed
+
+
 def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Path) -> None:
-    """Write the artifact: codes + parameters for every quantized Linear, and an HF folder whose
-    Linears hold exactly the decoded weights (the harness checks that they agree). Always the
-    fully quantized model, whatever lambda or bit width the last step trained at."""
+    """Write the artifact: codes + parameters for every quantized Linear, every other Linear
+    declared dense, and the tensors that changed in training (norms, dense Linears, ...) in fp32.
+    Always the fully quantized model, whatever lambda or bit width the last step trained at."""
     model = model.float().cpu()
     layers, dense = {}, []
     for name, module in list(model.named_modules()):
@@ -1352,7 +1383,7 @@ def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Pat
             swap_module(model, name, plain)
         elif linear is not model.get_output_embeddings():
             dense.append(name)
-    artifact.save(out_dir, model, layers, tokenizer_dir=model_dir, dense=dense)
+    artifact.save(out_dir, layers, changed_tensors(model, model_dir, {f"{name}.weight" for name in layers}), dense)
 
 
 # --- main ---
@@ -1364,7 +1395,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(os.environ["HARNESS_RUN_DIR"])
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    prepared = load_prepared()
+    prepared = load_prepared(need_eval=False)  # the sandbox shows train.py no eval split
     if cfg.baseline not in ("", "fp", "rtn"):
         raise SystemExit(f"--baseline must be fp or rtn, not {cfg.baseline!r}")
     for _, fmt, _ in [("", cfg.quant, 0), *module_formats(cfg)]:
@@ -1372,9 +1403,7 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"unknown format {fmt!r}; known: {sorted(QUANTIZERS)} or none")
     if cfg.switchable_bits and cfg.bits not in parse_bits(cfg.switchable_bits):
         raise SystemExit(f"--bits {cfg.bits} (the exported width) must be one of --switchable-bits {cfg.switchable_bits}")
-    info = {
-        "model": prepared.model_name,
-        "baseline": bool(cfg.baseline),
+    info = {  # what train.py says about itself: settings and a crash reason; the runner measures the rest
         "description": cfg.description or (f"baseline {cfg.baseline}" if cfg.baseline else f"{cfg.quant} QAT"),
         "config": {k: v for k, v in vars(cfg).items() if k != "description"},
     }

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: already in results.tsv")
                 continue
             print(f"{name}: python -m harness run --description {description!r} -- {' '.join(flags)}", flush=True)
-            run_experiment(RunSpec(train_args=flags, description=description, budget_seconds=args.budget, echo=False))
+            run_experiment(RunSpec(train_args=flags, description=description, budget_seconds=args.budget, echo=False,
+                                   baseline="--baseline" in flags))  # fmt: skip
     print(markdown_table([n for n in METHODS if n in names], latest_rows(model)))
     return 0
 

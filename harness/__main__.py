@@ -1,8 +1,9 @@
 """Command line: `python -m harness COMMAND`.
 
-    run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, scored and logged
-    baseline                                            the FP and round-to-nearest rows
+    run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, sandboxed, scored and logged
+    baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest rows
     evaluate ARTIFACT                                   verify and score an exported artifact
+    export RUN --hf DIR                                 a run's verified model as a plain HF folder
     status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
     plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
     show RUN                                            a run's config, row, train.py diff and log tail
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from harness.budget import TIME_BUDGET_SECONDS
 from harness.evaluate import EVAL_TOKENS
+from harness.runner import STARTUP_LIMIT_SECONDS
 
 BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
 # viewers: subcommand -> (module with add_arguments(parser) and command(args) -> exit code, help)
@@ -29,20 +31,25 @@ VIEWERS = {
     "plot": ("harness.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
     "show": ("harness.inspect_run", "one run: config, row, train.py diff against its parent, log tail"),
     "generate": ("harness.generate", "greedy continuations: FP model vs the run's low-bit model"),
+    "export": ("harness.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
 }
 
 
 def _run(args: argparse.Namespace) -> int:
     from harness.runner import RunSpec, check_ready, run_experiment
+    from harness.sandbox import SANDBOX_BWRAP, SANDBOX_NONE
 
-    problem = check_ready()
+    kind = SANDBOX_NONE if args.no_sandbox else SANDBOX_BWRAP
+    problem = check_ready(args.eval_tokens, kind)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     failed = 0
-    for prefix in BASELINES if args.command == "baseline" else [[]]:
-        spec = RunSpec(train_args=[*prefix, *args.train_args], description=args.description,
-                       budget_seconds=args.budget, eval_tokens=args.eval_tokens)  # fmt: skip
+    baseline = args.command == "baseline"
+    for prefix in BASELINES if baseline else [[]]:
+        spec = RunSpec(train_args=[*prefix, *args.train_args], description=args.description, budget_seconds=args.budget,
+                       eval_tokens=args.eval_tokens, baseline=baseline, sandbox=kind,
+                       startup_seconds=args.startup_limit)  # fmt: skip
         failed += run_experiment(spec).status in ("crash", "invalid")
     return 1 if failed else 0
 
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--description", default="", help="one line for results.tsv")
         sub.add_argument("--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds")
         sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
+        sub.add_argument("--startup-limit", type=float, default=STARTUP_LIMIT_SECONDS,
+                         help="seconds train.py may take before its first step (not charged to the budget)")
+        sub.add_argument("--no-sandbox", action="store_true",
+                         help="run train.py without bubblewrap (recorded in the row): only where it cannot run")
         sub.set_defaults(handler=_run, train_args=train_args)
     sub = commands.add_parser("evaluate", help="verify and score an artifact folder")
     sub.add_argument("artifact", type=Path)

@@ -29,7 +29,7 @@ from harness import paths, results
 from harness.budget import TIME_BUDGET_SECONDS
 from harness.evaluate import EVAL_TOKENS
 from harness.proposers import Context, Proposal, Rejected, Result
-from harness.runner import hard_limit
+from harness.runner import time_limit
 
 PROGRAM_FILE = "program.md"
 RESULTS_COMMAND = f"{shlex.quote(sys.executable)} -m harness status --follow"
@@ -48,12 +48,13 @@ class AgentConfig:
     max_crashes: int = 5  # consecutive crashed/invalid/lost runs or unreachable proposers
     budget_seconds: float = TIME_BUDGET_SECONDS
     eval_tokens: int = EVAL_TOKENS
-    run_timeout: float | None = None  # whole run incl. evaluation; default hard_limit + allowance
+    run_timeout: float | None = None  # whole run incl. evaluation; default time_limit + allowance
     train_args: list[str] = field(default_factory=list)  # appended to every candidate's flags
     track: str | None = None  # keep only rows in this bpw track (results.TRACKS); None: any
     session: str = "autoresearch"
     socket: str | None = None  # tmux -L socket; None: the default server
     results_command: str = RESULTS_COMMAND
+    no_sandbox: bool = False  # passed to every `harness run`: only where bubblewrap cannot run
 
 
 def git(args: list[str], cwd: Path, check: bool = True) -> str:
@@ -178,6 +179,7 @@ class Agent:
     def _script(self, proposal: Proposal, console: Path) -> str:
         command = [sys.executable, "-m", "harness", "run", "--description", proposal.description,
                    "--budget", str(self.config.budget_seconds), "--eval-tokens", str(self.config.eval_tokens),
+                   *(["--no-sandbox"] if self.config.no_sandbox else []),
                    "--", *self.config.train_args, *proposal.train_args]  # fmt: skip
         return "\n".join([
             f"unset {' '.join(SECRET_ENV)}",
@@ -197,7 +199,7 @@ class Agent:
         self.jobs += 1
         job_dir = self.root / "jobs" / f"{self.jobs:04d}"
         console = job_dir / "console.log"
-        timeout = self.config.run_timeout or hard_limit(self.config.budget_seconds) + EVAL_ALLOWANCE_SECONDS
+        timeout = self.config.run_timeout or time_limit(self.config.budget_seconds) + EVAL_ALLOWANCE_SECONDS
         script = self._script(proposal, console)
         job = self.tmux.start(f"exp{self.jobs}", script, job_dir, run_environment(self.workspace.train_py))
         self.log("started", job=job_dir.name, window=f"exp{self.jobs}", commit=commit, args=proposal.train_args)
@@ -340,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session", default="autoresearch", help="tmux session name")
     parser.add_argument("--socket", help="tmux socket name (tmux -L); default: the default server")
     parser.add_argument("--results-command", default=RESULTS_COMMAND, help="what the results window runs")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="run proposed train.py files without bubblewrap: only where it cannot run")
     llm = parser.add_argument_group("llm proposer (OpenAI-compatible; key from --api-key or OPENAI_API_KEY)")
     llm.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"))
     llm.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8080/v1 (default: OPENAI_BASE_URL)")
@@ -382,7 +386,8 @@ def main(args: argparse.Namespace) -> int:
     config = AgentConfig(tag=args.tag, max_experiments=args.max_experiments, hours=args.hours,
                          max_crashes=args.max_crashes, budget_seconds=args.budget, eval_tokens=args.eval_tokens,
                          run_timeout=args.run_timeout, train_args=args.train_args, track=args.track,
-                         session=args.session, socket=args.socket, results_command=args.results_command)  # fmt: skip
+                         session=args.session, socket=args.socket, results_command=args.results_command,
+                         no_sandbox=args.no_sandbox)  # fmt: skip
     tmux = Tmux(config.results_command, cwd=paths.ROOT, session_name=config.session, socket_name=config.socket,
                 environment=run_environment(workspace.train_py))  # fmt: skip
     tmux.session()

@@ -1,21 +1,28 @@
-"""The wall-clock training budget.
+"""The wall-clock training budget, as train.py sees it, and the steps it announces to the runner.
 
-train.py asks `budget.done(step)` before each step and calls `budget.step_done()` after it. The
+train.py asks `budget.done()` before each step and calls `budget.step_done(tokens)` after it. The
 clock starts when the first step ends, so model loading and the first step's one-off costs
-(allocation, kernel selection) are not charged; `with budget.paused():` excludes evaluation or
-checkpointing. The runner also kills train.py outright if it overstays (runner.hard_limit).
+(compilation, allocation) are not charged. Each step_done also writes one line to the runner's
+clock pipe (CLOCK_FD_ENV); the runner timestamps those lines itself and its figures are the ones
+recorded: train.py's own clock only tells it when to stop.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-TIME_BUDGET_SECONDS = 300.0  # training time per experiment, excluding load, warm-up and eval
-BUDGET_ENV = "HARNESS_BUDGET_SECONDS"  # set by the runner so train.py cannot pick its own
+TIME_BUDGET_SECONDS = 300.0  # training time per experiment, excluding load, warm-up and export
+BUDGET_ENV = "HARNESS_BUDGET_SECONDS"  # set by the runner: the budget it will hold train.py to
+CLOCK_FD_ENV = "HARNESS_CLOCK_FD"  # the pipe step announcements go to
+
+
+def announce_step(tokens: int) -> None:
+    """Tell the runner a step ended (`step <tokens>`); a no-op outside the harness."""
+    fd = os.environ.get(CLOCK_FD_ENV)
+    if fd:
+        os.write(int(fd), f"step {int(tokens)}\n".encode())
 
 
 @dataclass
@@ -24,7 +31,6 @@ class Budget:
     max_steps: int | None = None  # train.py's --steps: a cap on top of the clock
     steps: int = 0
     _started: float | None = field(default=None, repr=False)
-    _paused_total: float = field(default=0.0, repr=False)
 
     @classmethod
     def from_env(cls, max_steps: int | None = None) -> Budget:
@@ -32,21 +38,19 @@ class Budget:
 
     @property
     def elapsed(self) -> float:
-        """Training seconds charged so far."""
-        if self._started is None:
-            return 0.0
-        return time.perf_counter() - self._started - self._paused_total
+        """Training seconds charged so far (checkpoints included: the runner's clock has no pause)."""
+        return 0.0 if self._started is None else time.perf_counter() - self._started
 
-    def done(self, step: int | None = None) -> bool:
-        step = self.steps if step is None else step
-        if self.max_steps is not None and step >= self.max_steps:
+    def done(self) -> bool:
+        if self.max_steps is not None and self.steps >= self.max_steps:
             return True
         return self.elapsed >= self.seconds
 
-    def step_done(self) -> None:
+    def step_done(self, tokens: int = 0) -> None:
         self.steps += 1
         if self._started is None:  # the warm-up step is free; the clock starts now
             self._started = time.perf_counter()
+        announce_step(tokens)
 
     @property
     def fraction(self) -> float:
@@ -54,14 +58,3 @@ class Budget:
         by_time = self.elapsed / self.seconds if self.seconds > 0 else 1.0
         by_steps = self.steps / self.max_steps if self.max_steps else 0.0
         return min(1.0, max(by_time, by_steps))
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        if self._started is None:  # nothing is charged before the clock starts anyway
-            yield
-            return
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._paused_total += time.perf_counter() - began

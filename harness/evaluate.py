@@ -1,6 +1,7 @@
 """Bits per byte on held-out text, computed on a verified artifact in a process of its own.
 
     python -m harness.evaluate ARTIFACT_DIR --out eval.json [--eval-tokens N]
+    python -I -m harness.evaluate ARTIFACT_DIR --verdict-fd 3 ...   # as the runner starts it, sandboxed
 
 bits/byte = sum of target-token NLL in nats / (ln 2 x UTF-8 bytes of those targets). The first
 EVAL_TOKENS tokens of the eval file are cut into non-overlapping windows of EVAL_CONTEXT targets; a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -90,11 +92,22 @@ def evaluate(
     )
 
 
+def deliver(args: argparse.Namespace, verdict: dict) -> None:
+    """The verdict goes to --out, or down the runner's pipe: no file another process could race."""
+    if args.verdict_fd is None:
+        atomic_write_json(args.out, verdict)
+        return
+    with os.fdopen(args.verdict_fd, "wb") as pipe:
+        pipe.write(json.dumps(verdict).encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Verify then score one artifact; always writes --out with status valid or invalid."""
     parser = argparse.ArgumentParser(description="Verify and score an exported artifact.")
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON verdict")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="where to write the JSON verdict")
+    where.add_argument("--verdict-fd", type=int, help="a pipe to write the JSON verdict to (the runner's)")
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -103,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     prepared = load_prepared(args.data_dir, full_check=True)
     verdict = {"eval_set": eval_set_name(prepared.eval.name, args.eval_tokens), "eval_tokens": args.eval_tokens}
     try:
-        model, report = load_verified(args.artifact)
+        model, report = load_verified(args.artifact, prepared.model_dir)
     except InvalidArtifact as err:
-        atomic_write_json(args.out, {**verdict, "status": "invalid", "reason": str(err)})
+        deliver(args, {**verdict, "status": "invalid", "reason": str(err)})
         print(f"invalid artifact: {err}", file=sys.stderr)
         return 0
     result = evaluate(model, prepared.eval.tokens(), prepared.token_bytes, args.eval_tokens)
     if not math.isfinite(result.val_bpb):
-        atomic_write_json(args.out, {**verdict, "status": "invalid", "reason": "the model's loss on eval text is not finite"})
+        deliver(args, {**verdict, "status": "invalid", "reason": "the model's loss on eval text is not finite"})
         return 0
-    atomic_write_json(
-        args.out,
+    deliver(
+        args,
         {
             **verdict,
             "status": "valid",

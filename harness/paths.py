@@ -30,3 +30,15 @@ def results_path() -> Path:
 
 def train_script() -> Path:
     return _env_path("HARNESS_TRAIN_SCRIPT", ROOT / "train.py")
+
+
+def cache_dir() -> Path:
+    """What runs share and may write (compiled kernels, teacher caches, checkpoints): never read
+    when scoring, so a run can slow a later one down through it but not change its row."""
+    return _env_path("HARNESS_CACHE_DIR", runs_dir() / "cache")
+
+
+def compile_cache_dir() -> Path:
+    """torch.compile's kernels (Inductor, Triton), shared by runs: a warm cache saves each run its
+    compile warm-up."""
+    return _env_path("HARNESS_COMPILE_CACHE", cache_dir() / "compile")

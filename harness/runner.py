@@ -1,42 +1,56 @@
-"""One experiment, start to row: run train.py, verify and score its artifact, append the row.
+"""One experiment, start to row: run train.py in a sandbox, score its artifact, append the row.
 
     runs/<run_id>/train.py     the exact train.py that ran
     runs/<run_id>/run.log      everything it (and the evaluation) printed
-    runs/<run_id>/train.json   what train.py says about itself (steps, tokens, config; untrusted)
+    runs/<run_id>/train.json   what train.py says about itself (settings, a crash reason; untrusted)
+    runs/<run_id>/loss.csv     its own training log (untrusted)
     runs/<run_id>/artifact/    what it exported
-    runs/<run_id>/eval.json    the harness's verdict: verified bpw/size and bits per byte
+    runs/<run_id>/eval.json    the harness's verdict
 
-train.py runs in its own process group with a hard wall-clock limit; the evaluation runs in a
-second process on the artifact alone. Every outcome, a crash, a hang, an invalid artifact or
-Ctrl-C, ends as a row with a reason. Only numbers the harness measured reach the metric columns.
+train.py runs in a sandbox (harness.sandbox) that can write only its run folder and the shared
+caches, under the runner's clock: it announces each step on a pipe (harness.budget), the runner
+timestamps what arrives, and those figures are the row's steps and train_seconds and decide the
+limits (no step within the start-up limit, training past the budget by more than a step's slack,
+an export that takes too long: invalid). The evaluator runs in a second sandbox that sees the
+artifact read-only and sends its verdict back over a pipe. train.py.copy, run.log and eval.json
+are the runner's: kept outside the run folder while train.py lives, put in place once it and
+everything it started are gone. Every outcome, a crash, a hang, an invalid artifact, Ctrl-C or
+SIGTERM, ends as a row with a reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
+import shutil
 import signal
+import stat
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import paths, results
-from harness.budget import BUDGET_ENV, TIME_BUDGET_SECONDS
-from harness.data import DataError, load_prepared
-from harness.evaluate import EVAL_TOKENS
+from harness import integrity, paths, results, sandbox
+from harness.budget import BUDGET_ENV, CLOCK_FD_ENV, TIME_BUDGET_SECONDS
+from harness.data import PREPARED, DataError, atomic_write_json, load_prepared
+from harness.evaluate import EVAL_TOKENS, eval_set_name
 
 RUN_DIR_ENV = "HARNESS_RUN_DIR"  # tells train.py where to write, and that the harness is watching
+STARTUP_LIMIT_SECONDS = 180.0  # process start -> first step: load, teacher, compile warm-up (not charged)
+EXPORT_LIMIT_SECONDS = 120.0  # last step -> exit: export
 EVAL_TIMEOUT_SECONDS = 3600.0
-KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL
-
-
-def hard_limit(budget_seconds: float) -> float:
-    """train.py's whole wall time: the budget plus room for loading, warm-up and export."""
-    return budget_seconds * 1.25 + 180.0
+SLACK_STEPS = 2.0  # training may end this many (median) steps after the budget: the last step runs over
+SLACK_SECONDS = 2.0  # plus scheduling noise
+SLACK_FRACTION = 0.1  # the slack never exceeds this share of the budget
+TRAIN_JSON_BYTES = 1 << 20  # larger is not read
+VERDICT_BYTES = 1 << 20
+RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
 
 
 @dataclass
@@ -48,7 +62,10 @@ class RunSpec:
     train_script: Path = field(default_factory=paths.train_script)
     results_path: Path = field(default_factory=paths.results_path)
     runs_dir: Path = field(default_factory=paths.runs_dir)
-    time_limit: float | None = None  # default: hard_limit(budget_seconds)
+    baseline: bool = False  # a row `harness baseline` makes; never train.py's claim
+    sandbox: str = sandbox.SANDBOX_BWRAP  # or sandbox.SANDBOX_NONE (--no-sandbox)
+    startup_seconds: float = STARTUP_LIMIT_SECONDS
+    export_seconds: float = EXPORT_LIMIT_SECONDS
     echo: bool = True  # also stream train.py's output to this process's stdout
 
 
@@ -59,6 +76,392 @@ class RunOutcome:
     status: str
     reason: str
     row: dict
+
+
+def time_limit(budget_seconds: float, startup: float = STARTUP_LIMIT_SECONDS, export: float = EXPORT_LIMIT_SECONDS) -> float:
+    """The longest train.py may live: start-up, the budget and its largest slack, the export."""
+    return startup + budget_seconds * (1 + SLACK_FRACTION) + SLACK_SECONDS + export
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP while a run was in flight; the row says which."""
+
+    def __init__(self, how: str):
+        super().__init__(how)
+        self.how = how
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _handle_signals(handlers: dict) -> dict:
+    """Install `handlers` (main thread only: elsewhere Python cannot) and return the ones replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+
+
+# --- the runner's clock ---
+
+
+@dataclass
+class Clock:
+    """Step announcements as they reached the runner, timestamped on its own monotonic clock."""
+
+    started: float = field(default_factory=time.monotonic)
+    steps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    ended: float | None = None
+
+    def read(self, pipe) -> None:
+        """Consume `step <tokens>` lines until the writer is gone; anything else is ignored."""
+        for line in pipe:
+            words = line.split()
+            if len(words) == 2 and words[0] == b"step" and words[1].isdigit() and len(self.steps) < 10_000_000:
+                self.steps.append(time.monotonic())
+                self.tokens += min(int(words[1]), 1 << 40)
+
+    @property
+    def train_seconds(self) -> float:
+        """From the end of the first (free) step to the end of the last."""
+        return self.steps[-1] - self.steps[0] if len(self.steps) > 1 else 0.0
+
+    def slack(self, budget: float) -> float:
+        steps = [b - a for a, b in zip(self.steps, self.steps[1:])]
+        median = statistics.median(steps) if steps else 0.0
+        return min(SLACK_STEPS * median, SLACK_FRACTION * budget) + SLACK_SECONDS
+
+    def deadline(self, spec: RunSpec) -> tuple[float, str]:
+        """When the runner stops train.py, and why, given what it has announced so far."""
+        if not self.steps:
+            limit = spec.startup_seconds + spec.export_seconds
+            return self.started + limit, f"no training step announced and no exit within {limit:.0f} s of start"
+        trained = spec.budget_seconds + SLACK_FRACTION * spec.budget_seconds + SLACK_SECONDS
+        last = max(self.steps[-1], self.steps[0] + trained)
+        return last + spec.export_seconds, f"still running {spec.export_seconds:.0f} s after its budget (hung or overran)"
+
+    def broken_limit(self, spec: RunSpec) -> str | None:
+        """The rule a finished train.py broke, measured on this clock, or None."""
+        end = self.ended or time.monotonic()
+        if self.steps and self.steps[0] - self.started > spec.startup_seconds:
+            return (f"start-up took {self.steps[0] - self.started:.0f} s before the first step "
+                    f"(limit {spec.startup_seconds:.0f} s)")  # fmt: skip
+        if self.train_seconds > spec.budget_seconds + self.slack(spec.budget_seconds):
+            return (f"trained {self.train_seconds:.1f} s on the harness's clock: past the {spec.budget_seconds:.0f} s "
+                    f"budget plus {self.slack(spec.budget_seconds):.1f} s of slack")  # fmt: skip
+        after = end - (self.steps[-1] if self.steps else self.started)
+        limit = spec.export_seconds + (0 if self.steps else spec.startup_seconds)
+        if after > limit:
+            return f"ran {after:.0f} s after its last step (export limit {limit:.0f} s)"
+        return None
+
+
+# --- processes ---
+
+
+def exit_reason(code: int, kind: str) -> str | None:
+    """'killed by signal 9 (SIGKILL)' for a child a signal ended (bwrap reports 128 + N), else None."""
+    number = -code if code < 0 else code - 128 if kind == sandbox.SANDBOX_BWRAP and code > 128 else 0
+    try:
+        return f"killed by signal {number} ({signal.Signals(number).name})" if number else None
+    except ValueError:
+        return f"killed by signal {number}"
+
+
+def _pump(stream, sink, echo: bool) -> None:
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        sink.write(chunk)
+        sink.flush()
+        if echo:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Kill the child's whole process group now (a sandbox takes everything inside it along)."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _supervise(child: subprocess.Popen, deadline, sink, echo: bool) -> tuple[int | None, str, float]:
+    """Wait for `child`, streaming its output to `sink`; kill it at `deadline()` -> (when, why).
+    Returns (exit code or None if killed, why it was killed, peak resident memory in GB)."""
+    reader = threading.Thread(target=_pump, args=(child.stdout, sink, echo), daemon=True)
+    reader.start()
+    try:
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                _stop(child)  # stray members of the group (no sandbox) go with the leader
+                code, why = os.waitstatus_to_exitcode(status), ""
+                break
+            when, why = deadline()
+            if time.monotonic() > when:
+                _stop(child)
+                _, _, usage = os.wait4(child.pid, 0)
+                code = None
+                break
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C or SIGTERM included: never leave a training process behind
+        _stop(child)
+        raise
+    finally:
+        child.returncode = -1  # reaped by wait4; keeps Popen from reaping it again
+    reader.join(timeout=5)
+    return code, why, usage.ru_maxrss / 1024**2
+
+
+def _train_view(run_dir: Path, caches: tuple[Path, ...], private: Path) -> sandbox.View:
+    """train.py sees the model, the train split and a prepared.json without the eval split."""
+    data_dir = paths.data_dir()
+    record = json.loads((data_dir / PREPARED).read_text())
+    record.pop("eval", None)
+    trimmed = private / PREPARED
+    trimmed.write_text(json.dumps(record))
+    train = data_dir / record["train"]
+    readable = (paths.ROOT / "harness", data_dir / record["model_dir"], train, train.with_suffix(".json"),
+                data_dir / record["token_bytes"])  # fmt: skip
+    return sandbox.View(readable=readable, writable=(run_dir, *caches), files={data_dir / PREPARED: trimmed})
+
+
+def _eval_view(artifact: Path) -> sandbox.View:
+    data_dir = paths.data_dir()
+    record = json.loads((data_dir / PREPARED).read_text())
+    return sandbox.View(readable=(paths.ROOT / "harness", data_dir, data_dir / record["model_dir"], artifact))
+
+
+def _read_untrusted_json(path: Path) -> dict:
+    """A JSON object train.py wrote, read without following links and within a size cap; {} otherwise."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # a FIFO or device would block or never end
+                return {}
+            value = json.loads(handle.read(TRAIN_JSON_BYTES))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _put_in_place(run_dir: Path, name: str, source: Path) -> None:
+    """Replace whatever train.py left at run_dir/name (a file, a link, a folder) with `source`."""
+    target = run_dir / name
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(source, target)  # a link at target is replaced, never followed
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+# --- one experiment ---
+
+
+def run_experiment(spec: RunSpec) -> RunOutcome:
+    kind = sandbox.resolve(spec.sandbox)
+    prepared = load_prepared()
+    run_id = new_run_id()
+    run_dir = spec.runs_dir / run_id
+    run_dir.mkdir(parents=True)
+    private = Path(tempfile.mkdtemp(prefix=f".runner-{run_id}-", dir=spec.runs_dir))
+    script = spec.train_script.resolve()
+    source = script.read_bytes()
+    (run_dir / "train.py").write_bytes(source)
+    (private / "train.py").write_bytes(source)
+    commit = commit_of(script)
+    print(f"run {run_id}: python {script.name} {' '.join(spec.train_args)} (sandbox: {kind})", flush=True)
+
+    previous = _handle_signals({signal.SIGTERM: _raise_interrupted, signal.SIGHUP: _raise_interrupted})
+    started = time.time()
+    clock, train_info, verdict, peak_gb = Clock(), {}, {}, None
+    with open(private / "run.log", "ab") as log:
+        try:
+            status, reason, peak_gb = _train(spec, kind, run_dir, private, clock, log)
+            train_info = _read_untrusted_json(run_dir / "train.json")
+            if status == "crash" and not reason:
+                reason = str(train_info.get("reason") or "") or _tail_reason(private / "run.log", "train.py failed")
+            if status == "valid":
+                status, reason, verdict = _score(spec, kind, run_dir, log)
+        except KeyboardInterrupt as err:
+            how = err.how if isinstance(err, Interrupted) else "Ctrl-C"
+            status, reason = "crash", f"interrupted ({how})"
+            train_info = _read_untrusted_json(run_dir / "train.json")
+            ignored = _handle_signals(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN))
+            try:  # a second Ctrl-C must not cost the row
+                _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, {}, clock, None,
+                        prepared, started, log)  # fmt: skip
+            finally:
+                _handle_signals(ignored)
+            raise
+        finally:
+            _handle_signals(previous)
+        return _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, verdict, clock,
+                       peak_gb, prepared, started, log)  # fmt: skip
+
+
+def _train(spec: RunSpec, kind: str, run_dir: Path, private: Path, clock: Clock, log) -> tuple[str, str, float | None]:
+    """Run train.py to its end -> ("valid" | "crash" | "invalid", reason, peak GB)."""
+    cache, compiled = paths.cache_dir(), paths.compile_cache_dir()
+    for folder in (cache, compiled):
+        folder.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    env = sandbox.environment({
+        RUN_DIR_ENV: str(run_dir), "HARNESS_DATA_DIR": str(paths.data_dir()), "HARNESS_CACHE_DIR": str(cache),
+        BUDGET_ENV: str(spec.budget_seconds), CLOCK_FD_ENV: str(write_end),
+        "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"), "TRITON_CACHE_DIR": str(compiled / "triton"),
+    })  # fmt: skip
+    argv = [sys.executable, str(run_dir / "train.py"), *spec.train_args]
+    try:
+        child = sandbox.popen(kind, argv, _train_view(run_dir, (cache, compiled), private), env, run_dir, pass_fds=(write_end,),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.close(write_end)
+    clock.started = time.monotonic()
+    with os.fdopen(read_end, "rb") as pipe:
+        listener = threading.Thread(target=clock.read, args=(pipe,), daemon=True)
+        listener.start()
+        code, why, peak_gb = _supervise(child, lambda: clock.deadline(spec), log, spec.echo)
+        clock.ended = time.monotonic()
+        listener.join(timeout=5)
+    if code is None:
+        return "invalid", f"killed after {clock.ended - clock.started:.0f} s: {why}", peak_gb
+    if code != 0:
+        return "crash", exit_reason(code, kind) or "", peak_gb
+    broken = clock.broken_limit(spec)
+    if broken:
+        return "invalid", broken, peak_gb
+    artifact = run_dir / "artifact"
+    if artifact.is_symlink() or not artifact.is_dir():
+        why = "is a link" if artifact.is_symlink() else "is missing"
+        return "crash", f"train.py exited without exporting an artifact (runs/<id>/artifact {why})", peak_gb
+    return "valid", "", peak_gb
+
+
+def _score(spec: RunSpec, kind: str, run_dir: Path, log) -> tuple[str, str, dict]:
+    """Verify and score the artifact in a sandbox of its own -> (status, reason, verdict)."""
+    data_dir = paths.data_dir()
+    changed = integrity.changed_files(data_dir)
+    if changed:
+        return "invalid", f"files that define the score changed during the run: {', '.join(changed[:3])}", {}
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-I", "-m", "harness.evaluate", str(run_dir / "artifact"), "--verdict-fd", str(write_end),
+            "--eval-tokens", str(spec.eval_tokens), "--data-dir", str(data_dir)]  # fmt: skip
+    try:
+        child = sandbox.popen(kind, argv, _eval_view(run_dir / "artifact"), sandbox.environment({}), Path("/tmp"),
+                              pass_fds=(write_end,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        received = []
+        listener = threading.Thread(target=lambda: received.append(pipe.read(VERDICT_BYTES)), daemon=True)
+        listener.start()
+        limit = time.monotonic() + EVAL_TIMEOUT_SECONDS
+        code, _, _ = _supervise(child, lambda: (limit, "evaluation timed out"), log, spec.echo)
+        listener.join(timeout=5)
+    try:
+        verdict = json.loads(received[0]) if received else {}
+    except ValueError:
+        verdict = {}
+    if code != 0 or not isinstance(verdict, dict) or "status" not in verdict:
+        reason = exit_reason(code, kind) if code is not None else "evaluation timed out"
+        return "crash", "evaluation failed: " + (reason or f"exit code {code}"), {}
+    if verdict["status"] == "invalid":
+        return "invalid", str(verdict.get("reason", "")), verdict
+    try:
+        return "valid", "", {**verdict, **scored(verdict, spec.eval_tokens)}
+    except DataError as err:
+        return "crash", f"evaluation failed: {err}", {}
+
+
+def scored(verdict: dict, eval_tokens: int) -> dict:
+    """val_bpb and val_ppl recomputed from the verdict's sums, which must be plausible."""
+    nll, targets, n_bytes = verdict.get("nll_nats"), verdict.get("targets"), verdict.get("utf8_bytes")
+    if not (isinstance(nll, float) and isinstance(targets, int) and isinstance(n_bytes, int)):
+        raise DataError("the evaluator's verdict lacks its sums")
+    if not (0 < targets <= eval_tokens and n_bytes > 0 and math.isfinite(nll) and nll >= 0):
+        raise DataError(f"implausible evaluation sums: nll {nll}, {targets} targets, {n_bytes} bytes")
+    return {"val_bpb": nll / (math.log(2) * n_bytes), "val_ppl": math.exp(nll / targets)}
+
+
+def _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, verdict, clock, peak_gb,
+            prepared, started, log) -> RunOutcome:  # fmt: skip
+    """Decide the status, append the row, put the runner's files in place."""
+    model = prepared.model_name
+    eval_set = eval_set_name(prepared.eval.name, spec.eval_tokens) if prepared.eval else ""
+    if status == "valid":
+        if spec.baseline:
+            status = "baseline"
+        else:
+            status = results.decide(verdict["val_bpb"], verdict["bpw"], eval_set, model, results.read(spec.results_path))
+    claimed = train_info.get("config") if isinstance(train_info.get("config"), dict) else {}
+    config = {**claimed, "train_args": spec.train_args, "budget_seconds": spec.budget_seconds, "sandbox": kind}
+    if reason:
+        config["reason"] = reason
+    description = spec.description or str(train_info.get("description") or "")[:300]
+    row = {
+        "commit": commit,
+        "run_id": run_id,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "status": status,
+        "val_bpb": verdict.get("val_bpb"),
+        "val_ppl": verdict.get("val_ppl"),
+        "bpw": verdict.get("bpw"),
+        "size_mb": verdict.get("size_mb"),
+        "steps": len(clock.steps),
+        "train_tokens": clock.tokens,
+        "train_seconds": clock.train_seconds,
+        "peak_mem_gb": peak_gb,
+        "eval_set": eval_set,
+        "model": model,
+        "description": description,
+        "config": config,
+    }
+    try:
+        results.append(row, spec.results_path)
+    except results.ResultsError as err:
+        print(f"warning: {err}", file=sys.stderr, flush=True)
+    summary = format_summary(row, reason, time.time() - started)
+    print(summary, flush=True)
+    log.write(summary.encode() + b"\n")
+    log.flush()
+    if verdict:
+        atomic_write_json(private / "eval.json", verdict)
+    for name in RUNNER_FILES:
+        if (private / name).exists():
+            _put_in_place(run_dir, name, private / name)
+    shutil.rmtree(private, ignore_errors=True)
+    return RunOutcome(run_id, run_dir, status, reason, row)
+
+
+def format_summary(row: dict, reason: str, total_seconds: float) -> str:
+    """The grep-able block every run ends with: `grep '^val_bpb:' run.log`."""
+
+    def show(value, fmt: str) -> str:
+        return "" if value is None else fmt.format(value)
+
+    lines = [
+        "---",
+        f"val_bpb:          {show(row['val_bpb'], '{:.6f}')}",
+        f"val_ppl:          {show(row['val_ppl'], '{:.4f}')}",
+        f"bpw:              {show(row['bpw'], '{:.4f}')}",
+        f"size_mb:          {show(row['size_mb'], '{:.2f}')}",
+        f"training_seconds: {show(row['train_seconds'], '{:.1f}')}",
+        f"total_seconds:    {total_seconds:.1f}",
+        f"peak_mem_mb:      {show(row['peak_mem_gb'] and row['peak_mem_gb'] * 1024, '{:.0f}')}",
+        f"num_steps:        {show(row['steps'], '{}')}",
+        f"status:           {row['status']}",
+        f"run_id:           {row['run_id']}",
+    ]
+    if reason:
+        lines.append(f"reason:           {reason}")
+    return "\n".join(lines)
+
+
+# --- around a run ---
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -87,198 +490,28 @@ def _tail_reason(log: Path, fallback: str) -> str:
     return lines[-1][:300] if lines else fallback
 
 
-def _run_logged(command: list[str], log: Path, env: dict, cwd: Path, limit: float, echo: bool) -> tuple[int | None, float]:
-    """Run `command` in its own process group, teeing output to `log`. Returns (exit code or None
-    if it was killed at `limit`, peak resident memory in GB measured by the kernel)."""
-    with open(log, "ab") as sink:
-        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-
-        def pump() -> None:
-            for chunk in iter(lambda: child.stdout.read1(65536), b""):
-                sink.write(chunk)
-                sink.flush()
-                if echo:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.buffer.flush()
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            code, usage = _wait(child, time.monotonic() + limit)
-        except BaseException:  # Ctrl-C included: never leave a training process behind
-            _stop_group(child)
-            raise
-        finally:
-            child.returncode = -1  # reaped by wait4; keeps Popen from reaping it again
-            reader.join(timeout=5)
-    return code, usage.ru_maxrss / 1024**2
-
-
-def _wait(child: subprocess.Popen, deadline: float):
-    """(exit code, rusage) of the group leader, or (None, rusage) after stopping it at `deadline`."""
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            _kill_group(child.pid, signal.SIGKILL)  # stray grandchildren go with it
-            return os.waitstatus_to_exitcode(status), usage
-        if time.monotonic() > deadline:
-            return None, _stop_group(child)
-        time.sleep(0.2)
-
-
-def _kill_group(pgid: int, sig: int) -> None:
+def check_ready(eval_tokens: int = EVAL_TOKENS, sandbox_kind: str = sandbox.SANDBOX_BWRAP) -> str | None:
+    """Why no experiment can start (data not prepared or changed, no sandbox), or None. Checked
+    before a run so that a missing step is one clear line, not a crash row per attempt."""
     try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _stop_group(child: subprocess.Popen):
-    """SIGTERM the whole process group, SIGKILL it after a grace period; returns the leader's rusage."""
-    _kill_group(child.pid, signal.SIGTERM)
-    grace_ends = time.monotonic() + KILL_GRACE_SECONDS
-    while time.monotonic() < grace_ends:
-        pid, _, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            _kill_group(child.pid, signal.SIGKILL)
-            return usage
-        time.sleep(0.1)
-    _kill_group(child.pid, signal.SIGKILL)
-    return os.wait4(child.pid, 0)[2]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def run_experiment(spec: RunSpec) -> RunOutcome:
-    run_id = new_run_id()
-    run_dir = spec.runs_dir / run_id
-    run_dir.mkdir(parents=True)
-    script = spec.train_script.resolve()
-    (run_dir / "train.py").write_bytes(script.read_bytes())
-    log = run_dir / "run.log"
-    commit = commit_of(script)
-    env = {**os.environ, RUN_DIR_ENV: str(run_dir), BUDGET_ENV: str(spec.budget_seconds), "PYTHONUNBUFFERED": "1"}
-    limit = spec.time_limit or hard_limit(spec.budget_seconds)
-    started = time.time()
-    print(f"run {run_id}: python {script.name} {' '.join(spec.train_args)}", flush=True)
-
-    status, reason, verdict, peak_gb = "crash", "", {}, None
-    try:
-        code, peak_gb = _run_logged([sys.executable, str(script), *spec.train_args], log, env, script.parent, limit, spec.echo)
-        train_info = _read_json(run_dir / "train.json")
-        artifact = run_dir / "artifact"
-        if code is None:
-            reason = f"killed after {limit:.0f} s (budget {spec.budget_seconds:.0f} s): hung or overran"
-        elif code != 0:
-            reason = train_info.get("reason") or _tail_reason(log, f"train.py exited with code {code}")
-        elif not (artifact / "quant.json").exists():
-            reason = train_info.get("reason") or "train.py exited without exporting an artifact"
-        else:
-            command = [sys.executable, "-m", "harness.evaluate", str(artifact), "--out", str(run_dir / "eval.json"),
-                       "--eval-tokens", str(spec.eval_tokens)]  # fmt: skip
-            code, _ = _run_logged(command, log, env, paths.ROOT, EVAL_TIMEOUT_SECONDS, spec.echo)
-            verdict = _read_json(run_dir / "eval.json")
-            if code != 0 or "status" not in verdict:
-                reason = "evaluation failed: " + _tail_reason(log, f"exit code {code}")
-            elif verdict["status"] == "invalid":
-                status, reason = "invalid", verdict.get("reason", "")
-            else:
-                status = "valid"
-    except KeyboardInterrupt:
-        train_info, reason = _read_json(run_dir / "train.json"), "interrupted (Ctrl-C)"
-        _record(spec, run_id, run_dir, commit, "crash", reason, train_info, {}, None, started)
-        raise
-    return _record(spec, run_id, run_dir, commit, status, reason, train_info, verdict, peak_gb, started)
-
-
-def _record(spec, run_id, run_dir, commit, status, reason, train_info, verdict, peak_gb, started) -> RunOutcome:
-    model = train_info.get("model", "")
-    eval_set = verdict.get("eval_set", "")
-    if status == "valid":
-        if train_info.get("baseline"):
-            status = "baseline"
-        else:
-            status = results.decide(verdict["val_bpb"], verdict["bpw"], eval_set, model, results.read(spec.results_path))
-    config = {**train_info.get("config", {}), "train_args": spec.train_args, "budget_seconds": spec.budget_seconds}
-    if reason:
-        config["reason"] = reason
-    row = {
-        "commit": commit,
-        "run_id": run_id,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "status": status,
-        "val_bpb": verdict.get("val_bpb"),
-        "val_ppl": verdict.get("val_ppl"),
-        "bpw": verdict.get("bpw"),
-        "size_mb": verdict.get("size_mb"),
-        "steps": train_info.get("steps"),
-        "train_tokens": train_info.get("train_tokens"),
-        "train_seconds": train_info.get("train_seconds"),
-        "peak_mem_gb": peak_gb,
-        "eval_set": eval_set,
-        "model": model,
-        "description": spec.description or train_info.get("description", ""),
-        "config": config,
-    }
-    results.append(row, spec.results_path)
-    summary = format_summary(row, reason, time.time() - started)
-    print(summary, flush=True)
-    with open(run_dir / "run.log", "a") as log:
-        log.write(summary + "\n")
-    return RunOutcome(run_id, run_dir, status, reason, row)
-
-
-def format_summary(row: dict, reason: str, total_seconds: float) -> str:
-    """The grep-able block every run ends with: `grep '^val_bpb:' run.log`."""
-
-    def show(value, fmt: str) -> str:
-        return "" if value is None else fmt.format(value)
-
-    lines = [
-        "---",
-        f"val_bpb:          {show(row['val_bpb'], '{:.6f}')}",
-        f"val_ppl:          {show(row['val_ppl'], '{:.4f}')}",
-        f"bpw:              {show(row['bpw'], '{:.4f}')}",
-        f"size_mb:          {show(row['size_mb'], '{:.2f}')}",
-        f"training_seconds: {show(row['train_seconds'], '{:.1f}')}",
-        f"total_seconds:    {total_seconds:.1f}",
-        f"peak_mem_mb:      {show(row['peak_mem_gb'] and row['peak_mem_gb'] * 1024, '{:.0f}')}",
-        f"num_steps:        {show(row['steps'], '{}')}",
-        f"status:           {row['status']}",
-        f"run_id:           {row['run_id']}",
-    ]
-    if reason:
-        lines.append(f"reason:           {reason}")
-    return "\n".join(lines)
-
-
-def check_ready() -> str | None:
-    """Why no experiment can start (data not prepared, or corrupt), or None. Checked before a run
-    so that a missing `prepare.py` step is one clear line, not a crash row per attempt."""
-    try:
-        load_prepared(full_check=True)
-    except DataError as err:
+        prepared = load_prepared(full_check=True)
+        integrity.check(paths.data_dir())
+        sandbox.resolve(sandbox_kind)
+    except (DataError, sandbox.SandboxUnavailable) as err:
         return str(err)
+    if prepared.eval.n_tokens < eval_tokens + 1:
+        return (f"the eval split has {prepared.eval.n_tokens} tokens; scoring {eval_tokens} needs "
+                f"{eval_tokens + 1}: prepare a longer one or pass a smaller --eval-tokens")  # fmt: skip
     return None
 
 
 def main_for_train_script(train_args: list[str]) -> int:
     """`python train.py ARGS` by hand: the same as `python -m harness run -- ARGS`."""
-    problem = check_ready()
+    kind = sandbox.SANDBOX_NONE if os.environ.get("HARNESS_SANDBOX") == sandbox.SANDBOX_NONE else sandbox.SANDBOX_BWRAP
+    problem = check_ready(sandbox_kind=kind)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     budget = float(os.environ.get(BUDGET_ENV, TIME_BUDGET_SECONDS))
-    outcome = run_experiment(RunSpec(train_args=train_args, budget_seconds=budget))
+    outcome = run_experiment(RunSpec(train_args=train_args, budget_seconds=budget, sandbox=kind))
     return 0 if outcome.status not in ("crash", "invalid") else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,26 @@ def default_sigint() -> None:
     """preexec_fn for a child the test stops with SIGINT: a shell running pytest in the background
     starts it with SIGINT ignored, which the child would inherit and then never see Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids whose command line holds `token`: only the test's own processes, never a neighbour's."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if token.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def wait_until_gone(token: str, seconds: float = 30) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return processes_with(token)
 
 
 def build_tiny_model_dir(target: Path) -> Path:
@@ -76,12 +97,19 @@ def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """One torch.compile cache for every run of the session: each would otherwise compile cold."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
 @pytest.fixture
-def harness_env(tiny_data_dir, tmp_path, monkeypatch) -> Path:
+def harness_env(tiny_data_dir, compile_cache, tmp_path, monkeypatch) -> Path:
     """Point the harness (and the processes it starts) at the tiny data and a temp results file."""
     monkeypatch.setenv("HARNESS_DATA_DIR", str(tiny_data_dir))
     monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results.tsv"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HARNESS_COMPILE_CACHE", str(compile_cache))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return tmp_path

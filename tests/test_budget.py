@@ -1,3 +1,4 @@
+import os
 import time
 
 from harness.budget import Budget
@@ -25,12 +26,15 @@ def test_clock_starts_after_the_first_step_and_stops_training():
     assert 0.2 <= budget.elapsed < 1.0 and steps >= 3
 
 
-def test_paused_time_is_not_charged():
-    budget = Budget(seconds=10)
-    budget.step_done()
-    with budget.paused():
-        time.sleep(0.3)
-    assert budget.elapsed < 0.1
+def test_each_step_is_announced_on_the_clock_pipe(monkeypatch):
+    read_end, write_end = os.pipe()
+    monkeypatch.setenv("HARNESS_CLOCK_FD", str(write_end))
+    budget = Budget(seconds=10, max_steps=2)
+    while not budget.done():
+        budget.step_done(256)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        assert pipe.read() == "step 256\nstep 256\n"
 
 
 def test_budget_reads_the_harness_setting(monkeypatch):

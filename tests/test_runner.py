@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_GROUP
+from conftest import ROOT, TINY_GROUP, wait_until_gone
 from harness import results
 from harness.runner import RunSpec, run_experiment
 
@@ -18,9 +18,9 @@ EVAL_TOKENS = 4096
 
 
 def run(tmp_path, train_args, script=None, **spec):
-    spec = RunSpec(train_args=train_args, budget_seconds=60, eval_tokens=EVAL_TOKENS, echo=False,
+    spec = RunSpec(train_args=train_args, eval_tokens=EVAL_TOKENS, echo=False,
                    train_script=script or ROOT / "train.py", results_path=tmp_path / "results.tsv",
-                   runs_dir=tmp_path / "runs", **spec)  # fmt: skip
+                   runs_dir=tmp_path / "runs", **{"budget_seconds": 60, **spec})  # fmt: skip
     return run_experiment(spec)
 
 
@@ -53,8 +53,8 @@ def test_a_tiny_qat_run_lands_a_verified_row(harness_env):
 
 
 def test_baselines_are_recorded_as_such(harness_env):
-    fp = run(harness_env, [*TINY_FLAGS, "--baseline", "fp"])
-    rtn = run(harness_env, [*TINY_FLAGS, "--baseline", "rtn"])
+    fp = run(harness_env, [*TINY_FLAGS, "--baseline", "fp"], baseline=True)
+    rtn = run(harness_env, [*TINY_FLAGS, "--baseline", "rtn"], baseline=True)
     assert fp.status == rtn.status == "baseline"
     assert fp.row["bpw"] == 32.0 and rtn.row["bpw"] < 4 and fp.row["steps"] == 0
 
@@ -73,22 +73,27 @@ def test_an_exception_becomes_a_crash_row_with_its_message(harness_env):
     assert outcome.status == "crash" and outcome.reason == "RuntimeError: boom"
 
 
+def test_a_baseline_is_the_harness_s_call_not_train_py_s(harness_env):
+    outcome = run(harness_env, [*TINY_FLAGS, "--baseline", "fp"])  # a plain run, whatever its flags say
+    assert outcome.status == "keep" and outcome.row["bpw"] == 32.0
+
+
 def test_a_hung_run_is_killed_and_recorded(harness_env):
-    script, child_pid = harness_env / "hang.py", harness_env / "child.pid"
-    script.write_text("import subprocess, time\n"
-                      f"open({str(child_pid)!r}, 'w').write(str(subprocess.Popen(['sleep', '300']).pid))\n"
+    token = f"hung-child-{harness_env.name}"  # the script's own child, not any sleeper on the machine
+    script = harness_env / "hang.py"
+    script.write_text("import subprocess, sys, time\n"
+                      f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {token!r}])\n"
                       "time.sleep(300)\n")  # fmt: skip
-    outcome = run(harness_env, [], script=script, time_limit=2)
-    assert outcome.status == "crash" and outcome.reason.startswith("killed after 2 s")
-    child = Path("/proc", child_pid.read_text())  # the script's own child, not any "sleep 300" on the machine
-    assert not child.exists() or child.joinpath("stat").read_text().split()[2] == "Z"  # whole group gone
+    outcome = run(harness_env, [], script=script, startup_seconds=1, export_seconds=1)
+    assert outcome.status == "invalid" and outcome.reason.startswith("killed after 2 s: no training step")
+    assert wait_until_gone(token) == []  # the whole sandbox went with it
 
 
 def test_an_unverifiable_export_is_invalid_not_scored(harness_env):
     script = broken_train_script(harness_env, "            layers[name], plain = linear.export()\n",
                                  "            _, plain = linear.export()\n")  # fmt: skip
     outcome = run(harness_env, [*TINY_FLAGS, "--steps", "1"], script=script)
-    assert outcome.status == "invalid" and "not quantized" in outcome.reason
+    assert outcome.status == "invalid" and "has no format in quant.json" in outcome.reason
     assert str(only_row(harness_env)["val_bpb"]) == "nan"
 
 

@@ -54,7 +54,7 @@ def assert_export_matches(model, cfg, tiny_model_dir, out_dir):
     train.set_bits(model, cfg.bits if cfg.switchable_bits else None)
     reference = model(input_ids=ids).logits.detach()
     train.export(model, cfg, tiny_model_dir, out_dir)
-    verified, report = load_verified(out_dir)
+    verified, report = load_verified(out_dir, tiny_model_dir)
     torch.testing.assert_close(verified(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
     return report
 
@@ -78,7 +78,7 @@ def test_a_half_blended_model_still_exports_fully_quantized(tiny_model_dir, tmp_
         layer.lam = 0.5
     assert not torch.allclose(model(input_ids=ids).logits, quantized)  # the blend is in the forward
     train.export(model, cfg, tiny_model_dir, tmp_path / "a")
-    verified, _ = load_verified(tmp_path / "a")
+    verified, _ = load_verified(tmp_path / "a", tiny_model_dir)
     torch.testing.assert_close(verified(input_ids=ids).logits, quantized, rtol=1e-4, atol=1e-4)
 
 
@@ -94,7 +94,7 @@ def test_switchable_precision_rotates_widths_with_their_own_norms_and_scales(har
     run_dir = train_in_process(harness_env, monkeypatch, "switch", "--quant", "codebook", "--bits", "2",
                                "--switchable-bits", "2,4", "--steps", "4", "--distill-weight", "0")  # fmt: skip
     assert [row["bits"] for row in loss_rows(run_dir)] == ["2", "4", "2", "4"]
-    _, report = load_verified(run_dir / "artifact")
+    _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     assert report.formats == {"codebook": 14}
     model, cfg = tiny_quantized(tiny_model_dir, "--quant", "codebook", "--bits", "2", "--switchable-bits", "2,4")
     norms = [m for m in model.modules() if isinstance(m, train.SwitchableRMSNorm)]
@@ -121,23 +121,23 @@ def test_progressive_precision_reduces_a_lut_by_kmeans(tiny_model_dir):
     assert (new_lut >= old_lut.amin(-1, keepdim=True) - 1e-7).all() and (new_lut <= old_lut.amax(-1, keepdim=True) + 1e-7).all()
 
 
-def test_a_lambda_and_progressive_run_logs_both_and_verifies(harness_env, monkeypatch):
+def test_a_lambda_and_progressive_run_logs_both_and_verifies(harness_env, monkeypatch, tiny_model_dir):
     run_dir = train_in_process(harness_env, monkeypatch, "prog", "--quant", "lut", "--bits", "4", "--progressive-bits", "2",
                                "--progressive-at", "0.5", "--lambda-warmup", "0.5", "--steps", "4", "--distill-weight", "0")  # fmt: skip
     rows = loss_rows(run_dir)
     assert [float(r["lambda"]) for r in rows] == [0.0, 0.5, 1.0, 1.0]
     assert [r["bits"] for r in rows] == ["-", "-", "2", "2"]
-    _, report = load_verified(run_dir / "artifact")
+    _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"]["model.layers.0.mlp.up_proj"]
     assert report.formats == {"lut": 14} and spec["bits"] == 2
 
 
-def test_a_cyclic_run_verifies_at_its_export_width(harness_env, monkeypatch):
+def test_a_cyclic_run_verifies_at_its_export_width(harness_env, monkeypatch, tiny_model_dir):
     run_dir = train_in_process(harness_env, monkeypatch, "cyclic", "--quant", "int", "--bits", "4", "--cyclic-bits", "2-4",
                                "--cycle-steps", "4", "--steps", "4", "--distill-weight", "0")  # fmt: skip
     assert [r["bits"] for r in loss_rows(run_dir)] == ["2", "3", "4", "3"]
     spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"]["model.layers.1.self_attn.k_proj"]
-    assert spec["bits"] == 4 and load_verified(run_dir / "artifact")[1].formats == {"int": 14}
+    assert spec["bits"] == 4 and load_verified(run_dir / "artifact", tiny_model_dir)[1].formats == {"int": 14}
 
 
 # --- distillation + top-k cache ---
@@ -190,7 +190,7 @@ def test_the_teacher_cache_round_trips_and_is_keyed_by_what_it_depends_on(harnes
     cfg = cfg_for("--teacher-cache-k", "8", "--teacher-cache-negatives", "6", "--teacher-cache-tokens", "320",
                   "--seq-len", "32", "--batch-size", "4")  # fmt: skip
     path = train.build_teacher_cache(prepared, cfg, torch.device("cpu"))
-    assert path.parent == tiny_data_dir / "teacher_cache"
+    assert path.parent == harness_env / "runs" / "cache" / "teacher"
     cache = train.load_teacher_cache(path)
     assert cache["windows"].shape == (10, 33) and cache["ids"].shape == cache["logits"].shape == (10, 32, 14)
     teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32)
@@ -257,7 +257,7 @@ def test_lora_trains_only_the_adapters():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, monkeypatch, device):
+def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, monkeypatch, device, tiny_model_dir):
     run_dir = train_in_process(harness_env, monkeypatch, "lora", "--device", device,
                                "--quant", "codebook", "--bits", "2", "--steps", "4",
                                "--teacher-cache-k", "8", "--teacher-cache-negatives", "8", "--teacher-cache-tokens", "640",
@@ -265,7 +265,7 @@ def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, mo
                                "--lora-rank", "4", "--lora-at", "0.5", "--ema-decay", "0.5")  # fmt: skip
     adapters = load_file(run_dir / "lora.safetensors")
     assert len(adapters) == 2 * 14 and any(t.abs().sum() > 0 for k, t in adapters.items() if k.endswith(".b"))
-    _, report = load_verified(run_dir / "artifact")
+    _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"]["model.layers.0.mlp.gate_proj"]
     assert spec["adapter"] == {"rank": 4, "alpha": 16.0}
     stored = load_file(run_dir / "artifact" / QUANT_WEIGHTS)
@@ -312,26 +312,26 @@ def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_de
         torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=named(name))
 
 
-def assert_trains_and_exports(env, monkeypatch, *flags):
+def assert_trains_and_exports(env, monkeypatch, tiny_model_dir, *flags):
     run_dir = train_in_process(env, monkeypatch, "run", "--steps", "3", *flags)
     rows = loss_rows(run_dir)
     assert [r["step"] for r in rows] == ["1", "2", "3"] and all(math.isfinite(float(r["loss"])) for r in rows)
-    _, report = load_verified(run_dir / "artifact")
+    _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     assert report.formats == {"ternary": 14}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch, device):
+def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch, device, tiny_model_dir):
     """--dtype bf16 is what CUDA runs by default (autocast around the step; the live teacher in
     bf16): the quantized layers' backward meets bf16 gradients and fp32 latent weights."""
-    assert_trains_and_exports(harness_env, monkeypatch, "--device", device, "--dtype", "bf16")
+    assert_trains_and_exports(harness_env, monkeypatch, tiny_model_dir, "--device", device, "--dtype", "bf16")
 
 
 @needs_cuda
-def test_fp16_trains_with_a_grad_scaler_on_cuda(harness_env, monkeypatch):
+def test_fp16_trains_with_a_grad_scaler_on_cuda(harness_env, monkeypatch, tiny_model_dir):
     """fp16 autocast scales the loss (GradScaler), so every gradient, the quantized step's too,
     arrives scaled and is unscaled before clipping and the optimizer step."""
-    assert_trains_and_exports(harness_env, monkeypatch, "--device", "cuda", "--dtype", "fp16")
+    assert_trains_and_exports(harness_env, monkeypatch, tiny_model_dir, "--device", "cuda", "--dtype", "fp16")
 
 
 def test_ema_averages_and_is_what_gets_exported():
@@ -352,7 +352,7 @@ def test_resume_continues_bit_exactly(harness_env, monkeypatch, device):
     flags = ["--device", device, "--quant", "codebook", "--bits", "2", "--steps", "6", "--checkpoint-every", "3",
              "--ema-decay", "0.9", "--lora-rank", "2", "--lora-at", "0.6", "--lora-dropout", "0.1"]  # fmt: skip
     whole = train_in_process(harness_env, monkeypatch, "whole", *flags)
-    checkpoints = list((harness_env / "runs" / "checkpoints").glob("*/step*.pt"))
+    checkpoints = list((harness_env / "runs" / "cache" / "checkpoints").glob("*/step*.pt"))
     assert [c.name for c in checkpoints] == ["step0000003.pt"]  # the final step writes the artifact instead
     resumed = train_in_process(harness_env, monkeypatch, "resumed", *flags, "--resume", "auto")
     assert [r["step"] for r in loss_rows(resumed)] == ["4", "5", "6"]
@@ -361,10 +361,10 @@ def test_resume_continues_bit_exactly(harness_env, monkeypatch, device):
     assert loss_rows(whole)[-1]["loss"] == loss_rows(resumed)[-1]["loss"]
 
 
-def test_rtn_baseline_and_no_quant_export(harness_env, monkeypatch):
+def test_rtn_baseline_and_no_quant_export(harness_env, monkeypatch, tiny_model_dir):
     rtn = train_in_process(harness_env, monkeypatch, "rtn", "--quant", "mxfp4", "--baseline", "rtn")
     none = train_in_process(harness_env, monkeypatch, "none", "--quant", "none", "--steps", "1", "--distill-weight", "0")
-    rtn_report = load_verified(rtn / "artifact")[1]
+    rtn_report = load_verified(rtn / "artifact", tiny_model_dir)[1]
     assert rtn_report.formats == {"mxfp4": 14} and 4 + 8 / 32 < rtn_report.bpw < 4 + 8 / 16  # 48 = 32 + a short block
-    assert load_verified(none / "artifact")[1].formats == {"dense": 14}
+    assert load_verified(none / "artifact", tiny_model_dir)[1].formats == {"dense": 14}
     assert math.isclose(json.loads((rtn / "train.json").read_text())["steps"], 0)

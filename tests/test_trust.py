@@ -111,7 +111,8 @@ def test_without_a_sandbox_a_changed_trusted_file_is_caught_and_stops_the_next_r
 
 def test_the_evaluator_imports_nothing_train_py_planted_beside_the_harness(harness_env):
     planted, marker = ROOT / "sitecustomize.py", harness_env / "imported"
-    attack = f"open({str(planted)!r}, 'w').write('open({str(marker)!r}, \"w\").close()\\n')\n"
+    payload = f"open({str(marker)!r}, 'w').close()\n"
+    attack = f"open({str(planted)!r}, 'w').write({payload!r})\n"
     try:  # without a sandbox train.py can write the checkout: `python -I` keeps it off the evaluator's path
         outcome = run(harness_env, [*FAST, "--steps", "1"], script=hostile(harness_env, attack), sandbox=SANDBOX_NONE)
     finally:

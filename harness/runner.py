@@ -50,6 +50,7 @@ SLACK_SECONDS = 2.0  # plus scheduling noise
 SLACK_FRACTION = 0.1  # the slack never exceeds this share of the budget
 TRAIN_JSON_BYTES = 1 << 20  # larger is not read
 VERDICT_BYTES = 1 << 20
+LOG_BYTES = 100 << 20  # of train.py's output kept in run.log: a run that prints without end fills no disk
 RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
 
 
@@ -115,9 +116,13 @@ class Clock:
     ended: float | None = None
 
     def read(self, pipe) -> None:
-        """Consume `step <tokens>` lines until the writer is gone; anything else is ignored."""
-        for line in pipe:
-            words = line.split()
+        """Consume `step <tokens>` lines until the writer is gone; anything else is ignored (and
+        read in short pieces: a line without end must not fill the runner's memory)."""
+        inside_long_line = False
+        for line in iter(lambda: pipe.readline(64), b""):
+            whole = line.endswith(b"\n") and not inside_long_line
+            inside_long_line = not line.endswith(b"\n")
+            words = line.split() if whole else []
             if len(words) == 2 and words[0] == b"step" and words[1].isdigit() and len(self.steps) < 10_000_000:
                 self.steps.append(time.monotonic())
                 self.tokens += min(int(words[1]), 1 << 40)
@@ -170,7 +175,15 @@ def exit_reason(code: int, kind: str) -> str | None:
 
 
 def _pump(stream, sink, echo: bool) -> None:
+    """Copy the child's output to the log (and our stdout) up to LOG_BYTES, then only drain it."""
+    written = 0
     for chunk in iter(lambda: stream.read1(65536), b""):
+        if written >= LOG_BYTES:
+            continue
+        chunk = chunk[: LOG_BYTES - written]
+        written += len(chunk)
+        if written >= LOG_BYTES:
+            chunk += f"\n[output past {LOG_BYTES:,} bytes not kept]\n".encode()
         sink.write(chunk)
         sink.flush()
         if echo:

@@ -234,6 +234,20 @@ def test_a_crash_by_signal_is_named(harness_env):
     assert outcome.status == "crash" and outcome.reason == "killed by signal 9 (SIGKILL)"
 
 
+def test_endless_output_and_garbage_on_the_clock_pipe_cost_the_runner_nothing(harness_env, monkeypatch):
+    monkeypatch.setattr(runner, "LOG_BYTES", 100_000)
+    attack = """
+import os
+os.write(int(os.environ["HARNESS_CLOCK_FD"]), b"step " + b"9" * 5_000_000 + b"x" * 5_000_000 + b"\\nstep -3\\nnonsense\\n")
+for _ in range(200):
+    print("x" * 10_000)
+"""
+    outcome = run(harness_env, [*FAST, "--steps", "2"], script=hostile(harness_env, attack))
+    log = (outcome.run_dir / "run.log").read_text()
+    assert len(log) < 150_000 and "[output past 100,000 bytes not kept]" in log and "status:           keep" in log
+    assert outcome.row["steps"] == 2 and outcome.row["train_tokens"] == 2 * 2 * 64
+
+
 # --- what train.py can reach ---
 
 

@@ -50,6 +50,7 @@ SLACK_SECONDS = 2.0  # plus scheduling noise
 SLACK_FRACTION = 0.1  # the slack never exceeds this share of the budget
 TRAIN_JSON_BYTES = 1 << 20  # larger is not read
 VERDICT_BYTES = 1 << 20
+MEMORY_SAMPLE_SECONDS = 0.5  # how often the sandbox's peak memory is read
 LOG_BYTES = 100 << 20  # of train.py's output kept in run.log: a run that prints without end fills no disk
 RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
 
@@ -199,13 +200,39 @@ def _stop(child: subprocess.Popen) -> None:
         pass
 
 
+def _tree_peak_kb(root: int, peak: int) -> int:
+    """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if larger.
+    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see them."""
+    parents = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat_file.parent.name)] = int(stat_file.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        grown = tree | {pid for pid, parent in parents.items() if parent in tree}
+        tree, grew = grown, len(grown) > len(tree)
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return peak
+
+
 def _supervise(child: subprocess.Popen, deadline, sink, echo: bool) -> tuple[int | None, str, float]:
     """Wait for `child`, streaming its output to `sink`; kill it at `deadline()` -> (when, why).
     Returns (exit code or None if killed, why it was killed, peak resident memory in GB)."""
     reader = threading.Thread(target=_pump, args=(child.stdout, sink, echo), daemon=True)
     reader.start()
+    peak_kb, next_sample = 0, 0.0
     try:
         while True:
+            if time.monotonic() >= next_sample:
+                peak_kb, next_sample = _tree_peak_kb(child.pid, peak_kb), time.monotonic() + MEMORY_SAMPLE_SECONDS
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 _stop(child)  # stray members of the group (no sandbox) go with the leader
@@ -224,7 +251,7 @@ def _supervise(child: subprocess.Popen, deadline, sink, echo: bool) -> tuple[int
     finally:
         child.returncode = -1  # reaped by wait4; keeps Popen from reaping it again
     reader.join(timeout=5)
-    return code, why, usage.ru_maxrss / 1024**2
+    return code, why, max(peak_kb, usage.ru_maxrss) / 1024**2
 
 
 def _train_view(run_dir: Path, caches: tuple[Path, ...], private: Path) -> sandbox.View:

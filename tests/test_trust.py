@@ -228,6 +228,14 @@ def test_work_before_the_first_step_is_capped(harness_env):
     assert outcome.status == "invalid" and outcome.reason.startswith("start-up took")
 
 
+def test_peak_memory_is_measured_from_outside_the_sandbox(harness_env):
+    script = harness_env / "hog.py"
+    script.write_text("import time\nheld = bytearray(400 * 2**20)\nheld[::4096] = b'x' * len(held[::4096])\n"
+                      "time.sleep(1.5)\n")  # fmt: skip
+    outcome = run(harness_env, [], script=script)
+    assert outcome.status == "crash" and outcome.row["peak_mem_gb"] > 0.39  # its pages, not bwrap's
+
+
 def test_a_crash_by_signal_is_named(harness_env):
     attack = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
     outcome = run(harness_env, FAST, script=hostile(harness_env, attack))

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 EDITABLE = "train.py"
-MAX_DESCRIPTION = 120
+MAX_DESCRIPTION = 200
 
 _BLOCK = re.compile(
     r"^[ \t]*<{5,9} ?SEARCH[ \t]*\n(?P<search>.*?)^[ \t]*={5,9}[ \t]*\n(?P<replace>.*?)^[ \t]*>{5,9} ?REPLACE[ \t]*$",
@@ -29,6 +29,8 @@ _BLOCK = re.compile(
 )
 _FENCE = re.compile(r"^\s*```")
 _PATH_LIKE = re.compile(r"^[\w./\\-]+\.\w+$")  # one token with an extension: a file name, not prose
+# terminal escape sequences (CSI, OSC, then any other ESC sequence), removed whole so that no "[31m" is left
+_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]")
 
 
 class EditRejected(Exception):
@@ -46,6 +48,15 @@ class Edit:
 class Reply:
     description: str
     edits: tuple[Edit, ...]
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` as one printable line of at most `limit` characters, safe for a commit message, a tmux
+    window or a log: escape sequences, control and format characters (the bidi controls among them)
+    and lone surrogates dropped, any whitespace folded to single spaces."""
+    text = _ESCAPE.sub("", text)
+    kept = "".join(c if c.isprintable() else " " if c.isspace() else "" for c in text)
+    return " ".join(kept.split())[:limit].rstrip()
 
 
 def _path_before(text: str, start: int) -> str:
@@ -70,7 +81,7 @@ def _description(text: str) -> str:
         prose = [ln.strip() for ln in outside.splitlines()]
         prose = [ln for ln in prose if ln and not _FENCE.match(ln) and not _PATH_LIKE.match(ln.strip("*`"))]
         line = prose[0] if prose else ""
-    return " ".join(line.strip("*` ").split())[:MAX_DESCRIPTION]
+    return one_line(line.strip("*` "), MAX_DESCRIPTION)
 
 
 def parse_reply(text: str | None) -> Reply:
@@ -107,6 +118,16 @@ def apply_edits(source: str, edits: tuple[Edit, ...] | list[Edit]) -> str:
     return source
 
 
+def check_encodable(source: str) -> None:
+    """A reply's JSON can carry lone surrogates (\\ud800), which no file can store: refused here,
+    not when the agent writes train.py."""
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise EditRejected(f"edited train.py holds a lone surrogate (U+{ord(source[err.start]):04X}), "
+                           "which UTF-8 cannot store") from None  # fmt: skip
+
+
 def check_syntax(source: str) -> None:
     try:
         compile(source, EDITABLE, "exec")
@@ -122,5 +143,6 @@ def edited_train_py(source: str, reply_text: str | None) -> tuple[str, str]:
     new = apply_edits(source, reply.edits)
     if new == source:
         raise EditRejected("the edit changes nothing")
+    check_encodable(new)
     check_syntax(new)
     return new, reply.description

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import ROOT
-from harness.edits import EditRejected, apply_edits, edited_train_py, parse_reply
+from harness.edits import EditRejected, apply_edits, edited_train_py, one_line, parse_reply
 
 TRAIN_PY = (ROOT / "train.py").read_text()
 LR_LINE = next(line for line in TRAIN_PY.splitlines() if line.startswith("LR = "))
@@ -76,3 +76,24 @@ def test_replies_without_a_complete_block_are_refused(reply):
 def test_an_edit_that_changes_nothing_is_refused():
     with pytest.raises(EditRejected, match="changes nothing"):
         edited_train_py(TRAIN_PY, block(LR_LINE, LR_LINE))
+
+
+def test_the_description_is_one_printable_line_whatever_the_reply_held():
+    reply = "DESCRIPTION: **\x1b[1mwarm\x1b[0m-up \u2067x\u2069\u200f 5\ud83d\x1b]0;title\x07 steps\u0085**\n"
+    description = parse_reply(reply + block("WARMUP_STEPS = 10", "WARMUP_STEPS = 5")).description
+    assert description == "warm-up x 5 steps" and description.isprintable()
+
+
+def test_a_description_that_starts_with_a_dash_is_kept_as_written():
+    reply = "DESCRIPTION: --lr 1e-3 and -x\n" + block("WARMUP_STEPS = 10", "WARMUP_STEPS = 5")
+    assert parse_reply(reply).description == "--lr 1e-3 and -x"
+
+
+def test_one_line_caps_and_folds():
+    assert one_line("a\tb\r\n\u2028c" + "d" * 500, 10) == "a b cddddd"
+    assert one_line("\x9b31m\x1b(B\x00", 10) == ""
+
+
+def test_an_edit_holding_a_lone_surrogate_is_refused():
+    with pytest.raises(EditRejected, match="lone surrogate"):
+        edited_train_py(TRAIN_PY, block(LR_LINE, LR_LINE + "  # \udc80"))

@@ -45,9 +45,11 @@ def completion(content: str | None) -> dict:
 
 class ScriptedServer:
     """Answers POST /v1/chat/completions with the next scripted action:
-    ("reply", text) | ("status", code) | ("slow", seconds, text); past the script, 500s."""
+    ("reply", text) | ("status", code) | ("slow", seconds, text); past the script, 500s. Each
+    request is recorded with its receive time under "received" (time.time(), comparable with an
+    HTTP date)."""
 
-    def __init__(self, script: list[tuple]):
+    def __init__(self, script: list):
         self.script = list(script)
         self.requests: list[dict] = []
         owner = self
@@ -57,20 +59,15 @@ class ScriptedServer:
                 pass
 
             def do_POST(self):
+                received = time.time()
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization")})
-                action = owner.script.pop(0) if owner.script else ("status", 500)
-                if action[0] == "slow":
-                    time.sleep(action[1])
-                    action = ("reply", action[2])
-                if action[0] == "status":
-                    payload, code = {"error": {"message": "scripted failure", "type": "server_error"}}, action[1]
-                else:
-                    payload, code = completion(action[1]), 200
-                data = json.dumps(payload).encode()
+                owner.requests.append({"path": self.path, "body": body, "received": received,
+                                       "authorization": self.headers.get("Authorization")})  # fmt: skip
+                code, headers, data = owner.answer(owner.script.pop(0) if owner.script else None)
                 try:
                     self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -80,6 +77,18 @@ class ScriptedServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, action: tuple | None) -> tuple[int, dict, bytes]:
+        """(status, headers, body) for one scripted action."""
+        action = action or ("status", 500)
+        if action[0] == "slow":
+            time.sleep(action[1])
+            action = ("reply", action[2])
+        if action[0] == "status":
+            payload, code = {"error": {"message": "scripted failure", "type": "server_error"}}, action[1]
+        else:
+            payload, code = completion(action[1]), 200
+        return code, {"Content-Type": "application/json"}, json.dumps(payload).encode()
 
     def __enter__(self):
         self.thread.start()
@@ -114,3 +123,38 @@ def assert_clean(repo, tag, kept_commits):
 
 def agent_events(runs: Path, tag: str) -> list[dict]:
     return [json.loads(line) for line in (runs / f"agent-{tag}" / "agent.jsonl").read_text().splitlines()]
+
+
+def raw_reply(content: str | None) -> tuple[int, dict, bytes]:
+    """A RawServer action: a well-formed completion."""
+    return 200, {"Content-Type": "application/json"}, json.dumps(completion(content)).encode()
+
+
+class RawServer(ScriptedServer):
+    """Answers each POST with the next scripted (status, headers, body bytes), exactly as given:
+    bodies that are not UTF-8 or not JSON, Retry-After headers. Past the script, 500s."""
+
+    def answer(self, action: tuple[int, dict, bytes] | None) -> tuple[int, dict, bytes]:
+        return action or (500, {}, b"scripted failure")
+
+
+def tmux_environments(socket: str) -> dict[str, bytes]:
+    """pid -> initial environment (/proc/<pid>/environ) of the tmux server on `socket` and of
+    every pane's process there."""
+    def shown(*args):
+        return subprocess.run(["tmux", "-L", socket, *args], capture_output=True, text=True).stdout.split()
+
+    pids = [*shown("list-panes", "-a", "-F", "#{pane_pid}"), *shown("display-message", "-p", "#{pid}")]
+    return {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in pids}
+
+
+def screen_showing(socket: str, target: str, needle: str, seconds: float = 120) -> str:
+    """What tmux pane `target` shows, its scrollback included, once it shows `needle` (or once
+    `seconds` have passed)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        screen = subprocess.run(["tmux", "-L", socket, "capture-pane", "-p", "-J", "-S", "-", "-t", target],
+                                capture_output=True, text=True).stdout  # fmt: skip
+        if needle in screen or time.monotonic() > deadline:
+            return screen
+        time.sleep(0.2)

@@ -326,10 +326,10 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
             if status == "valid":
                 status, reason, verdict = _score(spec, kind, run_dir, log)
         except KeyboardInterrupt as err:
+            ignored = _handle_signals(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN))
             how = err.how if isinstance(err, Interrupted) else "Ctrl-C"
             status, reason = "crash", f"interrupted ({how})"
             train_info = _read_untrusted_json(run_dir / "train.json")
-            ignored = _handle_signals(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN))
             try:  # a second Ctrl-C must not cost the row
                 _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, {}, clock, None,
                         prepared, started, log)  # fmt: skip

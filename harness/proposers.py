@@ -196,7 +196,7 @@ def dynamics_summary(run_dirs: list[Path]) -> str:
 # --- LLM proposer ---
 
 DEFAULT_CONTEXT_TOKENS = 32768
-CHARS_PER_TOKEN = 4  # a rough estimate for code and English; what the prompt is sized by
+CHARS_PER_TOKEN = 3  # conservative: SmolLM2's tokenizer gives ~3.1 characters a token on this prompt
 MESSAGE_OVERHEAD_TOKENS = 64  # the chat template around the two messages
 CRASH_LOG_CHARS = 4000  # the end of the last crash's log at most
 

@@ -705,8 +705,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace, api_key: str | None) -> int:
     from harness.proposers import LLMConfig, LLMProposer, OptunaProposer, load_search_space
+    from harness.runner import check_ready
+    from harness.sandbox import SANDBOX_BWRAP, SANDBOX_NONE
     from harness.tmux import Tmux
 
+    problem = check_ready(args.eval_tokens, SANDBOX_NONE if args.no_sandbox else SANDBOX_BWRAP)
+    if problem:  # one line now, not a failed run per proposal
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     script = paths.train_script()
     try:
         repo = Path(git(["rev-parse", "--show-toplevel"], script.parent))

@@ -231,6 +231,13 @@ def test_a_server_that_keeps_failing_stops_the_loop_with_a_clear_message(user_re
     assert not (user_repo.parent / "results.tsv").exists()  # no run happened, no row
 
 
+def test_an_unprepared_checkout_stops_the_agent_before_it_starts(user_repo, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(user_repo.parent / "nothing-here"))
+    assert harness_main(["agent", "--proposer", "optuna", "--tag", "t1", "--", *TINY_FLAGS]) == 2
+    assert "python prepare.py" in capsys.readouterr().err
+    assert not (user_repo.parent / "runs" / "agent-t1").exists()
+
+
 def test_hours_bound_the_session(user_repo, capsys):
     with ScriptedServer([("reply", NAN_EDIT)]) as server:
         code = harness_main([*llm_args(server, "--hours", "0"), "--", *TINY_FLAGS])

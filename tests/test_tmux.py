@@ -111,7 +111,9 @@ def test_a_job_whose_shells_are_killed_has_vanished(tmux, tmp_path):
 
 
 def test_a_dead_server_is_noticed_and_the_session_comes_back(tmux, tmp_path):
-    job = tmux.start("orphan", "sleep 300", tmp_path / "job")
+    job = tmux.start("orphan", "echo > started\nsleep 300", tmp_path / "job")
+    while not (tmp_path / "job" / "started").exists():
+        time.sleep(0.1)  # the job's shells have set their traps: a server killed sooner kills them outright
     tmux.server.kill()
     assert job.wait(timeout=60).exit_code == 128 + signal.SIGHUP
     again = tmux.start("next", "exit 0", tmp_path / "job2")  # a new server, session and results window

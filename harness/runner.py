@@ -267,10 +267,9 @@ def _train_view(run_dir: Path, caches: tuple[Path, ...], private: Path) -> sandb
     return sandbox.View(readable=readable, writable=(run_dir, *caches), files={data_dir / PREPARED: trimmed})
 
 
-def _eval_view(artifact: Path) -> sandbox.View:
-    data_dir = paths.data_dir()
-    record = json.loads((data_dir / PREPARED).read_text())
-    return sandbox.View(readable=(paths.ROOT / "harness", data_dir, data_dir / record["model_dir"], artifact))
+def _eval_view(prepared, artifact: Path) -> sandbox.View:
+    """The evaluator sees all of the prepared data (the model may live outside it) and the artifact."""
+    return sandbox.View(readable=(paths.ROOT / "harness", paths.data_dir(), prepared.model_dir, artifact))
 
 
 def _read_untrusted_json(path: Path) -> dict:
@@ -324,7 +323,7 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
             if status == "crash" and not reason:
                 reason = str(train_info.get("reason") or "") or _tail_reason(private / "run.log", "train.py failed")
             if status == "valid":
-                status, reason, verdict = _score(spec, kind, run_dir, log)
+                status, reason, verdict = _score(spec, kind, prepared, run_dir, log)
         except KeyboardInterrupt as err:
             ignored = _handle_signals(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN))
             how = err.how if isinstance(err, Interrupted) else "Ctrl-C"
@@ -380,7 +379,7 @@ def _train(spec: RunSpec, kind: str, run_dir: Path, private: Path, clock: Clock,
     return "valid", "", peak_gb
 
 
-def _score(spec: RunSpec, kind: str, run_dir: Path, log) -> tuple[str, str, dict]:
+def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str, str, dict]:
     """Verify and score the artifact in a sandbox of its own -> (status, reason, verdict)."""
     data_dir = paths.data_dir()
     changed = integrity.changed_files(data_dir)
@@ -390,7 +389,7 @@ def _score(spec: RunSpec, kind: str, run_dir: Path, log) -> tuple[str, str, dict
     argv = [sys.executable, "-I", "-m", "harness.evaluate", str(run_dir / "artifact"), "--verdict-fd", str(write_end),
             "--eval-tokens", str(spec.eval_tokens), "--data-dir", str(data_dir)]  # fmt: skip
     try:
-        child = sandbox.popen(kind, argv, _eval_view(run_dir / "artifact"), sandbox.environment({}), Path("/tmp"),
+        child = sandbox.popen(kind, argv, _eval_view(prepared, run_dir / "artifact"), sandbox.environment({}), Path("/tmp"),
                               pass_fds=(write_end,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)  # fmt: skip
     finally:

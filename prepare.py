@@ -26,10 +26,21 @@ import numpy as np
 from tqdm import tqdm
 
 from harness import integrity, models, paths, sources
-from harness.data import PREPARED, DataError, atomic_write_bytes, atomic_write_json, check_token_file, sha256_file, token_dtype, write_token_file
+from harness.data import (
+    PREPARED,
+    DataError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_token_file,
+    sha256_file,
+    token_dtype,
+    write_token_file,
+)
 from harness.evaluate import EVAL_CONTEXT, EVAL_TOKENS
 
-TOKENIZE_BATCH_DOCS = 16  # documents per tokenizer call: keeps the progress bar moving on long texts
+TOKENIZE_BATCH_DOCS = (
+    16  # documents per tokenizer call: keeps the progress bar moving on long texts
+)
 
 
 def choose_sources(args: argparse.Namespace) -> tuple[str, str, str]:
@@ -38,7 +49,9 @@ def choose_sources(args: argparse.Namespace) -> tuple[str, str, str]:
     why = f"--preset {preset}"
     if preset == "auto":
         preset = "hub" if sources.hub_reachable() else "offline"
-        why = "the hub is reachable" if preset == "hub" else "no hub (offline or HF_HUB_OFFLINE set)"
+        why = (
+            "the hub is reachable" if preset == "hub" else "no hub (offline or HF_HUB_OFFLINE set)"
+        )
     train, evaluation = sources.PRESETS[preset]
     if args.train or args.eval:
         why = "chosen by flags"
@@ -77,7 +90,9 @@ def document_hashes(documents: list[str]) -> set[str]:
     return {hashlib.sha256(doc.encode("utf-8")).hexdigest() for doc in normalised if doc}
 
 
-def check_disjoint(train_source: str, train_docs: list[str], eval_source: str, eval_docs: list[str]) -> None:
+def check_disjoint(
+    train_source: str, train_docs: list[str], eval_source: str, eval_docs: list[str]
+) -> None:
     """Eval documents inside the train text would make the score measure memorisation."""
     eval_hashes = document_hashes(eval_docs)
     shared = len(eval_hashes & document_hashes(train_docs))
@@ -91,11 +106,17 @@ def load_split(source: str, split: str, text_dir: Path) -> tuple[str, list[str]]
     return split, sources.load_documents(source, split, text_dir)
 
 
-def load_texts(train_source: str, eval_source: str, text_dir: Path) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
-    return load_split(train_source, sources.TRAIN, text_dir), load_split(eval_source, sources.EVAL, text_dir)
+def load_texts(
+    train_source: str, eval_source: str, text_dir: Path
+) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+    return load_split(train_source, sources.TRAIN, text_dir), load_split(
+        eval_source, sources.EVAL, text_dir
+    )
 
 
-def prepare_split(source: str, split: str, documents: list[str], tokenizer, tokenizer_id: str, out_dir: Path):
+def prepare_split(
+    source: str, split: str, documents: list[str], tokenizer, tokenizer_id: str, out_dir: Path
+):
     text_sha = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()
     expect = {"source": source, "split": split, "text_sha256": text_sha, "tokenizer": tokenizer_id}
     path = out_dir / f"{file_stem(source, split)}.bin"
@@ -122,21 +143,39 @@ def prepare_split(source: str, split: str, documents: list[str], tokenizer, toke
         "utf8_bytes": sum(len(d.encode("utf-8")) for d in documents),
     }
     token_file = write_token_file(path, ids, meta)
-    print(f"  {source}:{split}: {token_file.n_tokens:,} tokens, {meta['utf8_bytes']:,} bytes -> {path}")
+    print(
+        f"  {source}:{split}: {token_file.n_tokens:,} tokens, {meta['utf8_bytes']:,} bytes -> {path}"
+    )
     return token_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=models.EMBEDDED_DEFAULT, help="embedded name, local HF folder or hub id")
-    parser.add_argument("--preset", default="auto", choices=["auto", *sources.PRESETS], help="default text sources")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=models.EMBEDDED_DEFAULT, help="embedded name, local HF folder or hub id"
+    )
+    parser.add_argument(
+        "--preset", default="auto", choices=["auto", *sources.PRESETS], help="default text sources"
+    )
     parser.add_argument("--train", help=f"training text: {', '.join(sources.SOURCES)} or file:PATH")
     parser.add_argument("--eval", help="evaluation text, same choices")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: data/ (or $HARNESS_DATA_DIR)")
-    parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help=f"eval budget the eval split must cover (default {EVAL_TOKENS:,})")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="default: data/ (or $HARNESS_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=EVAL_TOKENS,
+        help=f"eval budget the eval split must cover (default {EVAL_TOKENS:,})",
+    )
     args = parser.parse_args(argv)
     if args.eval_tokens <= 0 or args.eval_tokens % EVAL_CONTEXT:
-        print(f"error: --eval-tokens {args.eval_tokens}: use a positive multiple of the eval context {EVAL_CONTEXT}", file=sys.stderr)
+        print(
+            f"error: --eval-tokens {args.eval_tokens}: use a positive multiple of the eval context {EVAL_CONTEXT}",
+            file=sys.stderr,
+        )
         return 2
     data_dir = (args.data_dir or paths.data_dir()).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             train_source, eval_source = sources.PRESETS["offline"]
             train_text, eval_text = load_texts(train_source, eval_source, text_dir)
         check_disjoint(train_source, train_text[1], eval_source, eval_text[1])
-        evaluation = prepare_split(eval_source, *eval_text, tokenizer, tokenizer_id, out_dir)  # first: a short one stops us early
+        evaluation = prepare_split(
+            eval_source, *eval_text, tokenizer, tokenizer_id, out_dir
+        )  # first: a short one stops us early
         if evaluation.n_tokens < args.eval_tokens + 1:
             raise Refused(f"the eval text {eval_source} has {evaluation.n_tokens:,} tokens, fewer than the {args.eval_tokens + 1:,} "
                           f"that scoring --eval-tokens {args.eval_tokens} needs: use a longer eval text or lower --eval-tokens")  # fmt: skip
@@ -177,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def relative(path: Path) -> str:
-        return str(path.resolve().relative_to(data_dir)) if path.resolve().is_relative_to(data_dir) else str(path)
+        return (
+            str(path.resolve().relative_to(data_dir))
+            if path.resolve().is_relative_to(data_dir)
+            else str(path)
+        )
 
     record = {
         "model_name": model_name,

@@ -53,49 +53,69 @@ from harness.data import DataError, load_prepared
 # --- settings (each is also a flag: LR -> --lr, GROUP_SIZE -> --group-size) ---
 
 # what the weights become
-QUANT = "ternary"  # format of every decoder Linear: ternary | codebook | int | log | mxfp4 | mxfp8 | lut | none
+# format of every decoder Linear: ternary | codebook | int | log | mxfp4 | mxfp8 | lut | none
+QUANT = "ternary"
 BITS = 2  # bits per weight of codebook / int / log / lut (ternary and mxfp fix their own)
 GROUP_SIZE = 128  # weights per scale along in_features; -1 = one scale per output channel
-MODULE_QUANT = ""  # per-module overrides, first match wins: "mlp=codebook:2,self_attn=int:4,lm_head=int:8,o_proj=none"
-LEARN_SCALE = 1  # 1: scales/LUTs are parameters set by a calibration pass, then trained; 0: recalibrated from w every step
-INT_SYMMETRIC = 1  # int format: 1 = symmetric (c - 2^(k-1)) * s, 0 = affine min-max with a zero point
+# per-module overrides, first match wins: "mlp=codebook:2,self_attn=int:4,lm_head=int:8,o_proj=none"
+MODULE_QUANT = ""
+# 1: scales/LUTs are parameters set by a calibration pass, then trained; 0: recalibrated from w
+# every step
+LEARN_SCALE = 1
+# int format: 1 = symmetric (c - 2^(k-1)) * s, 0 = affine min-max with a zero point
+INT_SYMMETRIC = 1
 TERNARY_THRESHOLD = 0.5  # ternary deadzone: |w| <= threshold * s becomes 0 (0.5 = round to nearest)
-TERNARY_TANH = 0.0  # > 0: gradients follow a tanh staircase of this sharpness instead of the identity STE
+# > 0: gradients follow a tanh staircase of this sharpness instead of the identity STE
+TERNARY_TANH = 0.0
 LUT_RANK = 0  # lut format: W = (A @ B) * LUT[idx] with A, B of this rank; 0 = no low-rank scale
 ACT_QUANT = 0  # 1: fake-quantize every quantized Linear's input per token to INT8 (absmax)
 # schedules
-LAMBDA_WARMUP = 0.0  # fraction of the budget over which the forward blends FP -> quantized; 0 = quantized from step 0
+# fraction of the budget over which the forward blends FP -> quantized; 0 = quantized from step 0
+LAMBDA_WARMUP = 0.0
 LAMBDA_SCHEDULE = "linear"  # linear | plateau (lambda rises in LAMBDA_PLATEAUS equal stairs)
 LAMBDA_PLATEAUS = 4  # stairs of the plateau schedule
-PROGRESSIVE_BITS = 0  # > 0: at PROGRESSIVE_AT of the budget drop to this many bits (a LUT is reduced by k-means)
+# > 0: at PROGRESSIVE_AT of the budget drop to this many bits (a LUT is reduced by k-means)
+PROGRESSIVE_BITS = 0
 PROGRESSIVE_AT = 0.5  # fraction of the budget where progressive precision switches
-CYCLIC_BITS = ""  # "2-4": cyclic precision, each step's bits follow CYCLIC_SHAPE between min and max; export at BITS
+# "2-4": cyclic precision, each step's bits follow CYCLIC_SHAPE between min and max; export at BITS
+CYCLIC_BITS = ""
 CYCLIC_SHAPE = "cosine"  # cosine | triangular
 CYCLE_STEPS = 32  # steps per precision cycle
-SWITCHABLE_BITS = ""  # "2,4": steps rotate through these widths, each with its own scales, norms and LoRA; export at BITS
+# "2,4": steps rotate through these widths, each with its own scales, norms and LoRA; export at BITS
+SWITCHABLE_BITS = ""
 # training
 BASELINE = ""  # "fp" or "rtn": export without training, recorded as a baseline row
 STEPS = 0  # cap on optimizer steps; 0 = the wall-clock budget alone decides
 BATCH_SIZE = 4  # sequences per step
 SEQ_LEN = 128  # tokens per sequence
-LR = 5e-4  # peak AdamW learning rate on the latent (full-precision) weights and quantizer parameters
+LR = 5e-4  # peak AdamW learning rate of the latent weights and the quantizer parameters
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
 WEIGHT_DECAY = 0.0  # decay pulls latent weights to 0, which ternary maps to the 0 level
-COMPILE = 1  # 1: torch.compile fake-quant and KD (the unbudgeted first step compiles; a new bit width when first used); 0: eager, autograd through the fake-quant (slower, more memory)
+# 1: torch.compile fake-quant and KD (the unbudgeted first step compiles; a new bit width when first
+# used); 0: eager, autograd through the fake-quant (slower, more memory)
+COMPILE = 1
 DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA only)
 # distillation
 DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher needed)
 DISTILL_TEMP = 1.0  # softmax temperature of the KD term (scaled by T^2)
-TEACHER_DTYPE = "auto"  # live teacher's precision: auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32) | fp32 | bf16
+# live teacher's precision: auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32) |
+# fp32 | bf16
+TEACHER_DTYPE = "auto"
 HARD_TOP1_WEIGHT = 0.0  # + CE towards the teacher's top-1 among the candidates, at every position
-HARD_FULL_TOP1_WEIGHT = 0.0  # + CE over the full vocab towards the teacher's top-1 at each sequence's last position
-TEACHER_CACHE_K = 0  # > 0: distil from a precomputed cache of the teacher's top-k logits (no teacher in memory)
-TEACHER_CACHE_NEGATIVES = 32  # random other tokens cached per position, so KD also pushes some tail mass down
-TEACHER_CACHE_TOKENS = 65_536  # cached positions (6 bytes * (k + negatives) each); a 300 s CPU run reads ~40K
-TEACHER_CACHE_DIR = ""  # where caches live; "" = <harness cache>/teacher (shared by runs, writable in the sandbox)
+# + CE over the full vocab towards the teacher's top-1 at each sequence's last position
+HARD_FULL_TOP1_WEIGHT = 0.0
+# > 0: distil from a precomputed cache of the teacher's top-k logits (no teacher in memory)
+TEACHER_CACHE_K = 0
+# random other tokens cached per position, so KD also pushes some tail mass down
+TEACHER_CACHE_NEGATIVES = 32
+# cached positions (6 bytes * (k + negatives) each); a 300 s CPU run reads ~40K
+TEACHER_CACHE_TOKENS = 65_536
+# where caches live; "" = <harness cache>/teacher (shared by runs, writable in the sandbox)
+TEACHER_CACHE_DIR = ""
 # LoRA recovery
-LORA_RANK = 0  # > 0: a second stage freezes the quantized weights and trains LoRA adapters of this rank
+# > 0: a second stage freezes the quantized weights and trains LoRA adapters of this rank
+LORA_RANK = 0
 LORA_ALPHA = 16.0  # adapter output scale is alpha / rank
 LORA_DROPOUT = 0.0  # dropout on the adapter's input
 LORA_AT = 0.8  # fraction of the budget where the LoRA stage starts (0: LoRA only, on RTN weights)
@@ -106,22 +126,42 @@ FREEZE_LAST_MLPS = 0  # the last N layers' MLP latent weights stay fixed
 EMA_DECAY = 0.0  # > 0: export an exponential moving average of the trained parameters
 CHECKPOINT_EVERY = 0  # steps between checkpoints (model, optimizer, EMA, RNG); 0 = none
 CHECKPOINT_DIR = ""  # "" = <harness cache>/checkpoints/<hash of the training settings>
-RESUME = ""  # "auto": continue from the latest compatible checkpoint, or a path (bit-exact under --steps; a time budget restarts)
+# "auto": continue from the latest compatible checkpoint, or a path (bit-exact under --steps; a time
+# budget restarts)
+RESUME = ""
 # bookkeeping
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
 SEED = 0
 DEVICE = "auto"  # auto | cpu | cuda | mps
 DESCRIPTION = ""  # one line for results.tsv
 
-SETTINGS = {name: value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, (int, float, str))}
-NOT_TRAINING = ("resume", "description", "log_every", "checkpoint_every", "checkpoint_dir", "device")  # not in the checkpoint key
+SETTINGS = {
+    name: value
+    for name, value in dict(globals()).items()
+    if name.isupper() and isinstance(value, (int, float, str))
+}
+NOT_TRAINING = (
+    "resume",
+    "description",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "device",
+)  # not in the checkpoint key
 
 
 def parse_flags(argv: list[str]) -> SimpleNamespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, default in SETTINGS.items():
         kind = type(default)
-        parser.add_argument("--" + name.lower().replace("_", "-"), type=kind, default=default, metavar=kind.__name__.upper())
+        parser.add_argument(
+            "--" + name.lower().replace("_", "-"),
+            type=kind,
+            default=default,
+            metavar=kind.__name__.upper(),
+        )
     return SimpleNamespace(**vars(parser.parse_args(argv)))
 
 
@@ -142,7 +182,9 @@ class Segment(NamedTuple):
 def segments(in_features: int, group: int) -> list[Segment]:
     full, short = divmod(in_features, group)
     parts = [Segment(slice(0, full), slice(0, full * group))] if full else []
-    return parts + ([Segment(slice(full, full + 1), slice(full * group, in_features))] if short else [])
+    return parts + (
+        [Segment(slice(full, full + 1), slice(full * group, in_features))] if short else []
+    )
 
 
 def grouped(x: torch.Tensor, part: Segment) -> torch.Tensor:
@@ -200,7 +242,9 @@ class Quantizer:
     def levels(self) -> int:
         return 2**self.bits
 
-    has_surrogate = False  # True: w's gradient is surrogate()'s slope, not the identity (straight-through)
+    has_surrogate = (
+        False  # True: w's gradient is surrogate()'s slope, not the identity (straight-through)
+    )
 
     def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor:
         """A function of grouped w whose gradient replaces the identity; used when has_surrogate."""
@@ -244,8 +288,12 @@ class Ternary(Quantizer):
         return {"scale": absmean.clamp_min(MIN_SCALE)}
 
     def encode(self, w, p):
-        bound = self.expand(self.cfg.ternary_threshold * p["scale"])  # per group: no division per weight
-        return torch.where(w > bound, 2.0, torch.where(w >= -bound, 1.0, 0.0))  # selects: summed comparisons compile to slow mask casts
+        bound = self.expand(
+            self.cfg.ternary_threshold * p["scale"]
+        )  # per group: no division per weight
+        return torch.where(
+            w > bound, 2.0, torch.where(w >= -bound, 1.0, 0.0)
+        )  # selects: summed comparisons compile to slow mask casts
 
     def decode(self, codes, p):
         return (codes - 1) * self.expand(p["scale"])
@@ -257,7 +305,11 @@ class Ternary(Quantizer):
     def surrogate(self, w, p):
         """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
         weights near a threshold a stronger gradient than those far from one."""
-        s, t, k = self.expand(p["scale"].detach()), self.cfg.ternary_threshold, self.cfg.ternary_tanh
+        s, t, k = (
+            self.expand(p["scale"].detach()),
+            self.cfg.ternary_threshold,
+            self.cfg.ternary_tanh,
+        )
         x = w / s
         return s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t)))
 
@@ -273,18 +325,29 @@ class Codebook(Quantizer):
 
     def calibrate(self, w):
         clip = self.each_group(w.abs(), self.mse_clip)
-        return {"scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)}  # levels cells of width s span [-clip, clip]
+        return {
+            "scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)
+        }  # levels cells of width s span [-clip, clip]
 
     def mse_clip(self, x):
         """The MSE-optimal clip of |w| (..., n) per row, from the absmax."""
         clip = x.amax(-1)
-        for _ in range(10):  # clip <- E[|w| ; |w| > clip] / (4^-k / 3 * P(|w| <= clip) + P(|w| > clip))
+        for _ in range(
+            10
+        ):  # clip <- E[|w| ; |w| > clip] / (4^-k / 3 * P(|w| <= clip) + P(|w| > clip))
             over = (x > clip.unsqueeze(-1)).float()
-            clip = (x * over).mean(-1) / ((4.0**-self.bits / 3) * (1 - over).mean(-1) + over.mean(-1)).clamp_min(1e-12)
+            clip = (x * over).mean(-1) / (
+                (4.0**-self.bits / 3) * (1 - over).mean(-1) + over.mean(-1)
+            ).clamp_min(1e-12)
         return clip
 
     def encode(self, w, p):
-        return (w * self.expand(1 / p["scale"])).add_((self.levels - 1) / 2).round_().clamp_(0, self.levels - 1)
+        return (
+            (w * self.expand(1 / p["scale"]))
+            .add_((self.levels - 1) / 2)
+            .round_()
+            .clamp_(0, self.levels - 1)
+        )
 
     def decode(self, codes, p):
         return (codes - (self.levels - 1) / 2) * self.expand(p["scale"])
@@ -307,7 +370,12 @@ class Int(Quantizer):
         return self.levels // 2 if self.cfg.int_symmetric else self.expand(round_ste(p["zero"]))
 
     def encode(self, w, p):
-        return (w * self.expand(1 / p["scale"])).add_(self.offset(p)).round_().clamp_(0, self.levels - 1)
+        return (
+            (w * self.expand(1 / p["scale"]))
+            .add_(self.offset(p))
+            .round_()
+            .clamp_(0, self.levels - 1)
+        )
 
     def decode(self, codes, p):
         return (codes - self.offset(p)) * self.expand(p["scale"])
@@ -335,7 +403,9 @@ class Log(Quantizer):
     def decode(self, codes, p):
         half, top = self.levels // 2, self.levels // 2 - 1
         m, negative = codes % half, codes >= half
-        magnitude = torch.where(m > 0, torch.exp2(m - top), torch.zeros_like(m)) * self.expand(p["scale"])
+        magnitude = torch.where(m > 0, torch.exp2(m - top), torch.zeros_like(m)) * self.expand(
+            p["scale"]
+        )
         return torch.where(negative, -magnitude, magnitude)
 
 
@@ -364,7 +434,9 @@ class MXFP(Quantizer):
         return {"exponent": torch.clamp(shared, -126, 126) + 127}
 
     def encode(self, w, p):
-        return self.element_codes(w * power_of_two(254 - self.expand(p["exponent"])))  # w / 2^(e-127), exactly
+        return self.element_codes(
+            w * power_of_two(254 - self.expand(p["exponent"]))
+        )  # w / 2^(e-127), exactly
 
     def decode(self, codes, p):
         return self.element_values(codes) * power_of_two(self.expand(p["exponent"]))
@@ -399,7 +471,9 @@ class MXFP4(MXFP):
         negative = c >= 8
         m = torch.where(negative, c - 8, c)
         over_4, over_6 = (m >= 4).float(), (m >= 6).float()  # codes 4-5 are binade 1, 6-7 binade 2
-        magnitude = (m - 2 * (over_4 + over_6)) * 0.5 * (1 + over_4) * (1 + over_6)  # position * 2^(e-1)
+        magnitude = (
+            (m - 2 * (over_4 + over_6)) * 0.5 * (1 + over_4) * (1 + over_6)
+        )  # position * 2^(e-1)
         return torch.where(negative, -magnitude, magnitude)
 
 
@@ -409,7 +483,9 @@ class MXFP8(MXFP):
     name, levels, emax = "mxfp8", 256, 8  # 448 = 1.75 * 2^8
 
     def element_codes(self, x):
-        return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float()  # clamped: never NaN
+        return (
+            x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float()
+        )  # clamped: never NaN
 
     def element_values(self, c):
         return c.to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -424,7 +500,9 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 12) -> torch.Tensor:
         onehot = F.one_hot(assign, k).float()
         counts = onehot.sum(-2)
         sums = (onehot * x.unsqueeze(-1)).sum(-2)
-        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # an empty cluster stays put
+        centroids = torch.where(
+            counts > 0, sums / counts.clamp_min(1), centroids
+        )  # an empty cluster stays put
     return centroids.sort(-1).values
 
 
@@ -443,7 +521,11 @@ class LUT(Quantizer):
 
     def low_rank(self, p, like):
         """A @ B as stored (float16), grouped like `like`; None without a low-rank scale."""
-        return (as_stored(p["scale_a"]) @ as_stored(p["scale_b"])).view(like.shape) if "scale_a" in p else None
+        return (
+            (as_stored(p["scale_a"]) @ as_stored(p["scale_b"])).view(like.shape)
+            if "scale_a" in p
+            else None
+        )
 
     def restrict(self, p, part):
         """The tables of the segment's groups, and B's columns of it (A is every column's)."""
@@ -538,10 +620,14 @@ def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor)
     return pullback([grouped(grad, part) for part in q.segments])[0]
 
 
-def surrogate_vjp(q: Quantizer, w: torch.Tensor, learned: dict | None, grad: torch.Tensor) -> torch.Tensor:
+def surrogate_vjp(
+    q: Quantizer, w: torch.Tensor, learned: dict | None, grad: torch.Tensor
+) -> torch.Tensor:
     """dL/dw through the surrogate's slope (where fake_quantize's w gradient is not the identity)."""
     p = {k: v.detach() for k, v in stored_params(q, w, learned).items()}
-    _, slope = torch.func.vjp(lambda w: joined([q.surrogate(x, p_part) for x, p_part in q.split(w, p)]), w)
+    _, slope = torch.func.vjp(
+        lambda w: joined([q.surrogate(x, p_part) for x, p_part in q.split(w, p)]), w
+    )
     return slope(grad)[0]
 
 
@@ -558,14 +644,16 @@ def block_params_vjp(quantizers: list, ws: list, learned: list, grads: list) -> 
     return [params_vjp(q, w, p, g) for q, w, p, g in zip(quantizers, ws, learned, grads)]
 
 
-def block_surrogate_vjp(quantizers: list, ws: list, learned: list, grads: list) -> list[torch.Tensor]:
+def block_surrogate_vjp(
+    quantizers: list, ws: list, learned: list, grads: list
+) -> list[torch.Tensor]:
     return [surrogate_vjp(q, w, p, g) for q, w, p, g in zip(quantizers, ws, learned, grads)]
 
 
-# Eager, fake_quantize is ~10 passes over every weight, each step; compiled, the forward is one fused
-# loop over w and the backward one over dL/dweight and w: what keeps a QAT step near an FP step.
-# One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards, dispatch)
-# whatever its size, and the 135M model has 210 Linears.
+# Eager, fake_quantize is ~10 passes over every weight, each step; compiled, the forward is one
+# fused loop over w and the backward one over dL/dweight and w: what keeps a QAT step near an FP
+# step. One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards,
+# dispatch) whatever its size, and the 135M model has 210 Linears.
 def compiled(fn):
     """torch.compile(fn), done at its first call: importing the compiler costs a process seconds
     that baselines and COMPILE=0 runs need not pay."""
@@ -575,7 +663,9 @@ def compiled(fn):
     def call(*args):
         nonlocal compiled_fn
         if compiled_fn is None:
-            torch._dynamo.config.recompile_limit = 64  # graphs per distinct block (its shapes and widths)
+            torch._dynamo.config.recompile_limit = (
+                64  # graphs per distinct block (its shapes and widths)
+            )
             compiled_fn = torch.compile(fn, dynamic=False)
         return compiled_fn(*args)
 
@@ -616,7 +706,7 @@ def format_for(name: str, cfg: SimpleNamespace) -> tuple[str, int] | None:
 
 
 def parse_bits(text: str) -> list[int]:
-    """"2,4" -> [2, 4]; "2-4" -> [2, 3, 4]."""
+    """ "2,4" -> [2, 4]; "2-4" -> [2, 3, 4]."""
     if "-" in text:
         low, high = map(int, text.split("-"))
         return list(range(low, high + 1))
@@ -627,7 +717,9 @@ def new_adapter(rank: int, in_features: int, out_features: int) -> nn.ParameterD
     """LoRA's A (rank, in) initialised like a Linear, B (out, rank) at zero: a no-op to start from."""
     a = torch.empty(rank, in_features)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    return nn.ParameterDict({"a": nn.Parameter(a), "b": nn.Parameter(torch.zeros(out_features, rank))})
+    return nn.ParameterDict(
+        {"a": nn.Parameter(a), "b": nn.Parameter(torch.zeros(out_features, rank))}
+    )
 
 
 class QuantLinear(nn.Linear):
@@ -637,31 +729,55 @@ class QuantLinear(nn.Linear):
     schedule can switch between them."""
 
     def __init__(self, linear: nn.Linear, fmt: str, bits: int, cfg: SimpleNamespace):
-        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        self.weight, self.bias = linear.weight, linear.bias  # the Linear's own tensors: a copy would cost a model's worth of memory
+        super().__init__(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta"
+        )
+        self.weight, self.bias = (
+            linear.weight,
+            linear.bias,
+        )  # the Linear's own tensors: a copy would cost a model's worth of memory
         fixed = fmt in FIXED_BITS
         self.export_bits = FIXED_BITS.get(fmt) or cfg.progressive_bits or bits
         scheduled = [*parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)]
         widths = {self.export_bits} if fixed else {bits, self.export_bits, *scheduled}
-        self.quantizers = {b: QUANTIZERS[fmt](b, cfg.group_size, self.in_features, cfg) for b in sorted(widths)}
-        self.own_bits = self.bits = bits if not fixed else self.export_bits  # own_bits: what it trains at unscheduled
+        self.quantizers = {
+            b: QUANTIZERS[fmt](b, cfg.group_size, self.in_features, cfg) for b in sorted(widths)
+        }
+        self.own_bits = self.bits = (
+            bits if not fixed else self.export_bits
+        )  # own_bits: what it trains at unscheduled
         self.learn = cfg.learn_scale and QUANTIZERS[fmt].learnable
         self.qparams = nn.ModuleDict()
         if self.learn:
             with torch.no_grad():
                 for b, q in self.quantizers.items():
-                    self.qparams[str(b)] = nn.ParameterDict({k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()})
+                    self.qparams[str(b)] = nn.ParameterDict(
+                        {k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()}
+                    )
         self.act_quant = bool(cfg.act_quant)
         self.step = None  # the QuantizedStep computing this layer's weight, while one runs
         self.lam = 1.0  # blend FP -> quantized (lambda warm-up); export ignores it
         # LoRA adapters, bits -> {a, b}: one per width if precision is switchable, else one. They
         # exist from the start (b = 0, so they add nothing) and train only in the LoRA stage.
-        adapter_widths = (self.quantizers if cfg.switchable_bits else [self.export_bits]) if cfg.lora_rank > 0 else []
-        adapters = {str(b): new_adapter(cfg.lora_rank, self.in_features, self.out_features) for b in adapter_widths}
+        adapter_widths = (
+            (self.quantizers if cfg.switchable_bits else [self.export_bits])
+            if cfg.lora_rank > 0
+            else []
+        )
+        adapters = {
+            str(b): new_adapter(cfg.lora_rank, self.in_features, self.out_features)
+            for b in adapter_widths
+        }
         self.lora = nn.ModuleDict(adapters).to(self.weight.device)
         self.lora.requires_grad_(False)
-        self.lora_scale, self.lora_dropout = cfg.lora_alpha / max(cfg.lora_rank, 1), nn.Dropout(cfg.lora_dropout)
-        self.lora_on, self.frozen = False, {}  # frozen: bits -> quantized weight cached for the LoRA stage
+        self.lora_scale, self.lora_dropout = (
+            cfg.lora_alpha / max(cfg.lora_rank, 1),
+            nn.Dropout(cfg.lora_dropout),
+        )
+        self.lora_on, self.frozen = (
+            False,
+            {},
+        )  # frozen: bits -> quantized weight cached for the LoRA stage
 
     @property
     def quantizer(self) -> Quantizer:
@@ -678,7 +794,11 @@ class QuantLinear(nn.Linear):
     def definition(self) -> torch.Tensor:
         """This step's weight as a function of w and the learned values, differentiable by autograd:
         fake-quantized, blended with w while lambda < 1. QuantizedStep computes the same faster."""
-        return blend(self.weight, fake_quantize(self.quantizer, self.weight.float(), self.learned()), self.lam)
+        return blend(
+            self.weight,
+            fake_quantize(self.quantizer, self.weight.float(), self.learned()),
+            self.lam,
+        )
 
     def computed_weight(self) -> torch.Tensor:
         """The weight a forward outside a QuantizedStep computes with (with --compile 0, in eval):
@@ -742,7 +862,9 @@ class QuantLinear(nn.Linear):
             plain.weight.copy_(weight)
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
-        return artifact.QuantizedLinear(self.quantizer.name, codes.to(torch.int64).cpu(), params, spec), plain
+        return artifact.QuantizedLinear(
+            self.quantizer.name, codes.to(torch.int64).cpu(), params, spec
+        ), plain
 
 
 class SwitchableRMSNorm(nn.Module):
@@ -752,7 +874,9 @@ class SwitchableRMSNorm(nn.Module):
     def __init__(self, norm: nn.Module, widths: list[int]):
         super().__init__()
         self.eps, self.norm_class = norm.variance_epsilon, type(norm)
-        self.weights = nn.ParameterDict({str(b): nn.Parameter(norm.weight.detach().clone()) for b in widths})
+        self.weights = nn.ParameterDict(
+            {str(b): nn.Parameter(norm.weight.detach().clone()) for b in widths}
+        )
         self.bits = widths[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -788,7 +912,9 @@ def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
         chosen = format_for(name, cfg)
         if chosen is None:
             continue
-        if linear is head and model.config.tie_word_embeddings:  # untie: the embedding stays as stored
+        if (
+            linear is head and model.config.tie_word_embeddings
+        ):  # untie: the embedding stays as stored
             linear = copy.deepcopy(linear)
             model.config.tie_word_embeddings = False
         swap_module(model, name, QuantLinear(linear, *chosen, cfg))
@@ -818,8 +944,15 @@ def add_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
 def detached_inputs(layers: list["QuantLinear"]) -> tuple[list, list, list]:
     """(quantizers, latent weights, learned values or None) of layers without gradients: the
     compiled block functions' arguments."""
-    learned = [{k: v.detach() for k, v in layer.learned().items()} if layer.learn else None for layer in layers]
-    return [layer.quantizer for layer in layers], [layer.weight.detach().float() for layer in layers], learned
+    learned = [
+        {k: v.detach() for k, v in layer.learned().items()} if layer.learn else None
+        for layer in layers
+    ]
+    return (
+        [layer.quantizer for layer in layers],
+        [layer.weight.detach().float() for layer in layers],
+        learned,
+    )
 
 
 def layer_blocks(model: nn.Module) -> dict[str, list["QuantLinear"]]:
@@ -865,25 +998,36 @@ class QuantizedStep:
             weights = quantize_block_compiled(*detached_inputs(layers))
         for layer, w_q in zip(layers, weights):
             trains = layer.weight.requires_grad or layer.learn
-            self.weights[layer] = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(trains)
+            self.weights[layer] = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(
+                trains
+            )
 
     def backward(self) -> None:
         """The latent weights' and the learned parameters' gradients from the dL/dweight that
         loss.backward() left, as autograd gets them through QuantLinear.definition()."""
         for layers in self.blocks:
-            grad = {layer: self.weights[layer].grad for layer in layers if layer in self.weights}  # dL/dweight
+            grad = {
+                layer: self.weights[layer].grad for layer in layers if layer in self.weights
+            }  # dL/dweight
             layers = [layer for layer in layers if grad.get(layer) is not None]
-            grad_q = {layer: grad[layer] if layer.lam >= 1 else layer.lam * grad[layer] for layer in layers}  # dL/dq(w)
+            grad_q = {
+                layer: grad[layer] if layer.lam >= 1 else layer.lam * grad[layer]
+                for layer in layers
+            }  # dL/dq(w)
             learners = [layer for layer in layers if layer.learn]
             if learners:
-                vjps = block_params_vjp_compiled(*detached_inputs(learners), [grad_q[layer] for layer in learners])
+                vjps = block_params_vjp_compiled(
+                    *detached_inputs(learners), [grad_q[layer] for layer in learners]
+                )
                 for layer, vjp in zip(learners, vjps):
                     for k, v in layer.learned().items():
                         add_grad(v, vjp[k])
             trained = [layer for layer in layers if layer.weight.requires_grad]
             surrogates = [layer for layer in trained if layer.quantizer.has_surrogate]
             if surrogates:
-                slopes = block_surrogate_vjp_compiled(*detached_inputs(surrogates), [grad_q[layer] for layer in surrogates])
+                slopes = block_surrogate_vjp_compiled(
+                    *detached_inputs(surrogates), [grad_q[layer] for layer in surrogates]
+                )
                 for layer, slope in zip(surrogates, slopes):
                     grad[layer] = slope if layer.lam >= 1 else slope + (1 - layer.lam) * grad[layer]
             for layer in trained:
@@ -917,7 +1061,9 @@ def teacher_dtype(device: torch.device, cfg: SimpleNamespace) -> torch.dtype:
     135M teacher's forward takes 0.56 s in bf16 against 1.08 s in fp32, and its distribution moves
     by KL(fp32 || bf16) = 0.001 nats per token (top-1 agreement 96.5%)."""
     if cfg.teacher_dtype == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = device.type == "cuda" or (
+            device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
         return torch.bfloat16 if native else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.teacher_dtype]
 
@@ -940,14 +1086,21 @@ def kl_to_teacher(s_logits: torch.Tensor, t_logits: torch.Tensor, temp: float) -
 kl_to_teacher_compiled = compiled(kl_to_teacher)
 
 
-def distill_terms(logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace) -> dict[str, torch.Tensor]:
+def distill_terms(
+    logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace
+) -> dict[str, torch.Tensor]:
     """KD terms. `teacher` holds either full-vocab "logits" (a live teacher) or, from the cache,
     "ids" (B, T, C) of candidate tokens with their "logits"; both distributions are then taken over
     the candidates (cached duplicates carry -inf and drop out)."""
     ids, t_logits, s_logits = teacher.get("ids"), teacher["logits"].float(), logits.float()
-    if ids is not None:  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps the KL finite
+    if (
+        ids is not None
+    ):  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps the KL finite
         dropped = torch.isinf(t_logits)
-        t_logits, s_logits = t_logits.masked_fill(dropped, -1e4), s_logits.gather(-1, ids).masked_fill(dropped, -1e4)
+        t_logits, s_logits = (
+            t_logits.masked_fill(dropped, -1e4),
+            s_logits.gather(-1, ids).masked_fill(dropped, -1e4),
+        )
     kl = kl_to_teacher_compiled if cfg.compile else kl_to_teacher
     terms = {"kd": kl(s_logits, t_logits, cfg.distill_temp)}
     top = t_logits.argmax(-1)  # candidate index of the teacher's top-1
@@ -980,7 +1133,9 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
     rng = np.random.default_rng(cfg.seed)
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=n_windows)
     windows = tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
-    teacher = load_teacher(prepared.model_dir, device, torch.float32)  # cached logits at full precision
+    teacher = load_teacher(
+        prepared.model_dir, device, torch.float32
+    )  # cached logits at full precision
     k, n_neg = cfg.teacher_cache_k, cfg.teacher_cache_negatives
     generator = torch.Generator().manual_seed(cfg.seed)
     all_ids, all_logits = [], []
@@ -993,7 +1148,9 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
         ids = torch.cat([top.indices, negatives], -1)
         values = logits.gather(-1, ids)
         duplicate = (negatives.unsqueeze(-1) == top.indices.unsqueeze(-2)).any(-1)
-        duplicate |= torch.triu((negatives.unsqueeze(-1) == negatives.unsqueeze(-2)), diagonal=1).any(-2)
+        duplicate |= torch.triu(
+            (negatives.unsqueeze(-1) == negatives.unsqueeze(-2)), diagonal=1
+        ).any(-2)
         values[..., k:] = values[..., k:].masked_fill(duplicate, -torch.inf)
         all_ids.append(ids.to(torch.int32).numpy())
         all_logits.append(values.half().numpy())
@@ -1008,7 +1165,9 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
 
 
 def load_teacher_cache(path: Path) -> dict[str, np.ndarray]:
-    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("windows", "ids", "logits")}
+    return {
+        name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("windows", "ids", "logits")
+    }
 
 
 def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNamespace,
@@ -1024,7 +1183,9 @@ def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNames
                    "logits": torch.from_numpy(cache["logits"][rows].astype(np.float32))}  # fmt: skip
     else:
         starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
-        window = torch.from_numpy(tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64))
+        window = torch.from_numpy(
+            tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
+        )
         teacher = {}
     window = window.to(device)
     return window[:, :-1], window[:, 1:], {k: v.to(device) for k, v in teacher.items()}
@@ -1075,7 +1236,11 @@ def bits_at(step: int, cfg: SimpleNamespace) -> int | None:
     if cfg.cyclic_bits:
         low, high = min(parse_bits(cfg.cyclic_bits)), max(parse_bits(cfg.cyclic_bits))
         phase = (step % cfg.cycle_steps) / cfg.cycle_steps
-        shape = 0.5 * (1 - math.cos(2 * math.pi * phase)) if cfg.cyclic_shape == "cosine" else 1 - abs(2 * phase - 1)
+        shape = (
+            0.5 * (1 - math.cos(2 * math.pi * phase))
+            if cfg.cyclic_shape == "cosine"
+            else 1 - abs(2 * phase - 1)
+        )
         return round(low + (high - low) * shape)
     return None
 
@@ -1193,13 +1358,17 @@ class LossIsNotFinite(Exception):
     pass
 
 
-def make_optimizer(model: nn.Module, cfg: SimpleNamespace) -> tuple[torch.optim.Optimizer, dict, "EMA | None"]:
+def make_optimizer(
+    model: nn.Module, cfg: SimpleNamespace
+) -> tuple[torch.optim.Optimizer, dict, "EMA | None"]:
     """AdamW (and an EMA) over whatever currently requires grad: a new stage gets a fresh pair.
     Fused: one kernel per tensor. PyTorch's default on CPU is a Python loop of ~6 ops per tensor,
     0.30 s of the 135M model's ~2.8 s CPU step against 0.08 s fused, and a QAT model's 210 scale
     tensors cost that loop 0.02 s more."""
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
+    optimizer = torch.optim.AdamW(
+        trained.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True
+    )
     return optimizer, trained, EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
 
@@ -1222,7 +1391,9 @@ def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> t
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.shadow = state["ema"]
-    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved them, and an RNG state is a CPU tensor
+    torch.set_rng_state(
+        state["rng"]["torch"].cpu()
+    )  # map_location moved them, and an RNG state is a CPU tensor
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
     print(f"resumed from {path} at step {state['step']}")
@@ -1237,7 +1408,9 @@ def compute_loss(model, teacher, x, y, teacher_out: dict, cfg) -> tuple[torch.Te
         with torch.no_grad():
             teacher_out = {"logits": teacher(input_ids=x).logits}
     kd_weight = cfg.distill_weight if teacher_out else 0.0
-    with torch.set_grad_enabled(torch.is_grad_enabled() and kd_weight < 1):  # at weight 1 the CE is only logged
+    with torch.set_grad_enabled(
+        torch.is_grad_enabled() and kd_weight < 1
+    ):  # at weight 1 the CE is only logged
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     if not teacher_out:
         return ce, ce
@@ -1249,15 +1422,21 @@ def compute_loss(model, teacher, x, y, teacher_out: dict, cfg) -> tuple[torch.Te
     return loss, ce
 
 
-def train_step(model, teacher, batch: tuple, optimizer, scaler, trained: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model, teacher, batch: tuple, optimizer, scaler, trained: dict, cfg
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on batch = (x, y, teacher_out); returns (loss, ce). The quantized weights
     are computed once for the step (QuantizedStep; with --compile 0 each layer differentiates its
     definition), the loss under autocast where autocast_dtype() asks for it."""
     x, y, teacher_out = batch
     dtype = autocast_dtype(x.device, cfg)
-    optimizer.zero_grad(set_to_none=True)  # before the forward, whose activations can take the memory
+    optimizer.zero_grad(
+        set_to_none=True
+    )  # before the forward, whose activations can take the memory
     with QuantizedStep(model) if cfg.compile else contextlib.nullcontext() as weights:
-        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(
+            x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        ):
             loss, ce = compute_loss(model, teacher, x, y, teacher_out, cfg)
         if not torch.isfinite(loss):
             raise LossIsNotFinite(f"loss is {loss.item()}")
@@ -1276,12 +1455,16 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     budget = Budget.from_env(max_steps=cfg.steps or None)
     tokens = prepared.train.tokens()
     if len(tokens) <= cfg.seq_len + 1:
-        raise DataError(f"{len(tokens)} training tokens cannot fill one window of {cfg.seq_len + 1}")
+        raise DataError(
+            f"{len(tokens)} training tokens cannot fill one window of {cfg.seq_len + 1}"
+        )
     cache = None
     if cfg.teacher_cache_k and cfg.distill_weight > 0:
         cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device))
     dtype = autocast_dtype(device, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=dtype == torch.float16 and device.type == "cuda"
+    )
     freeze_modules(model, cfg)
     stage = {"lora": cfg.lora_rank > 0 and cfg.lora_at <= 0, "progressive": False}
     if stage["lora"]:
@@ -1290,12 +1473,20 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     step = 0
     checkpoint = find_checkpoint(cfg)
     if checkpoint is not None:
-        step, (optimizer, trained, ema) = restore_checkpoint(checkpoint, model, scaler, stage, cfg, device)
+        step, (optimizer, trained, ema) = restore_checkpoint(
+            checkpoint, model, scaler, stage, cfg, device
+        )
         budget.steps = step
 
     log = open(run_dir / "loss.csv", "w")
     log.write("step,loss,ce,lr,lambda,bits,tokens_per_s,train_seconds\n")
-    bar = tqdm(total=100, desc="train", unit="%", mininterval=2.0, bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}{postfix}]")
+    bar = tqdm(
+        total=100,
+        desc="train",
+        unit="%",
+        mininterval=2.0,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}{postfix}]",
+    )
     model.train()
     window_started, window_tokens = time.perf_counter(), 0
     while not budget.done():
@@ -1338,8 +1529,13 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
                       f"{rate:.1f},{budget.elapsed:.2f}\n")  # fmt: skip
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():  # the last step exports instead
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        if (
+            cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done()
+        ):  # the last step exports instead
+            rng = {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            }
             save_checkpoint({"step": step, "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "ema": ema.shadow if ema else None, "rng": rng}, cfg)  # fmt: skip
     bar.close()
@@ -1383,7 +1579,12 @@ def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Pat
             swap_module(model, name, plain)
         elif linear is not model.get_output_embeddings():
             dense.append(name)
-    artifact.save(out_dir, layers, changed_tensors(model, model_dir, {f"{name}.weight" for name in layers}), dense)
+    artifact.save(
+        out_dir,
+        layers,
+        changed_tensors(model, model_dir, {f"{name}.weight" for name in layers}),
+        dense,
+    )
 
 
 # --- main ---
@@ -1402,15 +1603,23 @@ def main(argv: list[str]) -> int:
         if fmt not in QUANTIZERS and fmt != "none":
             raise SystemExit(f"unknown format {fmt!r}; known: {sorted(QUANTIZERS)} or none")
     if cfg.switchable_bits and cfg.bits not in parse_bits(cfg.switchable_bits):
-        raise SystemExit(f"--bits {cfg.bits} (the exported width) must be one of --switchable-bits {cfg.switchable_bits}")
-    info = {  # what train.py says about itself: settings and a crash reason; the runner measures the rest
-        "description": cfg.description or (f"baseline {cfg.baseline}" if cfg.baseline else f"{cfg.quant} QAT"),
+        raise SystemExit(
+            f"--bits {cfg.bits} (the exported width) must be one of --switchable-bits {cfg.switchable_bits}"
+        )
+    # what train.py says about itself: settings and a crash reason; the runner measures the rest
+    info = {
+        "description": cfg.description
+        or (f"baseline {cfg.baseline}" if cfg.baseline else f"{cfg.quant} QAT"),
         "config": {k: v for k, v in vars(cfg).items() if k != "description"},
     }
-    (run_dir / "train.json").write_text(json.dumps(info, indent=1))  # early, so a crash still names its run
+    (run_dir / "train.json").write_text(
+        json.dumps(info, indent=1)
+    )  # early, so a crash still names its run
 
     model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
-    print(f"model {prepared.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device}")
+    print(
+        f"model {prepared.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device}"
+    )
     if cfg.baseline != "fp":
         quantize_model(model, cfg)
     budget = None

@@ -41,12 +41,20 @@ METHODS = {
     "codebook2": (["--quant", "codebook", "--bits", "2", *CE_ONLY], 1.05),
     "int4": (["--quant", "int", "--bits", "4", *CE_ONLY], 1.05),
     "mxfp4": (["--quant", "mxfp4", *CE_ONLY], 1.05),
-    "kd_live": (["--quant", "ternary"], 1.35),  # train.py's default: ternary QAT + KD from the live teacher
-    "kd_cache": (["--quant", "ternary", "--teacher-cache-k", "32", "--teacher-cache-tokens", "8192"], 1.08),
+    "kd_live": (
+        ["--quant", "ternary"],
+        1.35,
+    ),  # train.py's default: ternary QAT + KD from the live teacher
+    "kd_cache": (
+        ["--quant", "ternary", "--teacher-cache-k", "32", "--teacher-cache-tokens", "8192"],
+        1.08,
+    ),
 }
 MEMORY_TARGET = 1.2  # peak memory of QAT (no teacher in memory) vs FP training
 MEMORY_METHODS = ("ternary", "codebook2", "int4", "mxfp4", "kd_cache")
-MEMORY_STEPS = 10  # glibc's heap grows over the first steps as freed buffers fragment; on the CPU FP's settles by the tenth
+# glibc's heap grows over the first steps as freed buffers fragment; on the CPU FP's settles by the
+# tenth
+MEMORY_STEPS = 10
 
 
 class Method:
@@ -58,7 +66,9 @@ class Method:
         flags = [*METHODS[name][0], "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
         self.cfg = cfg = train.parse_flags(flags)
         self.device = device
-        self.model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            prepared.model_dir, dtype=torch.float32
+        ).to(device)
         if cfg.quant != "none":
             train.quantize_model(self.model, cfg)
         self.model.train()
@@ -66,7 +76,9 @@ class Method:
         if cfg.distill_weight > 0 and cfg.teacher_cache_k:
             self.cache = train.load_teacher_cache(train.build_teacher_cache(prepared, cfg, device))
         elif cfg.distill_weight > 0:
-            self.teacher = train.load_teacher(prepared.model_dir, device, train.teacher_dtype(device, cfg))
+            self.teacher = train.load_teacher(
+                prepared.model_dir, device, train.teacher_dtype(device, cfg)
+            )
         self.optimizer, self.trained, _ = train.make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.tokens = prepared.train.tokens()
@@ -74,7 +86,9 @@ class Method:
     def step(self, index: int) -> float:
         batch = train.batch_at(index, self.tokens, self.cache, self.cfg, self.device)
         started = time.perf_counter()
-        train.train_step(self.model, self.teacher, batch, self.optimizer, self.scaler, self.trained, self.cfg)
+        train.train_step(
+            self.model, self.teacher, batch, self.optimizer, self.scaler, self.trained, self.cfg
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the step's kernels, not only their launches
         elapsed = time.perf_counter() - started
@@ -86,10 +100,15 @@ def peak_rss_gb() -> float:
     """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss carries the parent's
     peak across fork and exec, so a small probe started by a big process would report the parent."""
     status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024**2
+    return (
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+        / 1024**2
+    )
 
 
-def peak_memory(method: str, steps: int, batch_size: int, seq_len: int, device: torch.device) -> float:
+def peak_memory(
+    method: str, steps: int, batch_size: int, seq_len: int, device: torch.device
+) -> float:
     """Peak memory in GB (RSS; on CUDA, allocated on the GPU) of a fresh process that builds
     `method` and trains `steps` steps."""
     done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
@@ -108,12 +127,20 @@ def paired_ratio(times: list[float], fp_times: list[float]) -> tuple[float, list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20, help="timed steps per method (after one warm-up)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="timed steps per method (after one warm-up)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu | cuda")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fp is always run)")
+    parser.add_argument(
+        "--device", type=torch.device, default=torch.device("cpu"), help="cpu | cuda"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset (fp is always run)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "step.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,11 +151,17 @@ def main() -> None:
         method = Method(args.memory_probe, prepared, args.batch_size, args.seq_len, args.device)
         for index in range(args.rounds):
             method.step(index)
-        print(torch.cuda.max_memory_allocated() / 1024**3 if args.device.type == "cuda" else peak_rss_gb())
+        print(
+            torch.cuda.max_memory_allocated() / 1024**3
+            if args.device.type == "cuda"
+            else peak_rss_gb()
+        )
         return
 
     names = ["fp", *(m for m in args.methods.split(",") if m != "fp")]
-    built = {name: Method(name, prepared, args.batch_size, args.seq_len, args.device) for name in names}
+    built = {
+        name: Method(name, prepared, args.batch_size, args.seq_len, args.device) for name in names
+    }
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(args.rounds + 1):
         start = index % len(names)
@@ -136,12 +169,18 @@ def main() -> None:
             elapsed = built[name].step(index)
             if index:  # round 0 is the warm-up
                 times[name].append(elapsed)
-        print(f"round {index}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t), flush=True)
+        print(
+            f"round {index}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t),
+            flush=True,
+        )
     del built
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = {name: paired_ratio(t, times["fp"]) for name, t in times.items()}
     memory_names = ["fp", *(n for n in names if n in MEMORY_METHODS)]
-    memory = {name: peak_memory(name, MEMORY_STEPS, args.batch_size, args.seq_len, args.device) for name in memory_names}
+    memory = {
+        name: peak_memory(name, MEMORY_STEPS, args.batch_size, args.seq_len, args.device)
+        for name in memory_names
+    }
     report = {
         "model": prepared.model_name,
         "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
@@ -161,7 +200,20 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("median_step_seconds", "step_ratio_vs_fp", "step_ratio_ci95", "memory_ratio_vs_fp")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "median_step_seconds",
+                    "step_ratio_vs_fp",
+                    "step_ratio_ci95",
+                    "memory_ratio_vs_fp",
+                )
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

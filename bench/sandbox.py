@@ -33,7 +33,9 @@ def timed(kind: str, view: sandbox.View, cwd: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "sandbox.json")
     args = parser.parse_args()
@@ -46,14 +48,18 @@ def main() -> int:
         for round_ in range(args.rounds):
             order = [sandbox.SANDBOX_NONE, sandbox.SANDBOX_BWRAP][:: 1 if round_ % 2 else -1]
             for kind in order:
-                (plain if kind == sandbox.SANDBOX_NONE else boxed).append(timed(kind, view, run_dir))
+                (plain if kind == sandbox.SANDBOX_NONE else boxed).append(
+                    timed(kind, view, run_dir)
+                )
     report = {
         "command": " ".join(COMMAND[1:]),
         "rounds": args.rounds,
         "plain_s_median": statistics.median(plain),
         "sandboxed_s_median": statistics.median(boxed),
         "cost_s_median": statistics.median(b - p for p, b in zip(plain, boxed)),
-        "bwrap_arguments": len(sandbox.bwrap_command(COMMAND, view, sandbox.environment({}), run_dir)),
+        "bwrap_arguments": len(
+            sandbox.bwrap_command(COMMAND, view, sandbox.environment({}), run_dir)
+        ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,14 +1,14 @@
 """Command line: `python -m harness COMMAND`.
 
-    run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, sandboxed, scored and logged
-    baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest rows
-    evaluate ARTIFACT                                   verify and score an exported artifact
-    export RUN --hf DIR                                 a run's verified model as a plain HF folder
-    status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
-    plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
-    show RUN                                            a run's config, row, train.py diff and log tail
-    generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
-    agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
+run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, sandboxed, scored and logged
+baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest rows
+evaluate ARTIFACT                                   verify and score an exported artifact
+export RUN --hf DIR                                 a run's verified model as a plain HF folder
+status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
+plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
+show RUN                                            a run's config, row, train.py diff and log tail
+generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
+agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
 VIEWERS = {
     "status": ("harness.status", "results.tsv as a table, best per track, Pareto front; --follow"),
     "plot": ("harness.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
-    "show": ("harness.inspect_run", "one run: config, row, train.py diff against its parent, log tail"),
+    "show": (
+        "harness.inspect_run",
+        "one run: config, row, train.py diff against its parent, log tail",
+    ),
     "generate": ("harness.generate", "greedy continuations: FP model vs the run's low-bit model"),
     "export": ("harness.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
 }
@@ -59,7 +62,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "eval.json"
-        code = evaluate.main([str(args.artifact), "--out", str(out), "--eval-tokens", str(args.eval_tokens)])
+        code = evaluate.main(
+            [str(args.artifact), "--out", str(out), "--eval-tokens", str(args.eval_tokens)]
+        )
         print(json.dumps(json.loads(out.read_text()), indent=1))
     return code
 
@@ -78,15 +83,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, about in (("run", "one experiment: train.py, verify, score, log"), ("baseline", "FP and RTN rows")):
+    for name, about in (
+        ("run", "one experiment: train.py, verify, score, log"),
+        ("baseline", "FP and RTN rows"),
+    ):
         sub = commands.add_parser(name, help=about)
         sub.add_argument("--description", default="", help="one line for results.tsv")
-        sub.add_argument("--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds")
+        sub.add_argument(
+            "--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds"
+        )
         sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
-        sub.add_argument("--startup-limit", type=float, default=STARTUP_LIMIT_SECONDS,
-                         help="seconds train.py may take before its first step (not charged to the budget)")
-        sub.add_argument("--no-sandbox", action="store_true",
-                         help="run train.py without bubblewrap (recorded in the row): only where it cannot run")
+        sub.add_argument(
+            "--startup-limit",
+            type=float,
+            default=STARTUP_LIMIT_SECONDS,
+            help="seconds train.py may take before its first step (not charged to the budget)",
+        )
+        sub.add_argument(
+            "--no-sandbox",
+            action="store_true",
+            help="run train.py without bubblewrap (recorded in the row): only where it cannot run",
+        )
         sub.set_defaults(handler=_run, train_args=train_args)
     sub = commands.add_parser("evaluate", help="verify and score an artifact folder")
     sub.add_argument("artifact", type=Path)
@@ -99,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(handler=module.command)
     from harness.agent import add_arguments as add_agent_arguments
 
-    sub = commands.add_parser("agent", help="autonomous experiments in tmux: LLM or Optuna proposals")
+    sub = commands.add_parser(
+        "agent", help="autonomous experiments in tmux: LLM or Optuna proposals"
+    )
     add_agent_arguments(sub)
     sub.set_defaults(handler=_agent, train_args=train_args)
     args = parser.parse_args(argv)

@@ -50,7 +50,9 @@ PROGRAM_FILE = "program.md"
 RESULTS_COMMAND = f"{shlex.quote(sys.executable)} -m harness status --follow"
 EVAL_ALLOWANCE_SECONDS = 1200.0  # on top of the runner's train.py limit: loading + scoring
 CRASH_STATUSES = ("crash", "invalid")
-PASSED_ENV = re.compile(r"^(HARNESS_|HF_|CUDA_|TORCH|TRANSFORMERS_|OMP_|MKL_|PYTHON|PATH$|VIRTUAL_ENV$|LD_LIBRARY_PATH$)")
+PASSED_ENV = re.compile(
+    r"^(HARNESS_|HF_|CUDA_|TORCH|TRANSFORMERS_|OMP_|MKL_|PYTHON|PATH$|VIRTUAL_ENV$|LD_LIBRARY_PATH$)"
+)
 # the agent's commits are records of candidates: the user's hooks and signing do not apply to them
 NO_HOOKS = ["-c", "core.hooksPath=/dev/null"]
 COMMITTER = [*NO_HOOKS, "-c", "commit.gpgsign=false", "-c", "user.name=autoresearch",
@@ -60,16 +62,26 @@ CONSOLE_HEAD_BYTES = 65536  # the runner names its run in its first line
 KILLED = "interrupted (agent killed)"
 DIFF_LINES = 60  # of a proposal's diff, in agent.log
 # what a terminal would act on (escapes start with ESC), and lone surrogates no file can hold
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-LONG_FIELDS = ("text", "train_py", "diff")  # agent.jsonl only (a diff also goes to agent.log, below its line)
+_UNPRINTABLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+LONG_FIELDS = (
+    "text",
+    "train_py",
+    "diff",
+)  # agent.jsonl only (a diff also goes to agent.log, below its line)
 
 
 @dataclass
 class AgentConfig:
     tag: str
-    max_experiments: int | None = None  # proposals this session, rejected ones included; None: no limit
+    max_experiments: int | None = (
+        None  # proposals this session, rejected ones included; None: no limit
+    )
     hours: float | None = None
-    max_crashes: int = 5  # consecutive crashed/invalid/lost runs, failing proposers or proposals that cannot apply
+    max_crashes: int = (
+        5  # consecutive crashed/invalid/lost runs, failing proposers or proposals that cannot apply
+    )
     budget_seconds: float = TIME_BUDGET_SECONDS
     eval_tokens: int = EVAL_TOKENS
     run_timeout: float | None = None  # whole run incl. evaluation; default time_limit + allowance
@@ -158,7 +170,9 @@ def environment_without_secrets():
 
 
 def git(args: list[str], cwd: Path, check: bool = True) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, errors="replace", timeout=120)
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, errors="replace", timeout=120
+    )
     if check and done.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout.strip()
@@ -178,14 +192,19 @@ class Workspace:
             else:
                 git([*NO_HOOKS, "worktree", "add", "-b", branch, str(self.path), "HEAD"], repo)
                 self.created = True
-        # the last kept commit survives restarts: HEAD may be a candidate an interrupted session left
+        # the last kept commit survives restarts: HEAD may be a candidate an interrupted session
+        # left
         self.kept_file = root / "kept"
         recorded = self.kept_file.read_text().strip() if self.kept_file.exists() else ""
         self.keep(recorded if recorded and self._is_ancestor(recorded) else "HEAD")
         self.reset()
 
     def _is_ancestor(self, commit: str) -> bool:
-        done = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=self.path, capture_output=True)
+        done = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", commit, "HEAD"],
+            cwd=self.path,
+            capture_output=True,
+        )
         return done.returncode == 0
 
     def commit(self, message: str, train_py: str | None = None) -> str:
@@ -208,7 +227,10 @@ class Workspace:
         git(["clean", "-q", "-fd"], self.path)
 
     def clean(self) -> bool:
-        return git(["status", "--porcelain", "--untracked-files=all"], self.path) == "" and self.head() == self.kept
+        return (
+            git(["status", "--porcelain", "--untracked-files=all"], self.path) == ""
+            and self.head() == self.kept
+        )
 
     def head(self) -> str:
         return git(["rev-parse", "HEAD"], self.path)
@@ -258,7 +280,10 @@ class AgentLog:
             sink.write(self._mask(json.dumps(record, default=str)) + "\n")
         shown = " ".join(f"{k}={v}" for k, v in fields.items() if k not in LONG_FIELDS)
         line = self._mask(" ".join(_printable(f"{event} {shown}").split()))
-        below = [f"    {self._mask(_printable(part))}\n" for part in str(fields.get("diff") or "").splitlines()]
+        below = [
+            f"    {self._mask(_printable(part))}\n"
+            for part in str(fields.get("diff") or "").splitlines()
+        ]
         with open(self.human, "a", encoding="utf-8") as sink:
             sink.write(f"{stamp[11:]} {line}\n" + "".join(below))
         try:
@@ -294,9 +319,16 @@ class AgentLog:
 
 
 def _diff(before: str, after: str) -> str:
-    lines = list(difflib.unified_diff(before.splitlines(), after.splitlines(), "train.py", "train.py", n=1, lineterm=""))
+    lines = list(
+        difflib.unified_diff(
+            before.splitlines(), after.splitlines(), "train.py", "train.py", n=1, lineterm=""
+        )
+    )
     shown = lines[2:][:DIFF_LINES]
-    return "\n".join(shown + ([f"... {len(lines) - 2 - DIFF_LINES} more lines"] if len(lines) - 2 > DIFF_LINES else []))
+    return "\n".join(
+        shown
+        + ([f"... {len(lines) - 2 - DIFF_LINES} more lines"] if len(lines) - 2 > DIFF_LINES else [])
+    )
 
 
 # --- runs ---
@@ -334,7 +366,9 @@ def _tail_line(path: Path) -> str:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, proposer, log: AgentLog, workspace: Workspace, tmux, root: Path):
+    def __init__(
+        self, config: AgentConfig, proposer, log: AgentLog, workspace: Workspace, tmux, root: Path
+    ):
         self.config, self.proposer, self.log, self.workspace, self.tmux, self.root = (
             config, proposer, log, workspace, tmux, root)  # fmt: skip
         self.results_path = paths.results_path()
@@ -383,11 +417,16 @@ class Agent:
     def run(self, proposal: Proposal, commit: str) -> RunEnd:
         self.jobs += 1
         window, job = f"exp{self.jobs}", f"{self.jobs:04d}"
-        timeout = self.config.run_timeout or time_limit(self.config.budget_seconds) + EVAL_ALLOWANCE_SECONDS
+        timeout = (
+            self.config.run_timeout
+            or time_limit(self.config.budget_seconds) + EVAL_ALLOWANCE_SECONDS
+        )
         train_args = [*self.config.train_args, *proposal.train_args]
         running = None
         try:
-            with held():  # a signal during the tmux call is raised once the job exists, so it gets stopped
+            with (
+                held()
+            ):  # a signal during the tmux call is raised once the job exists, so it gets stopped
                 running = self.tmux.start(window, self._script(proposal, self._console(job)), self.root / "jobs" / job,
                                           run_environment(self.workspace.train_py))  # fmt: skip
                 self.log("started", job=job, window=window, commit=commit, args=train_args,
@@ -437,7 +476,9 @@ class Agent:
         row, written = self._row(run_id), False
         if row is None and run_id:
             row, written = self._crash_row(run_id, commit, description, train_args, reason)
-        return RunEnd(job, run_id, commit, row, _row_reason(row) if row else reason, stopped, written)
+        return RunEnd(
+            job, run_id, commit, row, _row_reason(row) if row else reason, stopped, written
+        )
 
     def _crash_row(self, run_id: str, commit: str, description: str, train_args: list[str],
                    reason: str) -> tuple[dict | None, bool]:  # fmt: skip
@@ -472,7 +513,9 @@ class Agent:
             return Result("crash", None)
         bpb = row.get("val_bpb")
         bpb = None if bpb is None or bpb != bpb else float(bpb)  # NaN: no metric
-        in_track = self.config.track is None or results.bpw_track(row.get("bpw")) == self.config.track
+        in_track = (
+            self.config.track is None or results.bpw_track(row.get("bpw")) == self.config.track
+        )
         if row["status"] == "keep" and not in_track:
             return Result("discard", None)
         return Result(row["status"], bpb if in_track else None)
@@ -510,7 +553,9 @@ class Agent:
         except Rejected as why:
             return self._rejected(number, str(why), why.failure)
         except Exception as error:  # a proposer's bug must not end an unattended night
-            return self._rejected(number, f"the proposer failed: {type(error).__name__}: {error}", True)
+            return self._rejected(
+                number, f"the proposer failed: {type(error).__name__}: {error}", True
+            )
         self.current = proposal
         try:
             with held():
@@ -564,7 +609,11 @@ class Agent:
             self.run_ids.append(end.run_id)
             log_file = self.runs_dir / end.run_id / "run.log"
             crashed = result.status in CRASH_STATUSES and log_file.exists()
-            self.crash_log = "\n".join(log_file.read_text(errors="replace").splitlines()[-30:]) if crashed else ""
+            self.crash_log = (
+                "\n".join(log_file.read_text(errors="replace").splitlines()[-30:])
+                if crashed
+                else ""
+            )
         row = end.row
         self.log("run", job=end.job, run_id=end.run_id, status=result.status, val_bpb=result.val_bpb,
                  bpw=row.get("bpw") if row else None, reason=end.reason, **({"stopped": end.stopped} if end.stopped else {}),
@@ -585,7 +634,13 @@ class Agent:
                 end = self._ended(started["job"], started["commit"], started.get("description", ""),
                                   started.get("args", []), KILLED,
                                   stopped="stopped by the next session" if left is not None else "")  # fmt: skip
-                self._settle(None, end, reconciled="adopted" if end.row is not None and not end.written else "interrupted")
+                self._settle(
+                    None,
+                    end,
+                    reconciled="adopted"
+                    if end.row is not None and not end.written
+                    else "interrupted",
+                )
         if hasattr(self.proposer, "reconcile"):
             self.proposer.reconcile(results.read(self.results_path))
 
@@ -613,7 +668,13 @@ class Agent:
 
     def _stop(self, why: str, code: int) -> int:
         self.workspace.reset()
-        self.log("stop", reason=why, exit_code=code, kept=self.workspace.kept[:7], clean=self.workspace.clean())
+        self.log(
+            "stop",
+            reason=why,
+            exit_code=code,
+            kept=self.workspace.kept[:7],
+            clean=self.workspace.clean(),
+        )
         return code
 
 
@@ -642,40 +703,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--proposer", choices=("llm", "optuna"), default="llm")
-    parser.add_argument("--tag", default=time.strftime("%b%d").lower(), help="branch autoresearch/<tag> (default: today)")
+    parser.add_argument(
+        "--tag",
+        default=time.strftime("%b%d").lower(),
+        help="branch autoresearch/<tag> (default: today)",
+    )
     parser.add_argument("--max-experiments", type=int,
                         help="stop after N proposals in this session, rejected ones included (a restart counts "
                              "afresh; 0: only reconcile what a killed session left)")  # fmt: skip
-    parser.add_argument("--hours", type=float, help="stop starting experiments after this many hours")
+    parser.add_argument(
+        "--hours", type=float, help="stop starting experiments after this many hours"
+    )
     parser.add_argument("--max-crashes", type=int, default=5,
                         help="stop after N failures in a row: crashed or invalid runs, an unreachable or failing "
                              "proposer, proposals that cannot be applied (a rejected reply is none)")  # fmt: skip
-    parser.add_argument("--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds per run")
+    parser.add_argument(
+        "--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds per run"
+    )
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--run-timeout", type=float, help="seconds before the agent stops a run with SIGTERM "
                         "(default: the runner's limit + 20 min)")  # fmt: skip
-    parser.add_argument("--track", choices=[name for name, _ in results.TRACKS], help="keep only runs in this bpw track")
-    parser.add_argument("--from-checkout", action="store_true",
-                        help="start a new branch from train.py as it is in your checkout, uncommitted changes "
-                             "included (committed on the agent's branch only; your checkout and index are untouched)")
+    parser.add_argument(
+        "--track",
+        choices=[name for name, _ in results.TRACKS],
+        help="keep only runs in this bpw track",
+    )
+    parser.add_argument(
+        "--from-checkout",
+        action="store_true",
+        help="start a new branch from train.py as it is in your checkout, uncommitted changes "
+        "included (committed on the agent's branch only; your checkout and index are untouched)",
+    )
     parser.add_argument("--session", default="autoresearch", help="tmux session name")
     parser.add_argument("--socket", help="tmux socket name (tmux -L); default: the default server")
-    parser.add_argument("--results-command", default=RESULTS_COMMAND, help="what the results window runs")
-    parser.add_argument("--no-sandbox", action="store_true",
-                        help="run proposed train.py files without bubblewrap: only where it cannot run")
-    llm = parser.add_argument_group("llm proposer (OpenAI-compatible; key from OPENAI_API_KEY or --api-key)")
+    parser.add_argument(
+        "--results-command", default=RESULTS_COMMAND, help="what the results window runs"
+    )
+    parser.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run proposed train.py files without bubblewrap: only where it cannot run",
+    )
+    llm = parser.add_argument_group(
+        "llm proposer (OpenAI-compatible; key from OPENAI_API_KEY or --api-key)"
+    )
     llm.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"))
-    llm.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8080/v1 (default: OPENAI_BASE_URL)")
+    llm.add_argument(
+        "--base-url", default=None, help="e.g. http://127.0.0.1:8080/v1 (default: OPENAI_BASE_URL)"
+    )
     llm.add_argument("--api-key", default=None, help="prefer OPENAI_API_KEY: flags show up in ps")
-    llm.add_argument("--context-tokens", type=int, default=32768,
-                     help="the model's context window: the prompt is sized to fit it with the reply (default 32768)")
+    llm.add_argument(
+        "--context-tokens",
+        type=int,
+        default=32768,
+        help="the model's context window: the prompt is sized to fit it with the reply (default 32768)",
+    )
     llm.add_argument("--request-timeout", type=float, default=300.0, help="seconds per API call")
     llm.add_argument("--retries", type=int, default=3)
-    llm.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (doubles)")
+    llm.add_argument(
+        "--backoff", type=float, default=2.0, help="seconds before the first retry (doubles)"
+    )
     llm.add_argument("--max-tokens", type=int, default=2048, help="reply length cap")
-    llm.add_argument("--train-chars", type=int, help="show the model at most N characters of train.py")
+    llm.add_argument(
+        "--train-chars", type=int, help="show the model at most N characters of train.py"
+    )
     opt = parser.add_argument_group("optuna proposer")
-    opt.add_argument("--search-space", type=Path, help="default: search_space.json next to train.py")
+    opt.add_argument(
+        "--search-space", type=Path, help="default: search_space.json next to train.py"
+    )
     opt.add_argument("--seed", type=int, default=None)
 
 
@@ -685,7 +780,9 @@ def _start_point(from_checkout: bool, log: AgentLog, workspace: Workspace, scrip
     otherwise uncommitted changes there are not on the branch, and the user is told so."""
     if uncommitted and from_checkout and workspace.created:
         workspace.train_py.write_bytes(script.read_bytes())
-        workspace.keep(workspace.commit(f"{train_rel} as in the checkout, uncommitted changes included"))
+        workspace.keep(
+            workspace.commit(f"{train_rel} as in the checkout, uncommitted changes included")
+        )
         log("from_checkout", commit=workspace.kept[:7], train_py=str(script))
     elif uncommitted and from_checkout:
         log("warning", reason=f"--from-checkout: branch {workspace.branch} exists, so it continues from its kept "
@@ -717,7 +814,10 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
     try:
         repo = Path(git(["rev-parse", "--show-toplevel"], script.parent))
     except (RuntimeError, OSError):
-        print(f"error: {script} is not in a git repository; the agent commits candidates on a branch", file=sys.stderr)
+        print(
+            f"error: {script} is not in a git repository; the agent commits candidates on a branch",
+            file=sys.stderr,
+        )
         return 2
     train_rel = script.resolve().relative_to(repo.resolve())
     root = paths.runs_dir() / f"agent-{args.tag}"
@@ -736,7 +836,12 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
         space_file = args.search_space or workspace.train_py.parent / "search_space.json"
         proposer = OptunaProposer(load_search_space(space_file), root / "optuna.db", study_name=args.tag,
                                   seed=args.seed, log=log)  # fmt: skip
-        log("proposer", kind="optuna", search_space=str(space_file), trials_so_far=len(proposer.study.trials))
+        log(
+            "proposer",
+            kind="optuna",
+            search_space=str(space_file),
+            trials_so_far=len(proposer.study.trials),
+        )
     _start_point(args.from_checkout, log, workspace, script, train_rel, uncommitted)
     config = AgentConfig(tag=args.tag, max_experiments=args.max_experiments, hours=args.hours,
                          max_crashes=args.max_crashes, budget_seconds=args.budget, eval_tokens=args.eval_tokens,
@@ -747,6 +852,8 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
                 environment=run_environment(workspace.train_py), log_file=log.human)  # fmt: skip
     tmux.session()
     socket = f"-L {config.socket} " if config.socket else ""
-    print(f"[agent] watch it: tmux {socket}attach -t {config.session} (windows: results, agent: this log, exp<N>: runs)")
+    print(
+        f"[agent] watch it: tmux {socket}attach -t {config.session} (windows: results, agent: this log, exp<N>: runs)"
+    )
     with stop_signals():
         return Agent(config, proposer, log, workspace, tmux, root).loop()

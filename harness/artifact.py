@@ -26,10 +26,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from harness.formats import DENSE, FORMATS, InvalidArtifact, decode_layer, input_quant_of, pack_codes
+from harness.formats import (
+    DENSE,
+    FORMATS,
+    InvalidArtifact,
+    decode_layer,
+    input_quant_of,
+    pack_codes,
+)
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors header dtype -> bytes per element
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}  # safetensors header dtype -> bytes per element
 
 QUANT_SPEC = "quant.json"
 QUANT_WEIGHTS = "quant.safetensors"
@@ -62,11 +81,16 @@ class QuantizedLinear:
 
 @dataclass
 class ArtifactReport:
-    bpw: float  # stored bits per weight over the decoder matmul weights (codes + scales + dense layers)
+    # stored bits per weight over the decoder matmul weights (codes + scales + dense layers)
+    bpw: float
     linear_mb: float  # their stored size
-    other_mb: float  # embeddings, the output head (its codes when quantized), norms: at stored precision
+    other_mb: (
+        float  # embeddings, the output head (its codes when quantized), norms: at stored precision
+    )
     quantized_weights: int  # weights in the decoder matmul layers
-    formats: dict[str, int]  # format name -> number of declared layers (the output head included when declared)
+    formats: dict[
+        str, int
+    ]  # format name -> number of declared layers (the output head included when declared)
 
     @property
     def size_mb(self) -> float:
@@ -90,14 +114,21 @@ def save(
     for name, layer in layers.items():
         spec = {"format": layer.format, "shape": list(layer.codes.shape), **layer.spec}
         tensors[f"{name}.codes"] = pack_codes(layer.codes, FORMATS[layer.format].levels(spec))
-        tensors.update({f"{name}.{key}": value.detach().contiguous().cpu() for key, value in layer.params.items()})
+        tensors.update(
+            {
+                f"{name}.{key}": value.detach().contiguous().cpu()
+                for key, value in layer.params.items()
+            }
+        )
         declared[name] = spec
     declared.update({name: {"format": DENSE} for name in dense})
     save_file(tensors, str(out_dir / QUANT_WEIGHTS))
     if dense_tensors:
         plain = {key: value.detach().contiguous().cpu() for key, value in dense_tensors.items()}
         save_file(plain, str(out_dir / DENSE_WEIGHTS))
-    (out_dir / QUANT_SPEC).write_text(json.dumps({"version": FORMAT_VERSION, "layers": declared}, indent=1))
+    (out_dir / QUANT_SPEC).write_text(
+        json.dumps({"version": FORMAT_VERSION, "layers": declared}, indent=1)
+    )
 
 
 # --- the prepared model ---
@@ -170,7 +201,9 @@ def _one_line(err: Exception) -> str:
 def check_files(artifact_dir: Path, max_weights_bytes: int) -> None:
     """Only the artifact's own plain files, none too large; quant.json and quant.safetensors present."""
     if artifact_dir.is_symlink() or not artifact_dir.is_dir():
-        raise InvalidArtifact(f"{artifact_dir} is not a folder (a symlink or missing): not an exported artifact")
+        raise InvalidArtifact(
+            f"{artifact_dir} is not a folder (a symlink or missing): not an exported artifact"
+        )
     for entry in sorted(artifact_dir.iterdir()):
         if entry.is_symlink():
             raise InvalidArtifact(f"{entry.name} is a symlink: an artifact holds plain files only")
@@ -179,7 +212,9 @@ def check_files(artifact_dir: Path, max_weights_bytes: int) -> None:
                                   f"{ARTIFACT_FILES[-1]} are read")  # fmt: skip
         cap = MAX_SPEC_BYTES if entry.name == QUANT_SPEC else max_weights_bytes
         if entry.stat().st_size > cap:
-            raise InvalidArtifact(f"{entry.name} is {entry.stat().st_size} bytes, over its cap of {cap}")
+            raise InvalidArtifact(
+                f"{entry.name} is {entry.stat().st_size} bytes, over its cap of {cap}"
+            )
     for required in (QUANT_SPEC, QUANT_WEIGHTS):
         if not (artifact_dir / required).exists():
             raise InvalidArtifact(f"no {required} in {artifact_dir}: not an exported artifact")
@@ -194,13 +229,17 @@ def read_declaration(path: Path) -> dict[str, dict]:
     if not isinstance(declaration, dict):
         raise InvalidArtifact(f"{QUANT_SPEC} holds a {type(declaration).__name__}, not an object")
     if declaration.get("version") != FORMAT_VERSION:
-        raise InvalidArtifact(f"{QUANT_SPEC} version {declaration.get('version')!r}, expected {FORMAT_VERSION}")
+        raise InvalidArtifact(
+            f"{QUANT_SPEC} version {declaration.get('version')!r}, expected {FORMAT_VERSION}"
+        )
     layers = declaration.get("layers")
     if not isinstance(layers, dict):
         raise InvalidArtifact(f"{QUANT_SPEC}: layers is {type(layers).__name__}, not an object")
     for name, spec in layers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("format"), str):
-            raise InvalidArtifact(f"{QUANT_SPEC}: {name}: {str(spec)[:60]!r} is not an object naming a format")
+            raise InvalidArtifact(
+                f"{QUANT_SPEC}: {name}: {str(spec)[:60]!r} is not an object naming a format"
+            )
     return layers
 
 
@@ -217,11 +256,17 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def check_spec(name: str, spec: dict, shape: list[int]) -> None:
     """What decode_layer takes as given: the shape is the model's, the format known, a group fits a row."""
     declared = spec.get("shape")
-    if not isinstance(declared, list) or any(type(d) is not int for d in declared) or declared != shape:
+    if (
+        not isinstance(declared, list)
+        or any(type(d) is not int for d in declared)
+        or declared != shape
+    ):
         raise InvalidArtifact(f"{name}: declared shape {str(declared)[:40]}, the model has {shape}")
     fmt = FORMATS.get(spec["format"])
     if fmt is None:
-        raise InvalidArtifact(f"{name}: unknown format {spec['format']!r} (known: {sorted(FORMATS)} or {DENSE})")
+        raise InvalidArtifact(
+            f"{name}: unknown format {spec['format']!r} (known: {sorted(FORMATS)} or {DENSE})"
+        )
     try:
         group = fmt.group_size(spec)
     except InvalidArtifact as err:
@@ -238,7 +283,9 @@ def decode_declared(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> 
         raise InvalidArtifact(f"{name}: malformed spec or tensors: {_one_line(err)}") from None
 
 
-def install_quantized(model: nn.Module, specs: dict[str, tuple[str, dict]], quant: dict[str, torch.Tensor]) -> dict[str, int]:
+def install_quantized(
+    model: nn.Module, specs: dict[str, tuple[str, dict]], quant: dict[str, torch.Tensor]
+) -> dict[str, int]:
     """Decode each quantized layer (name -> (state_dict key, spec)) into the model, with its input
     fake-quant; returns state_dict key -> bytes stored. Every tensor of quant.safetensors must be used."""
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
@@ -257,22 +304,32 @@ def install_quantized(model: nn.Module, specs: dict[str, tuple[str, dict]], quan
             install_input_quant(module, quant_input)
         stored[key] = sum(t.numel() * t.element_size() for t in tensors.values())
     if by_layer:
-        raise InvalidArtifact(f"{QUANT_WEIGHTS} holds tensors for layers with no quantized format: {sorted(by_layer)[:3]}")
+        raise InvalidArtifact(
+            f"{QUANT_WEIGHTS} holds tensors for layers with no quantized format: {sorted(by_layer)[:3]}"
+        )
     return stored
 
 
-def check_dense_tensors(model: nn.Module, given: dict[str, torch.Tensor], quantized_keys: set[str]) -> None:
+def check_dense_tensors(
+    model: nn.Module, given: dict[str, torch.Tensor], quantized_keys: set[str]
+) -> None:
     """Each tensor of dense.safetensors replaces one of the model's, like for like."""
     own = model.state_dict()
     for key, tensor in given.items():
         if key not in own:
             raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is not a tensor of the model")
         if key in quantized_keys:
-            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is the weight of a quantized layer: its codes are its weight")
+            raise InvalidArtifact(
+                f"{DENSE_WEIGHTS}: {key} is the weight of a quantized layer: its codes are its weight"
+            )
         if tensor.shape != own[key].shape:
-            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is {tuple(tensor.shape)}, the model's is {tuple(own[key].shape)}")
+            raise InvalidArtifact(
+                f"{DENSE_WEIGHTS}: {key} is {tuple(tensor.shape)}, the model's is {tuple(own[key].shape)}"
+            )
         if not tensor.is_floating_point() or not torch.isfinite(tensor.float()).all():
-            raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} must hold finite floating-point values, not {tensor.dtype}")
+            raise InvalidArtifact(
+                f"{DENSE_WEIGHTS}: {key} must hold finite floating-point values, not {tensor.dtype}"
+            )
 
 
 @torch.no_grad()
@@ -295,7 +352,12 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def stored_size(keys: list[str], quantized: dict[str, int], given: dict[str, torch.Tensor], prepared: dict[str, int]) -> int:
+def stored_size(
+    keys: list[str],
+    quantized: dict[str, int],
+    given: dict[str, torch.Tensor],
+    prepared: dict[str, int],
+) -> int:
     """Bytes one tensor (named by `keys`) is stored in: its codes, else the artifact's copy, else the prepared model's."""
     for key in keys:
         if key in quantized:
@@ -311,7 +373,9 @@ def check_causal(model: nn.Module) -> None:
     vocab, half = model.get_input_embeddings().num_embeddings, PROBE_TOKENS // 2
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab, (1, PROBE_TOKENS), generator=generator)
-    changed = torch.cat([ids[:, :half], torch.randint(vocab, (1, PROBE_TOKENS - half), generator=generator)], dim=1)
+    changed = torch.cat(
+        [ids[:, :half], torch.randint(vocab, (1, PROBE_TOKENS - half), generator=generator)], dim=1
+    )
     before, after = (model(input_ids=x).logits[0, :half].float() for x in (ids, changed))
     gap = (after - before).abs().max()
     if gap > CAUSAL_RTOL * before.abs().max():
@@ -319,7 +383,9 @@ def check_causal(model: nn.Module) -> None:
                               f"{float(gap):.3g} when later tokens change")  # fmt: skip
 
 
-def load_verified(artifact_dir: Path, model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ArtifactReport]:
+def load_verified(
+    artifact_dir: Path, model_dir: Path, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, ArtifactReport]:
     """The prepared model (`model_dir`: architecture and original weights) with every declared
     matmul weight rebuilt from its verified codes, dense.safetensors loaded and declared input
     fake-quant installed, and the bits it stores.
@@ -335,23 +401,38 @@ def load_verified(artifact_dir: Path, model_dir: Path, dtype: torch.dtype = torc
     check_files(artifact_dir, 2 * sum(prepared.values()) + WEIGHTS_SLACK_BYTES)
     declared = read_declaration(artifact_dir / QUANT_SPEC)
     quant = read_tensors(artifact_dir / QUANT_WEIGHTS)
-    given = read_tensors(artifact_dir / DENSE_WEIGHTS) if (artifact_dir / DENSE_WEIGHTS).exists() else {}
+    given = (
+        read_tensors(artifact_dir / DENSE_WEIGHTS)
+        if (artifact_dir / DENSE_WEIGHTS).exists()
+        else {}
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     decoder = decoder_weights(model)
     head_name = output_head_name(model)
-    layers = {**decoder, head_name: f"{head_name}.weight"}  # the head is optional: as stored unless declared
+    layers = {
+        **decoder,
+        head_name: f"{head_name}.weight",
+    }  # the head is optional: as stored unless declared
     unknown = sorted(set(declared) - set(layers))
     if unknown:
-        raise InvalidArtifact(f"{QUANT_SPEC} declares layers that are not matmul weights of the model: {unknown[:3]}")
+        raise InvalidArtifact(
+            f"{QUANT_SPEC} declares layers that are not matmul weights of the model: {unknown[:3]}"
+        )
     for name in decoder:
         if name not in declared:
-            raise InvalidArtifact(f"{name} has no format in {QUANT_SPEC}: every matmul weight is declared, quantized or dense")
-    specs = {name: (layers[name], spec) for name, spec in declared.items() if spec["format"] != DENSE}
+            raise InvalidArtifact(
+                f"{name} has no format in {QUANT_SPEC}: every matmul weight is declared, quantized or dense"
+            )
+    specs = {
+        name: (layers[name], spec) for name, spec in declared.items() if spec["format"] != DENSE
+    }
     check_dense_tensors(model, given, {key for key, _ in specs.values()})
     quantized = install_quantized(model, specs, quant)
     load_dense_tensors(model, given, layers[head_name])
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-        model.config.tie_word_embeddings = False  # the config says what the model now is (a saved copy stays untied)
+        model.config.tie_word_embeddings = (
+            False  # the config says what the model now is (a saved copy stays untied)
+        )
     check_causal(model)
 
     decoder_keys = set(decoder.values())

@@ -34,7 +34,9 @@ class Budget:
 
     @classmethod
     def from_env(cls, max_steps: int | None = None) -> Budget:
-        return cls(seconds=float(os.environ.get(BUDGET_ENV, TIME_BUDGET_SECONDS)), max_steps=max_steps)
+        return cls(
+            seconds=float(os.environ.get(BUDGET_ENV, TIME_BUDGET_SECONDS)), max_steps=max_steps
+        )
 
     @property
     def elapsed(self) -> float:

@@ -96,12 +96,16 @@ def check_token_file(path: Path, expect: dict | None = None, full: bool = True) 
         size = int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize
         digest = str(meta["sha256"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{manifest.name}: unreadable manifest ({type(err).__name__}: {err})") from None
+        raise DataError(
+            f"{manifest.name}: unreadable manifest ({type(err).__name__}: {err})"
+        ) from None
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
             raise DataError(f"{path.name}: {key} is {meta.get(key)!r}, wanted {value!r}")
     if path.stat().st_size != size:
-        raise DataError(f"{path.name}: {path.stat().st_size} bytes, its manifest says {size} (truncated?)")
+        raise DataError(
+            f"{path.name}: {path.stat().st_size} bytes, its manifest says {size} (truncated?)"
+        )
     if full and sha256_file(path) != digest:
         raise DataError(f"{path.name}: contents differ from its manifest's sha256 (corrupt)")
     return TokenFile(path, meta)
@@ -120,7 +124,14 @@ class Prepared:
     eval_tokens: int  # the eval budget prepare.py checked the eval split against
 
 
-RECORD_FIELDS = {"model_name": str, "model_dir": str, "train": str, "token_bytes": str, "token_bytes_sha256": str, "eval_tokens": int}
+RECORD_FIELDS = {
+    "model_name": str,
+    "model_dir": str,
+    "train": str,
+    "token_bytes": str,
+    "token_bytes_sha256": str,
+    "eval_tokens": int,
+}
 
 
 def _read_record(path: Path) -> dict:
@@ -149,7 +160,9 @@ def _read_record(path: Path) -> dict:
     return info
 
 
-def load_prepared(data_dir: Path | None = None, full_check: bool = False, need_eval: bool = True) -> Prepared:
+def load_prepared(
+    data_dir: Path | None = None, full_check: bool = False, need_eval: bool = True
+) -> Prepared:
     """What prepare.py chose, checked against the manifests; `full_check` hashes every file (the
     token files and token_bytes.npy, which scales every bits-per-byte figure)."""
     data_dir = data_dir or paths.data_dir()
@@ -158,14 +171,27 @@ def load_prepared(data_dir: Path | None = None, full_check: bool = False, need_e
         raise DataError(f"no {record}: run `python prepare.py` first")
     info = _read_record(record)
     if need_eval and "eval" not in info:
-        raise DataError(f"{record} names no eval split (a copy made for train.py?): run `python prepare.py` again")
+        raise DataError(
+            f"{record} names no eval split (a copy made for train.py?): run `python prepare.py` again"
+        )
     try:
         train = check_token_file(data_dir / info["train"], full=full_check)
-        evaluation = check_token_file(data_dir / info["eval"], full=full_check) if "eval" in info else None
+        evaluation = (
+            check_token_file(data_dir / info["eval"], full=full_check) if "eval" in info else None
+        )
         token_bytes_path = data_dir / info["token_bytes"]
         if full_check and sha256_file(token_bytes_path) != info["token_bytes_sha256"]:
-            raise DataError(f"{token_bytes_path.name}: contents differ from prepared.json's sha256 (corrupt)")
+            raise DataError(
+                f"{token_bytes_path.name}: contents differ from prepared.json's sha256 (corrupt)"
+            )
         token_bytes = np.load(token_bytes_path)
     except (DataError, OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"prepared data is broken ({err}): run `python prepare.py` again") from None
-    return Prepared(info["model_name"], data_dir / info["model_dir"], train, evaluation, token_bytes, info["eval_tokens"])
+    return Prepared(
+        info["model_name"],
+        data_dir / info["model_dir"],
+        train,
+        evaluation,
+        token_bytes,
+        info["eval_tokens"],
+    )

@@ -29,8 +29,11 @@ _BLOCK = re.compile(
 )
 _FENCE = re.compile(r"^\s*```")
 _PATH_LIKE = re.compile(r"^[\w./\\-]+\.\w+$")  # one token with an extension: a file name, not prose
-# terminal escape sequences (CSI, OSC, then any other ESC sequence), removed whole so that no "[31m" is left
-_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]")
+# terminal escape sequences (CSI, OSC, then any other ESC sequence), removed whole so that no "[31m"
+# is left
+_ESCAPE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]"
+)
 
 
 class EditRejected(Exception):
@@ -74,12 +77,18 @@ def _path_before(text: str, start: int) -> str:
 def _description(text: str) -> str:
     """`DESCRIPTION: ...` if given, else the first line of prose outside the blocks."""
     outside = _BLOCK.sub("", text)
-    match = re.search(r"^\s*\**description\**\s*:\s*\**\s*(.+)$", outside, re.IGNORECASE | re.MULTILINE)
+    match = re.search(
+        r"^\s*\**description\**\s*:\s*\**\s*(.+)$", outside, re.IGNORECASE | re.MULTILINE
+    )
     if match:
         line = match.group(1)
     else:
         prose = [ln.strip() for ln in outside.splitlines()]
-        prose = [ln for ln in prose if ln and not _FENCE.match(ln) and not _PATH_LIKE.match(ln.strip("*`"))]
+        prose = [
+            ln
+            for ln in prose
+            if ln and not _FENCE.match(ln) and not _PATH_LIKE.match(ln.strip("*`"))
+        ]
         line = prose[0] if prose else ""
     return one_line(line.strip("*` "), MAX_DESCRIPTION)
 
@@ -97,9 +106,17 @@ def parse_reply(text: str | None) -> Reply:
             raise EditRejected(f"edit block targets {path!r}; only {EDITABLE} may change")
         # the text between the markers, without the newline before the next marker: a block may
         # name part of a line (`LR = 5e-4`) as well as whole lines
-        edits.append(Edit(path, match.group("search").removesuffix("\n"), match.group("replace").removesuffix("\n")))
+        edits.append(
+            Edit(
+                path,
+                match.group("search").removesuffix("\n"),
+                match.group("replace").removesuffix("\n"),
+            )
+        )
     if not edits:
-        raise EditRejected(f"no SEARCH/REPLACE block in the reply (starts {' '.join(text.split())[:80]!r})")
+        raise EditRejected(
+            f"no SEARCH/REPLACE block in the reply (starts {' '.join(text.split())[:80]!r})"
+        )
     return Reply(_description(text) or "edit by the LLM proposer", tuple(edits))
 
 
@@ -111,9 +128,13 @@ def apply_edits(source: str, edits: tuple[Edit, ...] | list[Edit]) -> str:
         count = source.count(edit.search)
         if count == 0:
             first = edit.search.strip().splitlines()[0][:80]
-            raise EditRejected(f"block {number}: SEARCH text does not match train.py (first line {first!r})")
+            raise EditRejected(
+                f"block {number}: SEARCH text does not match train.py (first line {first!r})"
+            )
         if count > 1:
-            raise EditRejected(f"block {number}: SEARCH text matches {count} places; include more lines")
+            raise EditRejected(
+                f"block {number}: SEARCH text matches {count} places; include more lines"
+            )
         source = source.replace(edit.search, edit.replace, 1)
     return source
 
@@ -132,7 +153,9 @@ def check_syntax(source: str) -> None:
     try:
         compile(source, EDITABLE, "exec")
     except SyntaxError as err:
-        raise EditRejected(f"syntax error in edited train.py line {err.lineno}: {err.msg}") from None
+        raise EditRejected(
+            f"syntax error in edited train.py line {err.lineno}: {err.msg}"
+        ) from None
     except ValueError as err:  # e.g. null bytes
         raise EditRejected(f"edited train.py cannot be compiled: {err}") from None
 

@@ -47,9 +47,15 @@ def bits_per_byte(nll_nats: float, utf8_bytes: int) -> float:
     return nll_nats / (math.log(2) * utf8_bytes)
 
 
-def eval_set_name(token_file_name: str, n_tokens: int = EVAL_TOKENS, context: int = EVAL_CONTEXT) -> str:
+def eval_set_name(
+    token_file_name: str, n_tokens: int = EVAL_TOKENS, context: int = EVAL_CONTEXT
+) -> str:
     """The name rows are compared under: a different token budget or context is another eval set."""
-    return token_file_name if (n_tokens, context) == (EVAL_TOKENS, EVAL_CONTEXT) else f"{token_file_name}@{n_tokens}x{context}"
+    return (
+        token_file_name
+        if (n_tokens, context) == (EVAL_TOKENS, EVAL_CONTEXT)
+        else f"{token_file_name}@{n_tokens}x{context}"
+    )
 
 
 @torch.inference_mode()
@@ -63,7 +69,9 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     if len(tokens) < n_tokens + 1:
-        raise DataError(f"the eval text has {len(tokens)} tokens; scoring {n_tokens} needs {n_tokens + 1}")
+        raise DataError(
+            f"the eval text has {len(tokens)} tokens; scoring {n_tokens} needs {n_tokens + 1}"
+        )
     if n_tokens % context:
         raise ValueError(f"eval tokens ({n_tokens}) must be a multiple of the context ({context})")
     device = next(model.parameters()).device
@@ -72,7 +80,9 @@ def evaluate(
     byte_table = torch.from_numpy(token_bytes.astype(np.int64))
     starts = list(range(0, n_tokens, context))
     nll, counted, n_bytes = 0.0, 0, 0
-    for first in tqdm(range(0, len(starts), batch_size), desc="eval", unit="batch", disable=not progress):
+    for first in tqdm(
+        range(0, len(starts), batch_size), desc="eval", unit="batch", disable=not progress
+    ):
         rows = [stream[s : s + context + 1] for s in starts[first : first + batch_size]]
         window = torch.stack(rows).to(device)
         inputs, targets = window[:, :-1], window[:, 1:]
@@ -107,14 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", type=Path)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="where to write the JSON verdict")
-    where.add_argument("--verdict-fd", type=int, help="a pipe to write the JSON verdict to (the runner's)")
+    where.add_argument(
+        "--verdict-fd", type=int, help="a pipe to write the JSON verdict to (the runner's)"
+    )
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     started = time.time()
     prepared = load_prepared(args.data_dir, full_check=True)
-    verdict = {"eval_set": eval_set_name(prepared.eval.name, args.eval_tokens), "eval_tokens": args.eval_tokens}
+    verdict = {
+        "eval_set": eval_set_name(prepared.eval.name, args.eval_tokens),
+        "eval_tokens": args.eval_tokens,
+    }
     try:
         model, report = load_verified(args.artifact, prepared.model_dir)
     except InvalidArtifact as err:
@@ -123,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = evaluate(model, prepared.eval.tokens(), prepared.token_bytes, args.eval_tokens)
     if not math.isfinite(result.val_bpb):
-        deliver(args, {**verdict, "status": "invalid", "reason": "the model's loss on eval text is not finite"})
+        deliver(
+            args,
+            {
+                **verdict,
+                "status": "invalid",
+                "reason": "the model's loss on eval text is not finite",
+            },
+        )
         return 0
     deliver(
         args,

@@ -44,8 +44,14 @@ def check_target(target: Path, force: bool) -> None:
         return
     if not force:
         raise ExportError(f"{target} exists: pass --force to replace it")
-    if target.is_symlink() or not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
-        raise ExportError(f"{target} is not a model folder (no config.json): refusing to replace it")
+    if (
+        target.is_symlink()
+        or not target.is_dir()
+        or (any(target.iterdir()) and not (target / "config.json").exists())
+    ):
+        raise ExportError(
+            f"{target} is not a model folder (no config.json): refusing to replace it"
+        )
 
 
 def check_written(folder: Path, model: nn.Module) -> None:
@@ -55,7 +61,9 @@ def check_written(folder: Path, model: nn.Module) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     for key, tensor in model.state_dict().items():
         if key not in loaded or not torch.equal(loaded[key], tensor):
-            raise ExportError(f"{key} of the written folder is not the verified model's: not exported")
+            raise ExportError(
+                f"{key} of the written folder is not the verified model's: not exported"
+            )
 
 
 def export_hf(run_dir: Path, target: Path, force: bool = False) -> str:
@@ -77,7 +85,10 @@ def export_hf(run_dir: Path, target: Path, force: bool = False) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    hooked = sum("input_quant" in spec for spec in read_declaration(run_dir / "artifact" / QUANT_SPEC).values())
+    hooked = sum(
+        "input_quant" in spec
+        for spec in read_declaration(run_dir / "artifact" / QUANT_SPEC).values()
+    )
     note = f"; {hooked} layers' input fake-quant is not in it" if hooked else ""
     return f"wrote {target} ({report.bpw:.4f} bpw verified, weights stored as fp32{note})"
 
@@ -86,15 +97,32 @@ def export_hf(run_dir: Path, target: Path, force: bool = False) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run id (or a unique prefix of one) under runs/, or a path to a run folder")
-    parser.add_argument("--hf", type=Path, required=True, help="the plain Hugging Face folder to write")
-    parser.add_argument("--force", action="store_true", help="replace DIR if it exists (a model folder only)")
+    parser.add_argument(
+        "run", help="run id (or a unique prefix of one) under runs/, or a path to a run folder"
+    )
+    parser.add_argument(
+        "--hf", type=Path, required=True, help="the plain Hugging Face folder to write"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace DIR if it exists (a model folder only)"
+    )
 
 
 def command(args: argparse.Namespace) -> int:
     try:
         print(export_hf(run_folder(args.run), args.hf, args.force))
-    except (RunNotFound, DataError, InvalidArtifact, ExportError, OSError, RuntimeError, ValueError) as err:
-        print(f"export: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+    except (
+        RunNotFound,
+        DataError,
+        InvalidArtifact,
+        ExportError,
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as err:
+        print(
+            f"export: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -17,8 +17,9 @@ alone) and an activation fake-quant on its input ("input_quant": {"format": ...}
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,11 +32,20 @@ class InvalidArtifact(Exception):
 # --- spec values ---
 
 
-def spec_int(spec: dict, key: str, default: int | None = None, low: int = 1, high: int | None = None) -> int:
+def spec_int(
+    spec: dict, key: str, default: int | None = None, low: int = 1, high: int | None = None
+) -> int:
     """An integer setting of the spec, checked to lie in [low, high]; absent = default."""
     value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise InvalidArtifact(f"spec {key}={value!r}: expected an integer in [{low}, {high if high else 'inf'}]")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        raise InvalidArtifact(
+            f"spec {key}={value!r}: expected an integer in [{low}, {high if high else 'inf'}]"
+        )
     return value
 
 
@@ -93,14 +103,18 @@ def pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 5)])
         return (flat.view(-1, 5) * _TRIT_WEIGHTS).sum(dim=1).to(torch.uint8)
     bits = int(code_bits(levels))
-    stream = np.unpackbits(flat.to(torch.uint8).numpy()[:, None], axis=1, bitorder="little")[:, :bits]
+    stream = np.unpackbits(flat.to(torch.uint8).numpy()[:, None], axis=1, bitorder="little")[
+        :, :bits
+    ]
     return torch.from_numpy(np.packbits(stream.reshape(-1), bitorder="little"))
 
 
 def unpack_codes(packed: torch.Tensor, n_codes: int, levels: int) -> torch.Tensor:
     """Inverse of pack_codes: flat uint8 bytes -> int64 codes, checked to lie in [0, levels)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise InvalidArtifact(f"codes must be a flat uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+        raise InvalidArtifact(
+            f"codes must be a flat uint8 tensor, got {packed.dtype} {tuple(packed.shape)}"
+        )
     expected = packed_nbytes(n_codes, levels)
     if packed.numel() != expected:
         raise InvalidArtifact(
@@ -113,8 +127,12 @@ def unpack_codes(packed: torch.Tensor, n_codes: int, levels: int) -> torch.Tenso
         codes = (raw[:, None] // _TRIT_WEIGHTS.to(torch.int64)) % 3
     else:
         bits = int(code_bits(levels))
-        stream = np.unpackbits(packed.numpy(), bitorder="little")[: n_codes * bits].reshape(n_codes, bits)
-        codes = torch.from_numpy(np.packbits(stream, axis=1, bitorder="little")[:, 0].astype(np.int64))
+        stream = np.unpackbits(packed.numpy(), bitorder="little")[: n_codes * bits].reshape(
+            n_codes, bits
+        )
+        codes = torch.from_numpy(
+            np.packbits(stream, axis=1, bitorder="little")[:, 0].astype(np.int64)
+        )
     codes = codes.reshape(-1)[:n_codes]
     if n_codes and int(codes.max()) >= levels:
         raise InvalidArtifact(f"a code exceeds the {levels} levels the format allows")
@@ -124,21 +142,27 @@ def unpack_codes(packed: torch.Tensor, n_codes: int, levels: int) -> torch.Tenso
 # --- OCP Microscaling (MX v1.0) element and scale encodings ---
 
 
-def minifloat_values(exp_bits: int, man_bits: int, bias: int, nan_codes: tuple[int, ...] = ()) -> torch.Tensor:
+def minifloat_values(
+    exp_bits: int, man_bits: int, bias: int, nan_codes: tuple[int, ...] = ()
+) -> torch.Tensor:
     """code -> value of a sign/exponent/mantissa float with subnormals and no infinities
     (the OCP MX element types); NaN codes decode to NaN."""
     codes = torch.arange(2 ** (1 + exp_bits + man_bits))
     exponent = (codes >> man_bits) & (2**exp_bits - 1)
     fraction = (codes & (2**man_bits - 1)) / 2**man_bits
     normal = (1 + fraction) * torch.exp2((exponent - bias).double())
-    magnitude = torch.where(exponent == 0, fraction * 2.0 ** (1 - bias), normal)  # subnormal: 0.m x 2^(1-bias)
+    magnitude = torch.where(
+        exponent == 0, fraction * 2.0 ** (1 - bias), normal
+    )  # subnormal: 0.m x 2^(1-bias)
     values = torch.where(codes >> (exp_bits + man_bits) == 1, -magnitude, magnitude).float()
     values[list(nan_codes)] = float("nan")
     return values
 
 
 E2M1_VALUES = minifloat_values(2, 1, bias=1)  # FP4: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, no NaN
-E4M3_VALUES = minifloat_values(4, 3, bias=7, nan_codes=(0x7F, 0xFF))  # FP8: max 448, S.1111.111 = NaN
+E4M3_VALUES = minifloat_values(
+    4, 3, bias=7, nan_codes=(0x7F, 0xFF)
+)  # FP8: max 448, S.1111.111 = NaN
 E8M0_NAN = 255
 
 
@@ -180,11 +204,15 @@ class Format:
         """The tensors stored beside the codes, by name."""
         raise NotImplementedError
 
-    def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
+    def values(
+        self, codes: torch.Tensor, params: dict[str, torch.Tensor], spec: dict
+    ) -> torch.Tensor:
         """codes (out, in) int64 -> the float32 quantized values whose levels are counted per group."""
         raise NotImplementedError
 
-    def elementwise(self, values: torch.Tensor, params: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
+    def elementwise(
+        self, values: torch.Tensor, params: dict[str, torch.Tensor], spec: dict
+    ) -> torch.Tensor:
         """values -> the weight the model computes with; most formats stop at the values."""
         return values
 
@@ -203,7 +231,9 @@ class GroupScaled(Format):
     def params(self, spec):
         return {"scale": Param(self.group_shape(spec))}
 
-    def unit(self, codes: torch.Tensor, params: dict[str, torch.Tensor], spec: dict) -> torch.Tensor:
+    def unit(
+        self, codes: torch.Tensor, params: dict[str, torch.Tensor], spec: dict
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def values(self, codes, params, spec):
@@ -238,7 +268,9 @@ class Int(GroupScaled):
 
     def symmetric(self, spec) -> bool:
         if not isinstance(spec.get("symmetric"), bool):
-            raise InvalidArtifact(f"spec symmetric={spec.get('symmetric')!r}: expected true or false")
+            raise InvalidArtifact(
+                f"spec symmetric={spec.get('symmetric')!r}: expected true or false"
+            )
         return spec["symmetric"]
 
     def params(self, spec):
@@ -327,7 +359,9 @@ class LUT(Format):
         return values * (params["scale_a"].float() @ params["scale_b"].float())
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (Ternary(), Codebook(), Int(), Log(), MXFP4(), MXFP8(), LUT())}
+FORMATS: dict[str, Format] = {
+    f.name: f for f in (Ternary(), Codebook(), Int(), Log(), MXFP4(), MXFP8(), LUT())
+}
 
 DENSE = "dense"  # a Linear kept in floating point: allowed, and it costs its stored bits
 
@@ -341,7 +375,9 @@ def int8_token_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -127, 127) * scale
 
 
-INPUT_QUANTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"int8_token_absmax": int8_token_absmax}
+INPUT_QUANTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "int8_token_absmax": int8_token_absmax
+}
 
 
 def input_quant_of(spec: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -375,7 +411,9 @@ def adapter_delta(spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor 
     adapter = spec.get("adapter")
     if adapter is None:
         return 0.0
-    return adapter["alpha"] / adapter["rank"] * (tensors["lora_b"].float() @ tensors["lora_a"].float())
+    return (
+        adapter["alpha"] / adapter["rank"] * (tensors["lora_b"].float() @ tensors["lora_a"].float())
+    )
 
 
 # --- verification ---
@@ -390,7 +428,9 @@ def decode_layer(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> tor
     """
     fmt = FORMATS.get(spec.get("format"))
     if fmt is None:
-        raise InvalidArtifact(f"{name}: unknown format {spec.get('format')!r} (known: {sorted(FORMATS)})")
+        raise InvalidArtifact(
+            f"{name}: unknown format {spec.get('format')!r} (known: {sorted(FORMATS)})"
+        )
     try:
         params = {**fmt.params(spec), **adapter_params(spec)}
         input_quant_of(spec)
@@ -398,13 +438,19 @@ def decode_layer(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> tor
     except InvalidArtifact as err:
         raise InvalidArtifact(f"{name}: {err}") from None
     if set(tensors) != {"codes", *params}:
-        raise InvalidArtifact(f"{name}: stores {sorted(tensors)}, format {fmt.name} stores {sorted({'codes', *params})}")
+        raise InvalidArtifact(
+            f"{name}: stores {sorted(tensors)}, format {fmt.name} stores {sorted({'codes', *params})}"
+        )
     for key, param in params.items():
         stored = tensors[key]
         if tuple(stored.shape) != param.shape:
-            raise InvalidArtifact(f"{name}.{key}: shape {tuple(stored.shape)}, the declared spec needs {param.shape}")
+            raise InvalidArtifact(
+                f"{name}.{key}: shape {tuple(stored.shape)}, the declared spec needs {param.shape}"
+            )
         if param.dtype is not None and stored.dtype != param.dtype:
-            raise InvalidArtifact(f"{name}.{key}: dtype {stored.dtype}, the format stores {param.dtype}")
+            raise InvalidArtifact(
+                f"{name}.{key}: dtype {stored.dtype}, the format stores {param.dtype}"
+            )
         if param.dtype is None and not stored.is_floating_point():
             raise InvalidArtifact(f"{name}.{key}: dtype {stored.dtype}, must be floating point")
         if stored.is_floating_point() and not torch.isfinite(stored).all():
@@ -417,7 +463,9 @@ def decode_layer(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> tor
         raise InvalidArtifact(f"{name}: {err}") from None
     found = max_levels_per_group(values, fmt.group_size(spec))
     if found > levels:
-        raise InvalidArtifact(f"{name}: a group holds {found} distinct values; {fmt.name} allows {levels}")
+        raise InvalidArtifact(
+            f"{name}: a group holds {found} distinct values; {fmt.name} allows {levels}"
+        )
     weight = fmt.elementwise(values, tensors, spec) + adapter_delta(spec, tensors)
     if not torch.isfinite(weight).all():
         raise InvalidArtifact(f"{name}: decodes to non-finite weights")

@@ -31,8 +31,12 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int = NEW_TOKENS) -> str:
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     # a config of our own: the model's may ask for sampling, temperature or a repetition penalty
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.eos_token_id)  # one unpadded sequence: pad is never used
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )  # one unpadded sequence: pad is never used
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
@@ -53,20 +57,30 @@ class SideBySide:
 
 def compare(run_dir: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> SideBySide:
     """Greedy continuations of each prompt by both models."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: only when used
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )  # seconds to import: only when used
 
     prepared = load_prepared()
     model_dir = prepared.model_dir
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # one tokenizer: both models see the same ids
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir
+    )  # one tokenizer: both models see the same ids
     full_precision = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     try:
         low_bit, report = load_verified(run_dir / "artifact", model_dir)
-        about = f"{report.bpw:.2f} bpw, " + ", ".join(f"{count} x {name}" for name, count in sorted(report.formats.items()))
+        about = f"{report.bpw:.2f} bpw, " + ", ".join(
+            f"{count} x {name}" for name, count in sorted(report.formats.items())
+        )
     except InvalidArtifact as err:
         low_bit, about = None, f"invalid artifact: {err}"
     comparisons = [
-        Comparison(prompt, greedy(full_precision, tokenizer, prompt, new_tokens),
-                   greedy(low_bit.eval(), tokenizer, prompt, new_tokens) if low_bit is not None else None)  # fmt: skip
+        Comparison(
+            prompt,
+            greedy(full_precision, tokenizer, prompt, new_tokens),
+            greedy(low_bit.eval(), tokenizer, prompt, new_tokens) if low_bit is not None else None,
+        )  # fmt: skip
         for prompt in prompts
     ]
     return SideBySide(prepared.model_name, about, comparisons)
@@ -77,10 +91,19 @@ def _one_line(text: str) -> str:
 
 
 def format_side_by_side(run_id: str, result: SideBySide) -> str:
-    lines = [f"full precision: {result.model_name}", f"low-bit:        run {run_id} ({result.low_bit})"]
+    lines = [
+        f"full precision: {result.model_name}",
+        f"low-bit:        run {run_id} ({result.low_bit})",
+    ]
     for item in result.comparisons:
-        lines += ["", f"prompt: {item.prompt}", f"  full precision | {_one_line(item.full_precision)}"]
-        lines.append(f"  low-bit        | {_one_line(item.low_bit) if item.low_bit is not None else '(no valid artifact)'}")
+        lines += [
+            "",
+            f"prompt: {item.prompt}",
+            f"  full precision | {_one_line(item.full_precision)}",
+        ]
+        lines.append(
+            f"  low-bit        | {_one_line(item.low_bit) if item.low_bit is not None else '(no valid artifact)'}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -89,8 +112,12 @@ def format_side_by_side(run_id: str, result: SideBySide) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run id or a unique prefix of one")
-    parser.add_argument("--prompt", action="append", help=f"repeatable (default: {' / '.join(DEFAULT_PROMPTS)})")
-    parser.add_argument("--tokens", type=int, default=NEW_TOKENS, help="new tokens per continuation")
+    parser.add_argument(
+        "--prompt", action="append", help=f"repeatable (default: {' / '.join(DEFAULT_PROMPTS)})"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=NEW_TOKENS, help="new tokens per continuation"
+    )
 
 
 def command(args: argparse.Namespace) -> int:

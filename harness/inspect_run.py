@@ -29,14 +29,18 @@ class RunNotFound(Exception):
 
 def find_run(run: str, runs_dir: Path | None = None) -> Path:
     root = runs_dir or paths.runs_dir()
-    names = sorted(entry.name for entry in root.iterdir() if entry.is_dir()) if root.is_dir() else []
+    names = (
+        sorted(entry.name for entry in root.iterdir() if entry.is_dir()) if root.is_dir() else []
+    )
     if run in names:
         return root / run
     matches = [name for name in names if run and name.startswith(run)]
     if len(matches) == 1:
         return root / matches[0]
     if matches:
-        raise RunNotFound(f"{run!r} matches {len(matches)} runs in {root}: {', '.join(matches[:5])}, ...")
+        raise RunNotFound(
+            f"{run!r} matches {len(matches)} runs in {root}: {', '.join(matches[:5])}, ..."
+        )
     latest = f" (latest: {names[-1]})" if names else ""
     raise RunNotFound(f"no run {run!r} in {root}{latest}")
 
@@ -57,11 +61,15 @@ def train_diff(run_dir: Path, commit: str, script: Path) -> str:
     if not snapshot.exists():
         return f"no diff: {snapshot} is missing"
     if not commit:
-        return "no diff: no commit recorded (train.py was not in a git repo, or git was unavailable)"
+        return (
+            "no diff: no commit recorded (train.py was not in a git repo, or git was unavailable)"
+        )
     base = commit.removesuffix("-dirty")
     committed = _git_file(base, script)
     if committed is None:
-        return f"no diff: commit {base} (or train.py in it) is unknown to the repo at {script.parent}"
+        return (
+            f"no diff: commit {base} (or train.py in it) is unknown to the repo at {script.parent}"
+        )
     ran = snapshot.read_text(errors="replace")
     parent, before = base, committed
     if ran == committed:
@@ -90,15 +98,31 @@ def show(run_dir: Path, tail: int = LOG_TAIL_LINES) -> str:
         config = parse_config(row["config"])
     else:
         train_json = run_dir / "train.json"
-        config = parse_config(train_json.read_text(errors="replace")).get("config", {}) if train_json.exists() else {}
-    sections = [f"run {run_dir.name}  ({run_dir})", "", "config:", json.dumps(config, indent=1, sort_keys=True), ""]
+        config = (
+            parse_config(train_json.read_text(errors="replace")).get("config", {})
+            if train_json.exists()
+            else {}
+        )
+    sections = [
+        f"run {run_dir.name}  ({run_dir})",
+        "",
+        "config:",
+        json.dumps(config, indent=1, sort_keys=True),
+        "",
+    ]
     if row is None:
-        sections += ["summary: no results.tsv row (still running, or it died before the harness could record it)"]
+        sections += [
+            "summary: no results.tsv row (still running, or it died before the harness could record it)"
+        ]
     else:
         sections += ["summary:"] + [f"  {column:14s} {row[column]}" for column in results.COLUMNS
                                     if column != "config" and str(row[column]) not in ("", "nan")]  # fmt: skip
     commit = "" if row is None else str(row["commit"])
-    sections += ["", "train.py against its parent:", train_diff(run_dir, commit, paths.train_script()).rstrip("\n")]
+    sections += [
+        "",
+        "train.py against its parent:",
+        train_diff(run_dir, commit, paths.train_script()).rstrip("\n"),
+    ]
     sections += ["", f"run.log (last {tail} lines):", _log_tail(run_dir / "run.log", tail)]
     return "\n".join(sections) + "\n"
 
@@ -108,7 +132,9 @@ def show(run_dir: Path, tail: int = LOG_TAIL_LINES) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run id or a unique prefix of one")
-    parser.add_argument("--tail", type=int, default=LOG_TAIL_LINES, help="lines of run.log to print")
+    parser.add_argument(
+        "--tail", type=int, default=LOG_TAIL_LINES, help="lines of run.log to print"
+    )
 
 
 def command(args: argparse.Namespace) -> int:

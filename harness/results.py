@@ -26,7 +26,16 @@ COLUMNS = (
     "commit", "run_id", "timestamp", "status", "val_bpb", "val_ppl", "bpw", "size_mb", "steps",
     "train_tokens", "train_seconds", "peak_mem_gb", "eval_set", "model", "description", "config",
 )  # fmt: skip
-NUMERIC = ("val_bpb", "val_ppl", "bpw", "size_mb", "steps", "train_tokens", "train_seconds", "peak_mem_gb")
+NUMERIC = (
+    "val_bpb",
+    "val_ppl",
+    "bpw",
+    "size_mb",
+    "steps",
+    "train_tokens",
+    "train_seconds",
+    "peak_mem_gb",
+)
 STATUSES = ("baseline", "keep", "discard", "crash", "invalid")
 FLOAT_FORMAT = {"val_bpb": "{:.6f}", "val_ppl": "{:.4f}", "bpw": "{:.4f}", "size_mb": "{:.3f}",
                 "train_seconds": "{:.1f}", "peak_mem_gb": "{:.3f}"}  # fmt: skip
@@ -35,7 +44,14 @@ KEEP_MARGIN_BPB = 0.001  # a run must beat the best kept row of its track by thi
 LOCK_TIMEOUT_SECONDS = 120.0
 
 # bits-per-weight tracks: rows only compete with rows of the same track (upper bounds, inclusive)
-TRACKS = (("ternary", 1.8), ("2bit", 2.5), ("3bit", 3.5), ("4bit", 4.5), ("8bit", 8.5), ("fp", math.inf))
+TRACKS = (
+    ("ternary", 1.8),
+    ("2bit", 2.5),
+    ("3bit", 3.5),
+    ("4bit", 4.5),
+    ("8bit", 8.5),
+    ("fp", math.inf),
+)
 
 
 class ResultsError(Exception):
@@ -59,7 +75,9 @@ def bpw_track(bpw: float | None) -> str | None:
 
 # C0/C1 controls and DEL (ANSI escapes), and the bidi controls that reorder a terminal line
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_READ = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_READ = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def _cell(column: str, value) -> str:
@@ -70,7 +88,8 @@ def _cell(column: str, value) -> str:
     elif column in FLOAT_FORMAT:
         value = FLOAT_FORMAT[column].format(float(value))
     text = str(value).encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> "?"
-    # split() folds tabs and newlines, so no cell can break the row; then drop what could hijack a terminal
+    # split() folds tabs and newlines, so no cell can break the row; then drop what could hijack a
+    # terminal
     return " ".join(filter(None, (_UNSAFE.sub("", part) for part in text.split())))
 
 
@@ -109,8 +128,14 @@ def _parse(text: str) -> tuple[list[list[str]], int, bool]:
         if _UNSAFE_READ.search(line):  # NUL, ESC, bidi: a hand edit or damage; never our writer
             line = _UNSAFE_READ.sub("", line)
         cells = line.split("\t")
-        if len(cells) != len(COLUMNS) or cells[_STATUS] not in _KNOWN_STATUS or cells[_RUN_ID] in seen:
-            skipped += number > 0  # junk, a torn line, a repeated header, a foreign status, a run's second row
+        if (
+            len(cells) != len(COLUMNS)
+            or cells[_STATUS] not in _KNOWN_STATUS
+            or cells[_RUN_ID] in seen
+        ):
+            skipped += (
+                number > 0
+            )  # junk, a torn line, a repeated header, a foreign status, a run's second row
             continue
         if cells[_RUN_ID]:
             seen.add(cells[_RUN_ID])
@@ -129,7 +154,9 @@ def _locked(path: Path):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ResultsError(f"{path} is locked by another writer for {LOCK_TIMEOUT_SECONDS:.0f} s") from None
+                    raise ResultsError(
+                        f"{path} is locked by another writer for {LOCK_TIMEOUT_SECONDS:.0f} s"
+                    ) from None
                 time.sleep(0.01)
         try:
             yield
@@ -151,7 +178,9 @@ def _write(path: Path, line: str, checked: bool) -> None:
                 rows, _, has_header = _parse(data.decode(errors="replace"))
                 if not has_header:
                     first = data.split(b"\n", 1)[0].decode(errors="replace")
-                    raise ResultsError(f"{path} has another header ({first.strip()[:80]!r}): move it aside")
+                    raise ResultsError(
+                        f"{path} has another header ({first.strip()[:80]!r}): move it aside"
+                    )
                 run_id = line.split("\t")[_RUN_ID]
                 if run_id and any(cells[_RUN_ID] == run_id for cells in rows):
                     raise DuplicateRun(f"{path} already has a row for run {run_id}")
@@ -173,12 +202,18 @@ def append(row: dict, path: Path) -> None:
     except (ResultsError, OSError) as err:
         failure = err
     kind = DuplicateRun if isinstance(failure, DuplicateRun) else ResultsError
-    reason = str(failure) if isinstance(failure, ResultsError) else f"{path} could not be written ({failure})"
+    reason = (
+        str(failure)
+        if isinstance(failure, ResultsError)
+        else f"{path} could not be written ({failure})"
+    )
     side = unrecorded_path(path)
     try:
         _write(side, line, checked=False)
     except (ResultsError, OSError) as err:
-        raise kind(f"{reason}; nor could {side} ({err}): the row, unrecorded: {line.rstrip()}") from failure
+        raise kind(
+            f"{reason}; nor could {side} ({err}): the row, unrecorded: {line.rstrip()}"
+        ) from failure
     raise kind(f"{reason}; the row went to {side}", side) from failure
 
 
@@ -202,7 +237,9 @@ def read_counted(path: Path) -> tuple[pd.DataFrame, int]:
     return frame, skipped
 
 
-def best_in_track(frame: pd.DataFrame, eval_set: str, model: str, track: str | None) -> float | None:
+def best_in_track(
+    frame: pd.DataFrame, eval_set: str, model: str, track: str | None
+) -> float | None:
     """Lowest val_bpb among kept and baseline rows of the same eval set, model and bpw track."""
     if frame.empty or track is None:
         return None

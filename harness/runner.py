@@ -42,16 +42,22 @@ from harness.data import PREPARED, DataError, atomic_write_json, load_prepared
 from harness.evaluate import EVAL_TOKENS, eval_set_name
 
 RUN_DIR_ENV = "HARNESS_RUN_DIR"  # tells train.py where to write, and that the harness is watching
-STARTUP_LIMIT_SECONDS = 180.0  # process start -> first step: load, teacher, compile warm-up (not charged)
+STARTUP_LIMIT_SECONDS = (
+    180.0  # process start -> first step: load, teacher, compile warm-up (not charged)
+)
 EXPORT_LIMIT_SECONDS = 120.0  # last step -> exit: export
 EVAL_TIMEOUT_SECONDS = 3600.0
-SLACK_STEPS = 2.0  # training may end this many (median) steps after the budget: the last step runs over
+SLACK_STEPS = (
+    2.0  # training may end this many (median) steps after the budget: the last step runs over
+)
 SLACK_SECONDS = 2.0  # plus scheduling noise
 SLACK_FRACTION = 0.1  # the slack never exceeds this share of the budget
 TRAIN_JSON_BYTES = 1 << 20  # larger is not read
 VERDICT_BYTES = 1 << 20
 MEMORY_SAMPLE_SECONDS = 0.5  # how often the sandbox's peak memory is read
-LOG_BYTES = 100 << 20  # of train.py's output kept in run.log: a run that prints without end fills no disk
+LOG_BYTES = (
+    100 << 20
+)  # of train.py's output kept in run.log: a run that prints without end fills no disk
 RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
 
 
@@ -80,7 +86,11 @@ class RunOutcome:
     row: dict
 
 
-def time_limit(budget_seconds: float, startup: float = STARTUP_LIMIT_SECONDS, export: float = EXPORT_LIMIT_SECONDS) -> float:
+def time_limit(
+    budget_seconds: float,
+    startup: float = STARTUP_LIMIT_SECONDS,
+    export: float = EXPORT_LIMIT_SECONDS,
+) -> float:
     """The longest train.py may live: start-up, the budget and its largest slack, the export."""
     return startup + budget_seconds * (1 + SLACK_FRACTION) + SLACK_SECONDS + export
 
@@ -124,7 +134,12 @@ class Clock:
             whole = line.endswith(b"\n") and not inside_long_line
             inside_long_line = not line.endswith(b"\n")
             words = line.split() if whole else []
-            if len(words) == 2 and words[0] == b"step" and words[1].isdigit() and len(self.steps) < 10_000_000:
+            if (
+                len(words) == 2
+                and words[0] == b"step"
+                and words[1].isdigit()
+                and len(self.steps) < 10_000_000
+            ):
                 self.steps.append(time.monotonic())
                 self.tokens += min(int(words[1]), 1 << 40)
 
@@ -142,10 +157,16 @@ class Clock:
         """When the runner stops train.py, and why, given what it has announced so far."""
         if not self.steps:
             limit = spec.startup_seconds + spec.export_seconds
-            return self.started + limit, f"no training step announced and no exit within {limit:.0f} s of start"
+            return (
+                self.started + limit,
+                f"no training step announced and no exit within {limit:.0f} s of start",
+            )
         trained = spec.budget_seconds + SLACK_FRACTION * spec.budget_seconds + SLACK_SECONDS
         last = max(self.steps[-1], self.steps[0] + trained)
-        return last + spec.export_seconds, f"still running {spec.export_seconds:.0f} s after its budget (hung or overran)"
+        return (
+            last + spec.export_seconds,
+            f"still running {spec.export_seconds:.0f} s after its budget (hung or overran)",
+        )
 
     def broken_limit(self, spec: RunSpec) -> str | None:
         """The rule a finished train.py broke, measured on this clock, or None."""
@@ -168,7 +189,9 @@ class Clock:
 
 def exit_reason(code: int, kind: str) -> str | None:
     """'killed by signal 9 (SIGKILL)' for a child a signal ended (bwrap reports 128 + N), else None."""
-    number = -code if code < 0 else code - 128 if kind == sandbox.SANDBOX_BWRAP and code > 128 else 0
+    number = (
+        -code if code < 0 else code - 128 if kind == sandbox.SANDBOX_BWRAP and code > 128 else 0
+    )
     try:
         return f"killed by signal {number} ({signal.Signals(number).name})" if number else None
     except ValueError:
@@ -206,7 +229,9 @@ def _tree_peak_kb(root: int, peak: int) -> int:
     parents = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parents[int(stat_file.parent.name)] = int(stat_file.read_text().rpartition(")")[2].split()[1])
+            parents[int(stat_file.parent.name)] = int(
+                stat_file.read_text().rpartition(")")[2].split()[1]
+            )
         except (OSError, ValueError, IndexError):
             continue
     tree, grew = {root}, True
@@ -223,7 +248,9 @@ def _tree_peak_kb(root: int, peak: int) -> int:
     return peak
 
 
-def _supervise(child: subprocess.Popen, deadline, sink, echo: bool) -> tuple[int | None, str, float]:
+def _supervise(
+    child: subprocess.Popen, deadline, sink, echo: bool
+) -> tuple[int | None, str, float]:
     """Wait for `child`, streaming its output to `sink`; kill it at `deadline()` -> (when, why).
     Returns (exit code or None if killed, why it was killed, peak resident memory in GB)."""
     reader = threading.Thread(target=_pump, args=(child.stdout, sink, echo), daemon=True)
@@ -232,7 +259,10 @@ def _supervise(child: subprocess.Popen, deadline, sink, echo: bool) -> tuple[int
     try:
         while True:
             if time.monotonic() >= next_sample:
-                peak_kb, next_sample = _tree_peak_kb(child.pid, peak_kb), time.monotonic() + MEMORY_SAMPLE_SECONDS
+                peak_kb, next_sample = (
+                    _tree_peak_kb(child.pid, peak_kb),
+                    time.monotonic() + MEMORY_SAMPLE_SECONDS,
+                )
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 _stop(child)  # stray members of the group (no sandbox) go with the leader
@@ -264,19 +294,25 @@ def _train_view(run_dir: Path, caches: tuple[Path, ...], private: Path) -> sandb
     train = data_dir / record["train"]
     readable = (paths.ROOT / "harness", data_dir / record["model_dir"], train, train.with_suffix(".json"),
                 data_dir / record["token_bytes"])  # fmt: skip
-    return sandbox.View(readable=readable, writable=(run_dir, *caches), files={data_dir / PREPARED: trimmed})
+    return sandbox.View(
+        readable=readable, writable=(run_dir, *caches), files={data_dir / PREPARED: trimmed}
+    )
 
 
 def _eval_view(prepared, artifact: Path) -> sandbox.View:
     """The evaluator sees all of the prepared data (the model may live outside it) and the artifact."""
-    return sandbox.View(readable=(paths.ROOT / "harness", paths.data_dir(), prepared.model_dir, artifact))
+    return sandbox.View(
+        readable=(paths.ROOT / "harness", paths.data_dir(), prepared.model_dir, artifact)
+    )
 
 
 def _read_untrusted_json(path: Path) -> dict:
     """A JSON object train.py wrote, read without following links and within a size cap; {} otherwise."""
     try:
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # a FIFO or device would block or never end
+            if not stat.S_ISREG(
+                os.fstat(handle.fileno()).st_mode
+            ):  # a FIFO or device would block or never end
                 return {}
             value = json.loads(handle.read(TRAIN_JSON_BYTES))
     except (OSError, ValueError):
@@ -311,9 +347,14 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
     (run_dir / "train.py").write_bytes(source)
     (private / "train.py").write_bytes(source)
     commit = commit_of(script)
-    print(f"run {run_id}: python {script.name} {' '.join(spec.train_args)} (sandbox: {kind})", flush=True)
+    print(
+        f"run {run_id}: python {script.name} {' '.join(spec.train_args)} (sandbox: {kind})",
+        flush=True,
+    )
 
-    previous = _handle_signals({signal.SIGTERM: _raise_interrupted, signal.SIGHUP: _raise_interrupted})
+    previous = _handle_signals(
+        {signal.SIGTERM: _raise_interrupted, signal.SIGHUP: _raise_interrupted}
+    )
     started = time.time()
     clock, train_info, verdict, peak_gb = Clock(), {}, {}, None
     with open(private / "run.log", "ab") as log:
@@ -321,11 +362,15 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
             status, reason, peak_gb = _train(spec, kind, run_dir, private, clock, log)
             train_info = _read_untrusted_json(run_dir / "train.json")
             if status == "crash" and not reason:
-                reason = str(train_info.get("reason") or "") or _tail_reason(private / "run.log", "train.py failed")
+                reason = str(train_info.get("reason") or "") or _tail_reason(
+                    private / "run.log", "train.py failed"
+                )
             if status == "valid":
                 status, reason, verdict = _score(spec, kind, prepared, run_dir, log)
         except KeyboardInterrupt as err:
-            ignored = _handle_signals(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN))
+            ignored = _handle_signals(
+                dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN)
+            )
             how = err.how if isinstance(err, Interrupted) else "Ctrl-C"
             status, reason = "crash", f"interrupted ({how})"
             train_info = _read_untrusted_json(run_dir / "train.json")
@@ -341,7 +386,9 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
                        peak_gb, prepared, started, log)  # fmt: skip
 
 
-def _train(spec: RunSpec, kind: str, run_dir: Path, private: Path, clock: Clock, log) -> tuple[str, str, float | None]:
+def _train(
+    spec: RunSpec, kind: str, run_dir: Path, private: Path, clock: Clock, log
+) -> tuple[str, str, float | None]:
     """Run train.py to its end -> ("valid" | "crash" | "invalid", reason, peak GB)."""
     cache, compiled = paths.cache_dir(), paths.compile_cache_dir()
     for folder in (cache, compiled):
@@ -375,7 +422,11 @@ def _train(spec: RunSpec, kind: str, run_dir: Path, private: Path, clock: Clock,
     artifact = run_dir / "artifact"
     if artifact.is_symlink() or not artifact.is_dir():
         why = "is a link" if artifact.is_symlink() else "is missing"
-        return "crash", f"train.py exited without exporting an artifact (runs/<id>/artifact {why})", peak_gb
+        return (
+            "crash",
+            f"train.py exited without exporting an artifact (runs/<id>/artifact {why})",
+            peak_gb,
+        )
     return "valid", "", peak_gb
 
 
@@ -384,7 +435,11 @@ def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str,
     data_dir = paths.data_dir()
     changed = integrity.changed_files(data_dir)
     if changed:
-        return "invalid", f"files that define the score changed during the run: {', '.join(changed[:3])}", {}
+        return (
+            "invalid",
+            f"files that define the score changed during the run: {', '.join(changed[:3])}",
+            {},
+        )
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-I", "-m", "harness.evaluate", str(run_dir / "artifact"), "--verdict-fd", str(write_end),
             "--eval-tokens", str(spec.eval_tokens), "--data-dir", str(data_dir)]  # fmt: skip
@@ -396,7 +451,9 @@ def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str,
         os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         received = []
-        listener = threading.Thread(target=lambda: received.append(pipe.read(VERDICT_BYTES)), daemon=True)
+        listener = threading.Thread(
+            target=lambda: received.append(pipe.read(VERDICT_BYTES)), daemon=True
+        )
         listener.start()
         limit = time.monotonic() + EVAL_TIMEOUT_SECONDS
         code, _, _ = _supervise(child, lambda: (limit, "evaluation timed out"), log, spec.echo)
@@ -418,11 +475,17 @@ def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str,
 
 def scored(verdict: dict, eval_tokens: int) -> dict:
     """val_bpb and val_ppl recomputed from the verdict's sums, which must be plausible."""
-    nll, targets, n_bytes = verdict.get("nll_nats"), verdict.get("targets"), verdict.get("utf8_bytes")
+    nll, targets, n_bytes = (
+        verdict.get("nll_nats"),
+        verdict.get("targets"),
+        verdict.get("utf8_bytes"),
+    )
     if not (isinstance(nll, float) and isinstance(targets, int) and isinstance(n_bytes, int)):
         raise DataError("the evaluator's verdict lacks its sums")
     if not (0 < targets <= eval_tokens and n_bytes > 0 and math.isfinite(nll) and nll >= 0):
-        raise DataError(f"implausible evaluation sums: nll {nll}, {targets} targets, {n_bytes} bytes")
+        raise DataError(
+            f"implausible evaluation sums: nll {nll}, {targets} targets, {n_bytes} bytes"
+        )
     return {"val_bpb": nll / (math.log(2) * n_bytes), "val_ppl": math.exp(nll / targets)}
 
 
@@ -435,9 +498,16 @@ def _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_
         if spec.baseline:
             status = "baseline"
         else:
-            status = results.decide(verdict["val_bpb"], verdict["bpw"], eval_set, model, results.read(spec.results_path))
+            status = results.decide(
+                verdict["val_bpb"], verdict["bpw"], eval_set, model, results.read(spec.results_path)
+            )
     claimed = train_info.get("config") if isinstance(train_info.get("config"), dict) else {}
-    config = {**claimed, "train_args": spec.train_args, "budget_seconds": spec.budget_seconds, "sandbox": kind}
+    config = {
+        **claimed,
+        "train_args": spec.train_args,
+        "budget_seconds": spec.budget_seconds,
+        "sandbox": kind,
+    }
     if reason:
         config["reason"] = reason
     description = spec.description or str(train_info.get("description") or "")[:300]
@@ -523,13 +593,17 @@ def commit_of(script: Path) -> str:
 def _tail_reason(log: Path, fallback: str) -> str:
     """The last informative line of a log: usually the exception."""
     try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [
+            line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()
+        ]
     except OSError:
         return fallback
     return lines[-1][:300] if lines else fallback
 
 
-def check_ready(eval_tokens: int = EVAL_TOKENS, sandbox_kind: str = sandbox.SANDBOX_BWRAP) -> str | None:
+def check_ready(
+    eval_tokens: int = EVAL_TOKENS, sandbox_kind: str = sandbox.SANDBOX_BWRAP
+) -> str | None:
     """Why no experiment can start (data not prepared or changed, no sandbox), or None. Checked
     before a run so that a missing step is one clear line, not a crash row per attempt."""
     try:
@@ -546,7 +620,11 @@ def check_ready(eval_tokens: int = EVAL_TOKENS, sandbox_kind: str = sandbox.SAND
 
 def main_for_train_script(train_args: list[str]) -> int:
     """`python train.py ARGS` by hand: the same as `python -m harness run -- ARGS`."""
-    kind = sandbox.SANDBOX_NONE if os.environ.get("HARNESS_SANDBOX") == sandbox.SANDBOX_NONE else sandbox.SANDBOX_BWRAP
+    kind = (
+        sandbox.SANDBOX_NONE
+        if os.environ.get("HARNESS_SANDBOX") == sandbox.SANDBOX_NONE
+        else sandbox.SANDBOX_BWRAP
+    )
     problem = check_ready(sandbox_kind=kind)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

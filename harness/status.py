@@ -23,7 +23,11 @@ import pandas as pd
 
 from harness import paths, results
 
-SCORED = ("keep", "discard", "baseline")  # statuses whose numbers were measured on a verified artifact
+SCORED = (
+    "keep",
+    "discard",
+    "baseline",
+)  # statuses whose numbers were measured on a verified artifact
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home + erase display: a redraw, not a scroll
 NOTE_WIDTH = 48
 TRACK_ORDER = {name: i for i, (name, _) in enumerate(results.TRACKS)}
@@ -58,10 +62,14 @@ def method_of(config_json: str) -> str:
 def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     """results.read()'s frame plus `track`, `method` and `note` (the crash reason where there is one)."""
     frame = frame.copy()
-    frame["track"] = frame["bpw"].map(lambda bpw: results.bpw_track(None if pd.isna(bpw) else float(bpw)))
+    frame["track"] = frame["bpw"].map(
+        lambda bpw: results.bpw_track(None if pd.isna(bpw) else float(bpw))
+    )
     frame["method"] = frame["config"].map(method_of)
     reasons = frame["config"].map(lambda text: parse_config(text).get("reason", ""))
-    frame["note"] = [reason or description for reason, description in zip(reasons, frame["description"])]
+    frame["note"] = [
+        reason or description for reason, description in zip(reasons, frame["description"])
+    ]
     return frame
 
 
@@ -70,11 +78,15 @@ def since_cutoff(since: str, now: float | None = None) -> pd.Timestamp:
     match = _DURATION.match(since.strip())
     if match:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        return pd.Timestamp(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((now or time.time()) - seconds)))
+        return pd.Timestamp(
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((now or time.time()) - seconds))
+        )
     try:
         cutoff = pd.Timestamp(since)
     except ValueError:
-        raise ValueError(f"--since {since!r}: give an age like 90m, 8h, 2d or a time like 2026-01-02T03:00") from None
+        raise ValueError(
+            f"--since {since!r}: give an age like 90m, 8h, 2d or a time like 2026-01-02T03:00"
+        ) from None
     if cutoff.tzinfo is not None:  # "...Z" or "+02:00": compare in local time, as rows are written
         cutoff = pd.Timestamp(cutoff.to_pydatetime().astimezone().replace(tzinfo=None))
     return cutoff
@@ -95,7 +107,11 @@ def apply_filters(frame: pd.DataFrame, filters: Filters) -> pd.DataFrame:
 def best_so_far(frame: pd.DataFrame) -> pd.DataFrame:
     """Lowest val_bpb among keep and baseline rows per eval set, model and track: what a new run
     of that track must beat (the same rows results.best_in_track considers)."""
-    rows = frame[frame["status"].isin(("keep", "baseline")) & frame["val_bpb"].notna() & frame["track"].notna()]
+    rows = frame[
+        frame["status"].isin(("keep", "baseline"))
+        & frame["val_bpb"].notna()
+        & frame["track"].notna()
+    ]
     if rows.empty:
         return rows
     best = rows.loc[rows.groupby(["eval_set", "model", "track"], sort=False)["val_bpb"].idxmin()]
@@ -138,21 +154,35 @@ def load(path: Path, filters: Filters | None = None) -> Status:
 
 def _table(frame: pd.DataFrame, columns: list[str]) -> str:
     shown = frame[columns].copy()
-    for column, fmt in (("val_bpb", "{:.4f}"), ("bpw", "{:.2f}"), ("train_seconds", "{:.0f}"), ("steps", "{:.0f}")):
+    for column, fmt in (
+        ("val_bpb", "{:.4f}"),
+        ("bpw", "{:.2f}"),
+        ("train_seconds", "{:.0f}"),
+        ("steps", "{:.0f}"),
+    ):
         if column in shown:
-            shown[column] = shown[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
+            shown[column] = shown[column].map(
+                lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v)
+            )
     if "timestamp" in shown:
         shown["timestamp"] = shown["timestamp"].str.replace("T", " ").str[5:16]  # MM-DD HH:MM
     if "note" in shown:
-        shown["note"] = shown["note"].map(lambda text: text if len(text) <= NOTE_WIDTH else text[: NOTE_WIDTH - 1] + "…")
-        shown["note"] = shown["note"].str.ljust(shown["note"].str.len().max())  # prose reads left-aligned
+        shown["note"] = shown["note"].map(
+            lambda text: text if len(text) <= NOTE_WIDTH else text[: NOTE_WIDTH - 1] + "…"
+        )
+        shown["note"] = shown["note"].str.ljust(
+            shown["note"].str.len().max()
+        )  # prose reads left-aligned
     shown = shown.fillna("").rename(columns={"train_seconds": "secs", "timestamp": "time"})
     return shown.to_string(index=False)
 
 
 def render(path: Path, filters: Filters | None = None, last: int | None = None) -> str:
     status = load(path, filters)
-    lines = [f"{path}: {len(status.rows)} row{'' if len(status.rows) == 1 else 's'}" + (f", {status.skipped} malformed or foreign lines skipped" if status.skipped else "")]
+    lines = [
+        f"{path}: {len(status.rows)} row{'' if len(status.rows) == 1 else 's'}"
+        + (f", {status.skipped} malformed or foreign lines skipped" if status.skipped else "")
+    ]
     if status.rows.empty:
         return "\n".join([*lines, "no rows yet" if not path.exists() else "no rows match"]) + "\n"
     shown = status.rows.tail(last) if last else status.rows
@@ -192,12 +222,28 @@ def follow(path: Path, draw: Callable[[], str], interval: float = 2.0) -> Iterat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--status", action="append", choices=results.STATUSES, help="only these statuses (repeatable)")
-    parser.add_argument("--track", action="append", choices=[name for name, _ in results.TRACKS], help="only these bpw tracks")
-    parser.add_argument("--since", help="only rows since a time (2026-01-02T03:00) or within an age (90m, 8h, 2d)")
+    parser.add_argument(
+        "--status",
+        action="append",
+        choices=results.STATUSES,
+        help="only these statuses (repeatable)",
+    )
+    parser.add_argument(
+        "--track",
+        action="append",
+        choices=[name for name, _ in results.TRACKS],
+        help="only these bpw tracks",
+    )
+    parser.add_argument(
+        "--since", help="only rows since a time (2026-01-02T03:00) or within an age (90m, 8h, 2d)"
+    )
     parser.add_argument("--last", type=int, help="show only the last N rows of the table")
-    parser.add_argument("--follow", action="store_true", help="redraw whenever results.tsv changes; Ctrl-C to stop")
-    parser.add_argument("--interval", type=float, default=2.0, help="seconds between checks with --follow")
+    parser.add_argument(
+        "--follow", action="store_true", help="redraw whenever results.tsv changes; Ctrl-C to stop"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between checks with --follow"
+    )
 
 
 def command(args: argparse.Namespace) -> int:

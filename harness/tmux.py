@@ -32,7 +32,9 @@ from harness.sandbox import SECRET_ENV
 
 RESULTS_WINDOW = "results"
 LOG_WINDOW = "agent"
-STOP_GRACE_SECONDS = 20.0  # signal -> SIGKILL; the runner needs a few seconds to stop train.py and log a row
+STOP_GRACE_SECONDS = (
+    20.0  # signal -> SIGKILL; the runner needs a few seconds to stop train.py and log a row
+)
 POLL_SECONDS = 0.5
 TRAPPED = "trap : INT TERM HUP"  # a shell with a trap waits for its foreground child, then goes on
 # the pane's command, run without a shell of tmux's choosing: $0 is job.sh, $1 the exit file
@@ -139,7 +141,11 @@ class Job:
                 self._drain()
                 code = self.exit_code()
                 self._sweep()
-                return JobEnd("exited" if code is not None else "vanished", code, time.monotonic() - self.started)
+                return JobEnd(
+                    "exited" if code is not None else "vanished",
+                    code,
+                    time.monotonic() - self.started,
+                )
             if time.monotonic() > deadline:
                 self.stop(signal.SIGTERM)
                 return JobEnd("timeout", self.exit_code(), time.monotonic() - self.started)
@@ -184,7 +190,9 @@ class Tmux:
         self._ready = False  # viewers (re)made and secrets hidden in the current session
 
     def _env_flags(self, environment: dict[str, str] | None) -> list[str]:
-        return [part for key, value in (environment or {}).items() for part in ("-e", f"{key}={value}")]
+        return [
+            part for key, value in (environment or {}).items() for part in ("-e", f"{key}={value}")
+        ]
 
     def _find(self) -> libtmux.Session | None:
         try:
@@ -222,15 +230,25 @@ class Tmux:
     def _make_viewers(self) -> None:
         """Each viewer window runs its command anew (respawned if the window exists); if the
         command exits, its pane stays with the reason instead of the window vanishing."""
-        existing = set(self.server.cmd("list-windows", "-t", self.session_name, "-F", "#{window_name}").stdout)
+        existing = set(
+            self.server.cmd("list-windows", "-t", self.session_name, "-F", "#{window_name}").stdout
+        )
         for name, command in self.viewers.items():
             target = f"{self.session_name}:{name}"
             place = (["respawn-pane", "-k", "-t", target] if name in existing else
                      ["new-window", "-d", "-t", f"{self.session_name}:", "-n", name])  # fmt: skip
-            self.server.cmd(*place, "-c", str(self.cwd), *self._env_flags(self.environment), command)
+            self.server.cmd(
+                *place, "-c", str(self.cwd), *self._env_flags(self.environment), command
+            )
             self.server.cmd("set-option", "-w", "-t", target, "remain-on-exit", "on")
 
-    def start(self, window_name: str, script: str, job_dir: Path, environment: dict[str, str] | None = None) -> Job:
+    def start(
+        self,
+        window_name: str,
+        script: str,
+        job_dir: Path,
+        environment: dict[str, str] | None = None,
+    ) -> Job:
         """Run bash `script` in a new window (with `environment` on top of the tmux server's);
         its exit code lands in job_dir/exit_code."""
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +279,9 @@ class Tmux:
 
     def pane_alive(self, pane_id: str) -> bool:
         try:
-            listed = "\n".join(self.server.cmd("list-panes", "-a", "-F", "#{pane_id} #{pane_dead}").stdout)
+            listed = "\n".join(
+                self.server.cmd("list-panes", "-a", "-F", "#{pane_id} #{pane_dead}").stdout
+            )
         except LibTmuxException:
             return False
         return f"{pane_id} 0" in listed.splitlines()

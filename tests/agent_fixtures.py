@@ -14,13 +14,26 @@ from pathlib import Path
 
 from conftest import ROOT, TINY_GROUP
 
-TINY_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "64", "--steps", "2"]
+TINY_FLAGS = [
+    "--group-size",
+    str(TINY_GROUP),
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "64",
+    "--steps",
+    "2",
+]
 TRAIN_PY = (ROOT / "train.py").read_text()
-API_KEY = "sk-qat-test-" + secrets.token_hex(8)  # distinctive: searched for in every file afterwards
+API_KEY = "sk-qat-test-" + secrets.token_hex(
+    8
+)  # distinctive: searched for in every file afterwards
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def make_user_repo(path: Path, search_space: dict | None = None) -> Path:
@@ -33,7 +46,17 @@ def make_user_repo(path: Path, search_space: dict | None = None) -> Path:
     (path / "search_space.json").write_text(json.dumps(space))
     git(path, "init", "-q", "-b", "main")
     git(path, "add", ".")
-    git(path, "-c", "user.name=user", "-c", "user.email=user@localhost", "commit", "-q", "-m", "start")
+    git(
+        path,
+        "-c",
+        "user.name=user",
+        "-c",
+        "user.email=user@localhost",
+        "commit",
+        "-q",
+        "-m",
+        "start",
+    )
     return path
 
 
@@ -85,7 +108,10 @@ class ScriptedServer:
             time.sleep(action[1])
             action = ("reply", action[2])
         if action[0] == "status":
-            payload, code = {"error": {"message": "scripted failure", "type": "server_error"}}, action[1]
+            payload, code = (
+                {"error": {"message": "scripted failure", "type": "server_error"}},
+                action[1],
+            )
         else:
             payload, code = completion(action[1]), 200
         return code, {"Content-Type": "application/json"}, json.dumps(payload).encode()
@@ -122,7 +148,10 @@ def assert_clean(repo, tag, kept_commits):
 
 
 def agent_events(runs: Path, tag: str) -> list[dict]:
-    return [json.loads(line) for line in (runs / f"agent-{tag}" / "agent.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)
+        for line in (runs / f"agent-{tag}" / "agent.jsonl").read_text().splitlines()
+    ]
 
 
 def raw_reply(content: str | None) -> tuple[int, dict, bytes]:
@@ -141,10 +170,16 @@ class RawServer(ScriptedServer):
 def tmux_environments(socket: str) -> dict[str, bytes]:
     """pid -> initial environment (/proc/<pid>/environ) of the tmux server on `socket` and of
     every pane's process there."""
-    def shown(*args):
-        return subprocess.run(["tmux", "-L", socket, *args], capture_output=True, text=True).stdout.split()
 
-    pids = [*shown("list-panes", "-a", "-F", "#{pane_pid}"), *shown("display-message", "-p", "#{pid}")]
+    def shown(*args):
+        return subprocess.run(
+            ["tmux", "-L", socket, *args], capture_output=True, text=True
+        ).stdout.split()
+
+    pids = [
+        *shown("list-panes", "-a", "-F", "#{pane_pid}"),
+        *shown("display-message", "-p", "#{pid}"),
+    ]
     return {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in pids}
 
 

@@ -13,18 +13,36 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_fixtures import (API_KEY, TINY_FLAGS, TRAIN_PY, ScriptedServer, agent_events, assert_clean, block,
-                            files_containing, git, make_user_repo, screen_showing, tmux_environments)  # fmt: skip
-
+from agent_fixtures import (
+    API_KEY,
+    TINY_FLAGS,
+    TRAIN_PY,
+    ScriptedServer,
+    agent_events,
+    assert_clean,
+    block,
+    files_containing,  # fmt: skip
+    git,
+    make_user_repo,
+    screen_showing,
+    tmux_environments,
+)
 from conftest import ROOT, default_sigint, processes_with
+
 from harness import results
 from harness.__main__ import main as harness_main
 from harness.proposers import LLMProposer
 
-OTHER_SECRET = "qat-token-" + secrets.token_hex(8)  # in QAT_TEST_TOKEN: no secret-looking variable may travel
-HANG_TOKEN = "qat-hang-" + secrets.token_hex(4)  # in the hanging run's description, so in its runner's command line
+OTHER_SECRET = "qat-token-" + secrets.token_hex(
+    8
+)  # in QAT_TEST_TOKEN: no secret-looking variable may travel
+HANG_TOKEN = "qat-hang-" + secrets.token_hex(
+    4
+)  # in the hanging run's description, so in its runner's command line
 NAN_CHECK = "        if not torch.isfinite(loss):"
-NAN_EDIT = block(NAN_CHECK, "        loss = loss * float('nan')\n" + NAN_CHECK, description="nan loss")
+NAN_EDIT = block(
+    NAN_CHECK, "        loss = loss * float('nan')\n" + NAN_CHECK, description="nan loss"
+)
 KEY_PROBE_EDIT = block("    cfg = parse_flags(argv)", "    raise RuntimeError(os.environ.get('OPENAI_API_KEY', 'no key'))",
                        description="crash, showing the API key if the run could see it")  # fmt: skip
 INVALID_EDIT = block("            layers[name], plain = linear.export()", "            _, plain = linear.export()",
@@ -73,7 +91,9 @@ def leftover_processes(tmp, seconds=60):
     the hanging run's token in their command lines), once `seconds` have let them end."""
     deadline = time.monotonic() + seconds
     while True:
-        left = {pid for token in (str(tmp), HANG_TOKEN) for pid in processes_with(token)} - viewer_pids()
+        left = {
+            pid for token in (str(tmp), HANG_TOKEN) for pid in processes_with(token)
+        } - viewer_pids()
         if not left or time.monotonic() > deadline:
             return sorted(left)
         time.sleep(0.5)
@@ -85,10 +105,15 @@ def hanging_train_py(tmp) -> bool:
     runs = f"{tmp / 'runs'}/"
     for pid in processes_with(runs):
         try:
-            arguments = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+            arguments = (
+                open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+            )
         except OSError:
             continue
-        if any(Path(arg).name == "train.py" and Path(arg).parent.parent == tmp / "runs" for arg in arguments):
+        if any(
+            Path(arg).name == "train.py" and Path(arg).parent.parent == tmp / "runs"
+            for arg in arguments
+        ):
             return True
     return False
 
@@ -96,7 +121,9 @@ def hanging_train_py(tmp) -> bool:
 def wait_for(condition, agent, seconds=300):
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline and agent.poll() is None, agent.stdout.read() if agent.poll() else ""
+        assert time.monotonic() < deadline and agent.poll() is None, (
+            agent.stdout.read() if agent.poll() else ""
+        )
         time.sleep(0.2)
 
 
@@ -104,7 +131,9 @@ def assert_no_secret_in_tmux(tmp):
     """No key or token in tmux's global environment, the server's or any pane's process, any
     process of this test, or any file under runs/."""
     socket = os.environ["QAT_TEST_SOCKET"]
-    shown = subprocess.run(["tmux", "-L", socket, "show-environment", "-g"], capture_output=True, text=True).stdout
+    shown = subprocess.run(
+        ["tmux", "-L", socket, "show-environment", "-g"], capture_output=True, text=True
+    ).stdout
     assert "PATH=" in shown  # the server was there to ask
     environments = [*tmux_environments(socket).values()]
     for pid in processes_with(str(tmp)) + processes_with(HANG_TOKEN):
@@ -121,23 +150,33 @@ def assert_no_secret_in_tmux(tmp):
 def test_every_kind_of_reply_is_applied_and_run_or_rejected_with_a_reason(user_repo):
     tmp = user_repo.parent
     script = [
-        ("reply", block("WARMUP_STEPS = 10", "WARMUP_STEPS = 1", description="shorter warm-up")),  # keep
+        (
+            "reply",
+            block("WARMUP_STEPS = 10", "WARMUP_STEPS = 1", description="shorter warm-up"),
+        ),  # keep
         ("reply", block("EVAL_TOKENS = 65_536", "EVAL_TOKENS = 16", path="harness/evaluate.py")),
         ("reply", block("LR = 0.123", "LR = 0.5")),
         ("reply", block("LR = 5e-4", "LR = = 5e-4")),
         ("reply", "As an AI model I think you should try a bigger learning rate!"),
         ("reply", ""),
-        ("status", 500), ("status", 500),  # the retry fails too
-        ("slow", 6, "too late"), ("reply", KEY_PROBE_EDIT),  # a timeout, then the retry answers
+        ("status", 500),
+        ("status", 500),  # the retry fails too
+        ("slow", 6, "too late"),
+        ("reply", KEY_PROBE_EDIT),  # a timeout, then the retry answers
         ("reply", NAN_EDIT),
         ("reply", INVALID_EDIT),
-        ("reply", block("SEED = 0", "SEED = 0  # same seed, nothing else", description="comment only")),  # discard
+        (
+            "reply",
+            block("SEED = 0", "SEED = 0  # same seed, nothing else", description="comment only"),
+        ),  # discard
         ("reply", "no block: asked after a run that did not crash"),
     ]
     with ScriptedServer(script) as server:
         code = harness_main([*llm_args(server, "--max-experiments", "12"), "--", *TINY_FLAGS])
     assert code == 0
-    assert os.environ["OPENAI_API_KEY"] == API_KEY  # taken out of the environment only while the agent ran
+    assert (
+        os.environ["OPENAI_API_KEY"] == API_KEY
+    )  # taken out of the environment only while the agent ran
 
     events = agent_events(tmp / "runs", "t1")
     rejected = [e["reason"] for e in events if e["event"] == "rejected"]
@@ -157,12 +196,17 @@ def test_every_kind_of_reply_is_applied_and_run_or_rejected_with_a_reason(user_r
     assert list(frame["run_id"]) == [r["run_id"] for r in runs]
     assert list(frame["status"]) == [r["status"] for r in runs]
     assert list(frame["description"])[0] == "shorter warm-up"
-    assert all(json.loads(c)["train_args"][: len(TINY_FLAGS)] == TINY_FLAGS for c in frame["config"])
+    assert all(
+        json.loads(c)["train_args"][: len(TINY_FLAGS)] == TINY_FLAGS for c in frame["config"]
+    )
 
     # what the model was shown: program.md, train.py as kept, the results so far, the last crash
     prompts = [r["body"]["messages"] for r in server.requests]
     assert prompts[0][0]["content"] == (ROOT / "program.md").read_text()
-    assert "WARMUP_STEPS = 1  #" in prompts[1][1]["content"] and "shorter warm-up" in prompts[1][1]["content"]
+    assert (
+        "WARMUP_STEPS = 1  #" in prompts[1][1]["content"]
+        and "shorter warm-up" in prompts[1][1]["content"]
+    )
     assert "RuntimeError: no key" in prompts[-4][1]["content"]  # the NaN request follows the crash
     assert "The last run crashed" in prompts[-2][1]["content"]  # after the invalid run
     assert "The last run crashed" not in prompts[-1][1]["content"]  # after the discarded one
@@ -175,7 +219,9 @@ def test_every_kind_of_reply_is_applied_and_run_or_rejected_with_a_reason(user_r
     assert "WARMUP_STEPS = 1  #" in kept and "SEED = 0  # same seed" not in kept
 
 
-def test_odd_descriptions_are_recorded_and_a_proposal_that_cannot_be_committed_is_a_rejection(user_repo, monkeypatch):
+def test_odd_descriptions_are_recorded_and_a_proposal_that_cannot_be_committed_is_a_rejection(
+    user_repo, monkeypatch
+):
     tmp = user_repo.parent
     flag_like = "--budget=600 --no-sandbox --eval-tokens 1"
     proposed = []
@@ -191,7 +237,10 @@ def test_odd_descriptions_are_recorded_and_a_proposal_that_cannot_be_committed_i
     monkeypatch.setattr(LLMProposer, "propose", propose)
     script = [
         ("reply", block("WARMUP_STEPS = 10", "WARMUP_STEPS = 1", description=flag_like)),
-        ("reply", block("SEED = 0", "SEED = 1", description="seed \ud800 one")),  # a surrogate in the reply's JSON
+        (
+            "reply",
+            block("SEED = 0", "SEED = 1", description="seed \ud800 one"),
+        ),  # a surrogate in the reply's JSON
         ("reply", block("SEED = 0", "SEED = 2", description="never committed")),
         ("reply", "no edit block at all"),
     ]
@@ -204,28 +253,42 @@ def test_odd_descriptions_are_recorded_and_a_proposal_that_cannot_be_committed_i
     first = frame.iloc[0]
     assert first["description"] == flag_like
     config = json.loads(first["config"])
-    assert config["budget_seconds"] == 60 and config["sandbox"] == "bwrap"  # the description set no flag
+    assert (
+        config["budget_seconds"] == 60 and config["sandbox"] == "bwrap"
+    )  # the description set no flag
     assert "\ud800" not in frame.iloc[1]["description"] and "seed" in frame.iloc[1]["description"]
 
     events = agent_events(tmp / "runs", "t1")
     rejected = [e for e in events if e["event"] == "rejected"]
     assert [e["experiment"] for e in rejected] == [3, 4]
-    assert "could not be applied" in rejected[0]["reason"] and "UnicodeEncodeError" in rejected[0]["reason"]
+    assert (
+        "could not be applied" in rejected[0]["reason"]
+        and "UnicodeEncodeError" in rejected[0]["reason"]
+    )
     assert "no SEARCH/REPLACE block" in rejected[1]["reason"]
     assert_clean(user_repo, "t1", kept_commits=int((frame["status"] == "keep").sum()))
 
     # the log window follows agent.log: proposals with their diff, runs, rejections with reasons
     human = (tmp / "runs" / "agent-t1" / "agent.log").read_text()
-    assert "+WARMUP_STEPS = 1" in human and "rejected experiment=3 reason=the proposal could not be applied" in human
-    screen = screen_showing(os.environ["QAT_TEST_SOCKET"], "autoresearch:agent", "rejected experiment=4")
+    assert (
+        "+WARMUP_STEPS = 1" in human
+        and "rejected experiment=3 reason=the proposal could not be applied" in human
+    )
+    screen = screen_showing(
+        os.environ["QAT_TEST_SOCKET"], "autoresearch:agent", "rejected experiment=4"
+    )
     assert "rejected experiment=4 reason=reply rejected: no SEARCH/REPLACE block" in screen
 
 
 def test_a_server_that_keeps_failing_stops_the_loop_with_a_clear_message(user_repo, capsys):
     with ScriptedServer([]) as server:  # every request: 500
-        code = harness_main([*llm_args(server, "--max-crashes", "2", "--max-experiments", "10"), "--", *TINY_FLAGS])
+        code = harness_main(
+            [*llm_args(server, "--max-crashes", "2", "--max-experiments", "10"), "--", *TINY_FLAGS]
+        )
     assert code == 1
-    assert "2 failures in a row (--max-crashes), the last: API unavailable" in capsys.readouterr().out
+    assert (
+        "2 failures in a row (--max-crashes), the last: API unavailable" in capsys.readouterr().out
+    )
     stop = agent_events(user_repo.parent / "runs", "t1")[-1]
     assert stop["event"] == "stop" and stop["clean"] is True and stop["exit_code"] == 1
     assert not (user_repo.parent / "results.tsv").exists()  # no run happened, no row
@@ -247,7 +310,9 @@ def test_hours_bound_the_session(user_repo, capsys):
 
 def test_a_hanging_train_py_is_stopped_and_its_row_and_the_log_agree_on_why(user_repo):
     with ScriptedServer([("reply", HANG_EDIT)]) as server:
-        code = harness_main([*llm_args(server, "--max-experiments", "1", "--run-timeout", "20"), "--", *TINY_FLAGS])
+        code = harness_main(
+            [*llm_args(server, "--max-experiments", "1", "--run-timeout", "20"), "--", *TINY_FLAGS]
+        )
     assert code == 0
     run = [e for e in agent_events(user_repo.parent / "runs", "t1") if e["event"] == "run"][0]
     row = results.read(user_repo.parent / "results.tsv").iloc[0]
@@ -259,7 +324,9 @@ def test_a_hanging_train_py_is_stopped_and_its_row_and_the_log_agree_on_why(user
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=SIGNALS.values())
-def test_a_signal_stops_the_running_experiment_records_it_and_leaves_the_kept_commit(user_repo, sig):
+def test_a_signal_stops_the_running_experiment_records_it_and_leaves_the_kept_commit(
+    user_repo, sig
+):
     tmp = user_repo.parent
     with ScriptedServer([("reply", HANG_EDIT)]) as server:
         agent = start_agent(server)
@@ -274,7 +341,9 @@ def test_a_signal_stops_the_running_experiment_records_it_and_leaves_the_kept_co
     assert "recorded_by" not in config  # the runner wrote it
     assert f"interrupted ({SIGNALS[sig]}); run {row['run_id']} was stopped and recorded" in out
     events = agent_events(tmp / "runs", "t1")
-    assert [(e["run_id"], e["reason"]) for e in events if e["event"] == "run"] == [(row["run_id"], config["reason"])]
+    assert [(e["run_id"], e["reason"]) for e in events if e["event"] == "run"] == [
+        (row["run_id"], config["reason"])
+    ]
     assert events[-1]["event"] == "stop" and events[-1]["exit_code"] == 128 + sig
     assert leftover_processes(tmp) == []
     assert_clean(user_repo, "t1", kept_commits=0)
@@ -313,7 +382,9 @@ def test_a_killed_agents_run_is_reconciled_once_by_the_next_session(user_repo, r
             for pid in processes_with(f"--description=hang {HANG_TOKEN}"):
                 os.kill(pid, signal.SIGKILL)
         for _ in range(2):  # the second session finds nothing left to reconcile
-            assert harness_main([*llm_args(server, "--max-experiments", "0"), "--", *TINY_FLAGS]) == 0
+            assert (
+                harness_main([*llm_args(server, "--max-experiments", "0"), "--", *TINY_FLAGS]) == 0
+            )
     events = agent_events(tmp / "runs", "t1")
     runs = [e for e in events if e["event"] == "run"]
     assert len(runs) == 1 and runs[0]["status"] == "crash"
@@ -334,7 +405,9 @@ def test_a_killed_agents_run_is_reconciled_once_by_the_next_session(user_repo, r
 def test_a_run_that_finished_after_its_agent_was_killed_is_adopted_and_kept(user_repo):
     tmp = user_repo.parent
     exit_file = tmp / "runs" / "agent-t1" / "jobs" / "0001" / "exit_code"
-    with ScriptedServer([("reply", block("WARMUP_STEPS = 10", "WARMUP_STEPS = 1", description="shorter warm-up"))]) as server:
+    with ScriptedServer(
+        [("reply", block("WARMUP_STEPS = 10", "WARMUP_STEPS = 1", description="shorter warm-up"))]
+    ) as server:
         agent = start_agent(server)
         wait_for(lambda: hanging_train_py(tmp), agent)
         agent.kill()
@@ -346,7 +419,9 @@ def test_a_run_that_finished_after_its_agent_was_killed_is_adopted_and_kept(user
         assert harness_main([*llm_args(server, "--max-experiments", "0"), "--", *TINY_FLAGS]) == 0
     run = [e for e in agent_events(tmp / "runs", "t1") if e["event"] == "run"][0]
     frame = results.read(tmp / "results.tsv")
-    assert (run["reconciled"], run["status"]) == ("adopted", "keep") and list(frame["run_id"]) == [run["run_id"]]
+    assert (run["reconciled"], run["status"]) == ("adopted", "keep") and list(frame["run_id"]) == [
+        run["run_id"]
+    ]
     assert_clean(user_repo, "t1", kept_commits=1)  # the candidate it ran is the kept commit now
     assert "WARMUP_STEPS = 1  #" in git(user_repo, "show", "autoresearch/t1:train.py")
 
@@ -357,7 +432,9 @@ def test_uncommitted_train_py_is_warned_about_and_from_checkout_starts_from_it(u
     with ScriptedServer([]) as server:
         assert harness_main([*llm_args(server, "--max-experiments", "0"), "--", *TINY_FLAGS]) == 0
         assert "train.py in your checkout has uncommitted changes" in capsys.readouterr().out
-        warning = [e for e in agent_events(user_repo.parent / "runs", "t1") if e["event"] == "warning"]
+        warning = [
+            e for e in agent_events(user_repo.parent / "runs", "t1") if e["event"] == "warning"
+        ]
         assert len(warning) == 1 and "--from-checkout" in warning[0]["reason"]
         assert git(user_repo, "rev-parse", "autoresearch/t1") == git(user_repo, "rev-parse", "main")
 
@@ -366,14 +443,22 @@ def test_uncommitted_train_py_is_warned_about_and_from_checkout_starts_from_it(u
                                  *TINY_FLAGS]) == 0  # fmt: skip
     events = agent_events(user_repo.parent / "runs", "t2")
     assert [e["event"] for e in events].count("from_checkout") == 1
-    assert "branch autoresearch/t2 exists" in [e for e in events if e["event"] == "warning"][0]["reason"]
+    assert (
+        "branch autoresearch/t2 exists"
+        in [e for e in events if e["event"] == "warning"][0]["reason"]
+    )
     assert git(user_repo, "show", "autoresearch/t2:train.py") + "\n" == tweaked
     assert int(git(user_repo, "rev-list", "--count", "main..autoresearch/t2")) == 1
     # the user's checkout and index as they were
-    assert git(user_repo, "status", "--porcelain") == "M train.py" and git(user_repo, "diff", "--cached") == ""
+    assert (
+        git(user_repo, "status", "--porcelain") == "M train.py"
+        and git(user_repo, "diff", "--cached") == ""
+    )
     assert (user_repo / "train.py").read_text() == tweaked
     worktree = user_repo.parent / "runs" / "agent-t2" / "worktree"
-    assert (worktree / "train.py").read_text() == tweaked and git(worktree, "status", "--porcelain") == ""
+    assert (worktree / "train.py").read_text() == tweaked and git(
+        worktree, "status", "--porcelain"
+    ) == ""
 
 
 def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
@@ -388,7 +473,9 @@ def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     frame = results.read(tmp / "results.tsv")
     assert len(frame) == 2 and set(frame["status"]) <= {"keep", "discard"}
-    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp / 'runs' / 'agent-opt' / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="opt", storage=f"sqlite:///{tmp / 'runs' / 'agent-opt' / 'optuna.db'}"
+    )
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert [t.number for t in trials] == [0, 1]
     for trial, (_, row) in zip(trials, frame.iterrows()):
@@ -398,5 +485,7 @@ def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
         assert int(args[args.index("--warmup-steps") + 1]) == trial.params["--warmup-steps"]
         assert trial.value == pytest.approx(row["val_bpb"], abs=1e-6)
         assert trial.user_attrs["run_id"] == row["run_id"]  # told when the run was named
-        assert row["description"] == f"optuna trial {trial.number}: " + " ".join(args[len(TINY_FLAGS):])
+        assert row["description"] == f"optuna trial {trial.number}: " + " ".join(
+            args[len(TINY_FLAGS) :]
+        )
     assert_clean(user_repo, "opt", kept_commits=0)

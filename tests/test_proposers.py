@@ -11,16 +11,31 @@ import optuna
 import pandas as pd
 import pytest
 from agent_fixtures import TRAIN_PY, RawServer, block, raw_reply
-
 from conftest import ROOT
+
 from harness import results
-from harness.proposers import (CHARS_PER_TOKEN, LOSS_CSV_BYTES, RETRY_AFTER_CAP, Context, LLMConfig, LLMProposer,
-                               OptunaProposer, Proposal, Rejected, Result, build_messages, dynamics_summary,
-                               load_search_space, retry_after)  # fmt: skip
+from harness.proposers import (
+    CHARS_PER_TOKEN,
+    LOSS_CSV_BYTES,
+    RETRY_AFTER_CAP,
+    Context,
+    LLMConfig,
+    LLMProposer,
+    OptunaProposer,
+    Proposal,
+    Rejected,
+    Result,
+    build_messages,
+    dynamics_summary,
+    load_search_space,  # fmt: skip
+    retry_after,
+)
 
 JSON = {"Content-Type": "application/json"}
 LR_LINE = next(line for line in TRAIN_PY.splitlines() if line.startswith("LR = "))
-GOOD_REPLY = block(LR_LINE, LR_LINE.replace("LR = 5e-4", "LR = 1e-3"), description="raise the learning rate")
+GOOD_REPLY = block(
+    LR_LINE, LR_LINE.replace("LR = 5e-4", "LR = 1e-3"), description="raise the learning rate"
+)
 SETTING_LINES = [line for line in TRAIN_PY.splitlines() if re.match(r"^[A-Z][A-Z0-9_]* = ", line)]
 TrialState = optuna.trial.TrialState
 COMPLETE, FAIL, RUNNING = TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING
@@ -83,7 +98,11 @@ def test_a_trial_left_running_by_an_interrupted_sweep_is_failed_and_the_study_go
     resumed.reconcile(results.read(tmp_path / "results.tsv"))  # no rows at all
     assert [t.state for t in resumed.study.trials] == [COMPLETE, FAIL]
     nxt = resumed.propose(None)
-    assert nxt.trial == 2 and nxt.train_args[0] == "--lr" and nxt.description.startswith("optuna trial 2: --lr ")
+    assert (
+        nxt.trial == 2
+        and nxt.train_args[0] == "--lr"
+        and nxt.description.startswith("optuna trial 2: --lr ")
+    )
     resumed.tell(nxt, Result("crash", None))
     assert resumed.study.trials[2].state == FAIL
     assert resumed.study.best_value == 1.5
@@ -99,7 +118,9 @@ def test_a_seeded_study_killed_and_restarted_never_runs_a_parameter_set_twice(tm
     last = OptunaProposer(SMALL_SPACE, tmp_path / "study.db", "s", seed=7)
     proposed += [tuple(last.propose(None).train_args) for _ in range(2)]
     assert len(set(proposed)) == 10
-    assert any("repeat_of" in t.user_attrs for t in last.study.trials)  # the sampler did repeat; the repeats never ran
+    assert any(
+        "repeat_of" in t.user_attrs for t in last.study.trials
+    )  # the sampler did repeat; the repeats never ran
     with pytest.raises(Rejected, match="search space looks exhausted") as exhausted:
         last.propose(None)
     assert exhausted.value.failure
@@ -108,7 +129,9 @@ def test_a_seeded_study_killed_and_restarted_never_runs_a_parameter_set_twice(tm
 def scored_results(tmp_path, rows: list[tuple[str, str, float | None]]) -> pd.DataFrame:
     path = tmp_path / "results.tsv"
     for run_id, status, bpb in rows:
-        results.append({"commit": "abc1234", "run_id": run_id, "status": status, "val_bpb": bpb}, path)
+        results.append(
+            {"commit": "abc1234", "run_id": run_id, "status": status, "val_bpb": bpb}, path
+        )
     return results.read(path)
 
 
@@ -162,11 +185,15 @@ def code_block(user: str) -> str:
 def test_the_prompt_carries_program_train_py_results_dynamics_and_the_crash():
     recent = pd.DataFrame([{"commit": "abc1234", "status": "keep", "val_bpb": 2.5, "bpw": 1.7, "steps": 9,
                             "description": "first try"}])  # fmt: skip
-    context = real_context(recent=recent, crash_log="Traceback: boom", dynamics="r1: 9 steps, loss 5 4 3 2 1")
+    context = real_context(
+        recent=recent, crash_log="Traceback: boom", dynamics="r1: 9 steps, loss 5 4 3 2 1"
+    )
     system, user = build_messages(context)
     assert system == {"role": "system", "content": (ROOT / "program.md").read_text()}
     content = user["content"]
-    assert TRAIN_PY in content and "not shown" not in content  # the default 32K tokens take all of it
+    assert (
+        TRAIN_PY in content and "not shown" not in content
+    )  # the default 32K tokens take all of it
     for part in ("first try", "Traceback: boom", "r1: 9 steps, loss 5 4 3 2 1", "<<<<<<< SEARCH"):
         assert part in content
 
@@ -175,9 +202,15 @@ def test_a_small_context_gets_the_settings_and_the_dynamics_and_whole_sections_o
     context_tokens, max_tokens = 12000, 2048
     context = real_context(crash_log="Traceback: boom", dynamics="r1: 9 steps, loss 5 4 3 2 1")
     messages = build_messages(context, context_tokens, max_tokens)
-    assert sum(len(m["content"]) for m in messages) <= (context_tokens - max_tokens) * CHARS_PER_TOKEN
+    assert (
+        sum(len(m["content"]) for m in messages) <= (context_tokens - max_tokens) * CHARS_PER_TOKEN
+    )
     user = messages[1]["content"]
-    assert "r1: 9 steps, loss 5 4 3 2 1" in user and "Traceback: boom" in user and "DESCRIPTION: double LR" in user
+    assert (
+        "r1: 9 steps, loss 5 4 3 2 1" in user
+        and "Traceback: boom" in user
+        and "DESCRIPTION: double LR" in user
+    )
     shown = code_block(user)
     assert all(line in shown.splitlines() for line in SETTING_LINES)
     markers = [line for line in shown.splitlines() if line.startswith("# ... lines ")]
@@ -211,7 +244,9 @@ def test_the_request_the_server_gets_fits_the_context_and_the_proposal_is_applie
     assert sum(len(m["content"]) for m in messages) <= (8192 - 1024) * CHARS_PER_TOKEN
     assert "r1: 9 steps" in messages[1]["content"] and LR_LINE in messages[1]["content"]
     assert server.requests[0]["body"]["max_tokens"] == 1024
-    assert "\nLR = 1e-3  #" in proposal.train_py and proposal.description == "raise the learning rate"
+    assert (
+        "\nLR = 1e-3  #" in proposal.train_py and proposal.description == "raise the learning rate"
+    )
 
 
 # --- descriptions ---
@@ -243,7 +278,9 @@ def test_a_description_is_capped_kept_when_it_starts_with_a_dash_and_never_empty
      "API error in an HTTP 200 reply: model scripted is not loaded"),
     (JSON, b'{"object": "list", "data": []}', "no choices[0].message.content"),
 ])  # fmt: skip
-def test_an_unusable_200_is_rejected_with_the_status_and_the_start_of_the_body(headers, body, expected):
+def test_an_unusable_200_is_rejected_with_the_status_and_the_start_of_the_body(
+    headers, body, expected
+):
     error, server = rejection([(200, headers, body)])
     reason = str(error)
     assert expected in reason and "HTTP 200" in reason and error.failure
@@ -252,12 +289,24 @@ def test_an_unusable_200_is_rejected_with_the_status_and_the_start_of_the_body(h
 
 
 def test_an_error_status_is_rejected_with_its_body_and_retried_only_when_it_may_pass():
-    page = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 2000 + b"</body></html>"
-    error, server = rejection([(502, {"Content-Type": "text/html"}, page), (502, {"Content-Type": "text/html"}, page)])
-    assert str(error).startswith("API unavailable after 2 attempts: InternalServerError: HTTP 502: '<html><head>")
+    page = (
+        b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 2000 + b"</body></html>"
+    )
+    error, server = rejection(
+        [(502, {"Content-Type": "text/html"}, page), (502, {"Content-Type": "text/html"}, page)]
+    )
+    assert str(error).startswith(
+        "API unavailable after 2 attempts: InternalServerError: HTTP 502: '<html><head>"
+    )
     assert len(str(error)) < 500 and len(server.requests) == 2
-    error, server = rejection([(401, JSON, b'{"error": {"message": "Incorrect API key provided"}}')])
-    assert "HTTP 401" in str(error) and "Incorrect API key provided" in str(error) and len(server.requests) == 1
+    error, server = rejection(
+        [(401, JSON, b'{"error": {"message": "Incorrect API key provided"}}')]
+    )
+    assert (
+        "HTTP 401" in str(error)
+        and "Incorrect API key provided" in str(error)
+        and len(server.requests) == 1
+    )
 
 
 def test_429_waits_as_long_as_retry_after_asks():
@@ -309,7 +358,10 @@ def logged_rows(steps) -> str:
 
 def test_the_dynamics_summary_shows_each_runs_curve_speed_and_schedules(tmp_path):
     loss_csv(tmp_path / "run-a", LOSS_HEADER + logged_rows([1, *range(10, 101, 10)]))
-    loss_csv(tmp_path / "run-b", LOSS_HEADER + "".join(f"{s},3.0,3.0,0.0005,1.0000,-,500.0,{s}\n" for s in (1, 10)))
+    loss_csv(
+        tmp_path / "run-b",
+        LOSS_HEADER + "".join(f"{s},3.0,3.0,0.0005,1.0000,-,500.0,{s}\n" for s in (1, 10)),
+    )
     assert dynamics_summary([tmp_path / "run-a", tmp_path / "run-b"]) == (
         "run-a: 100 steps, loss 9.95 8.5 7.5 6 5, 1,000 tok/s, lambda 0.01 0.3 0.5 0.8 1, bits 4,2\n"
         "run-b: 10 steps, loss 3 3 3 3 3, 500 tok/s")  # fmt: skip
@@ -331,7 +383,10 @@ def test_the_dynamics_summary_skips_garbled_lines_and_unreadable_files(tmp_path)
     (tmp_path / "linked" / "loss.csv").unlink()
     (tmp_path / "linked" / "loss.csv").symlink_to(tmp_path / "garbled" / "loss.csv")
     names = ["garbled", "no-header", "binary", "missing", "a-folder", "fifo", "linked"]
-    assert dynamics_summary([tmp_path / name for name in names]) == "garbled: 11 steps, loss 9 9 8 8 7, 20 tok/s"
+    assert (
+        dynamics_summary([tmp_path / name for name in names])
+        == "garbled: 11 steps, loss 9 9 8 8 7, 20 tok/s"
+    )
 
 
 def test_the_dynamics_of_a_huge_loss_csv_come_from_its_start_and_its_end(tmp_path):
@@ -340,4 +395,6 @@ def test_the_dynamics_of_a_huge_loss_csv_come_from_its_start_and_its_end(tmp_pat
     assert len(text) > 4 * LOSS_CSV_BYTES
     loss_csv(tmp_path / "long", text)
     line = dynamics_summary([tmp_path / "long"])
-    assert line.startswith("long: 200000 steps, loss 9.95 ") and line.split(", ")[1].endswith(" -9990")
+    assert line.startswith("long: 200000 steps, loss 9.95 ") and line.split(", ")[1].endswith(
+        " -9990"
+    )

@@ -1,6 +1,6 @@
 import json
-import multiprocessing
 import math
+import multiprocessing
 
 import pytest
 
@@ -33,13 +33,17 @@ def test_concurrent_appends_lose_or_garble_nothing(tmp_path):
     assert len(lines) == 801
     assert all(line.count("\t") == len(results.COLUMNS) - 1 for line in lines)
     frame = results.read(path)
-    assert sorted(frame["run_id"]) == sorted(f"r{w * 1000 + i}" for w in range(8) for i in range(100))
+    assert sorted(frame["run_id"]) == sorted(
+        f"r{w * 1000 + i}" for w in range(8) for i in range(100)
+    )
 
 
 def test_rows_read_back_with_types_and_empty_metrics(tmp_path):
     path = tmp_path / "results.tsv"
     results.append(row(), path)
-    results.append(row(1, status="crash", val_bpb=None, val_ppl=None, bpw=None, size_mb=float("nan")), path)
+    results.append(
+        row(1, status="crash", val_bpb=None, val_ppl=None, bpw=None, size_mb=float("nan")), path
+    )
     frame = results.read(path)
     assert frame.loc[0, "val_bpb"] == pytest.approx(1.5)
     assert frame.loc[0, "description"] == "tab here and newline"
@@ -54,7 +58,9 @@ def test_a_foreign_header_is_refused_left_intact_and_the_row_side_filed(tmp_path
     side = tmp_path / "results.tsv.unrecorded.tsv"
     with pytest.raises(results.ResultsError, match="another header") as caught:
         results.append(row(), path)
-    assert caught.value.side == side == results.unrecorded_path(path) and str(side) in str(caught.value)
+    assert caught.value.side == side == results.unrecorded_path(path) and str(side) in str(
+        caught.value
+    )
     assert path.read_text() == "a\tb\n1\t2\n"
     assert side.read_text().splitlines()[0] == results.HEADER.strip("\n")
     assert list(results.read(side)["run_id"]) == ["r0"]  # nothing lost
@@ -125,7 +131,9 @@ def test_a_duplicate_run_id_is_refused_and_side_filed(tmp_path):
     before = path.read_bytes()
     with pytest.raises(results.DuplicateRun, match="r0") as caught:
         results.append(row(0, status="baseline", val_bpb=0.1, description="forged"), path)
-    assert isinstance(caught.value, results.ResultsError) and caught.value.side == results.unrecorded_path(path)
+    assert isinstance(
+        caught.value, results.ResultsError
+    ) and caught.value.side == results.unrecorded_path(path)
     assert path.read_bytes() == before
     assert list(results.read(caught.value.side)["description"]) == ["forged"]
 
@@ -146,7 +154,9 @@ def test_a_lock_held_too_long_side_files_the_row(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "LOCK_TIMEOUT_SECONDS", 0.05)
     with open(tmp_path / "results.tsv.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        holder = multiprocessing.get_context("fork").Process(target=results.append, args=(row(0), path))
+        holder = multiprocessing.get_context("fork").Process(
+            target=results.append, args=(row(0), path)
+        )
         holder.start()
         holder.join()
     assert holder.exitcode != 0 and not path.exists()

@@ -5,15 +5,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from conftest import ROOT, TINY_GROUP, wait_until_gone
+
 from harness import results
 from harness.runner import RunSpec, run_experiment
 
-TINY_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "64", "--log-every", "1"]
+TINY_FLAGS = [
+    "--group-size",
+    str(TINY_GROUP),
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "64",
+    "--log-every",
+    "1",
+]
 EVAL_TOKENS = 4096
 
 
@@ -60,7 +67,9 @@ def test_baselines_are_recorded_as_such(harness_env):
 
 
 def test_nan_loss_stops_early_as_a_crash_row(harness_env):
-    script = broken_train_script(harness_env, "        return ce, ce\n", "        return ce * float('nan'), ce\n")
+    script = broken_train_script(
+        harness_env, "        return ce, ce\n", "        return ce * float('nan'), ce\n"
+    )
     outcome = run(harness_env, [*TINY_FLAGS, "--distill-weight", "0"], script=script)
     assert outcome.status == "crash" and "loss is nan at step 0" in outcome.reason
     row = only_row(harness_env)
@@ -68,24 +77,32 @@ def test_nan_loss_stops_early_as_a_crash_row(harness_env):
 
 
 def test_an_exception_becomes_a_crash_row_with_its_message(harness_env):
-    script = broken_train_script(harness_env, "    cfg = parse_flags(argv)\n", "    raise RuntimeError('boom')\n")
+    script = broken_train_script(
+        harness_env, "    cfg = parse_flags(argv)\n", "    raise RuntimeError('boom')\n"
+    )
     outcome = run(harness_env, TINY_FLAGS, script=script)
     assert outcome.status == "crash" and outcome.reason == "RuntimeError: boom"
 
 
 def test_a_baseline_is_the_harness_s_call_not_train_py_s(harness_env):
-    outcome = run(harness_env, [*TINY_FLAGS, "--baseline", "fp"])  # a plain run, whatever its flags say
+    outcome = run(
+        harness_env, [*TINY_FLAGS, "--baseline", "fp"]
+    )  # a plain run, whatever its flags say
     assert outcome.status == "keep" and outcome.row["bpw"] == 32.0
 
 
 def test_a_hung_run_is_killed_and_recorded(harness_env):
-    token = f"hung-child-{harness_env.name}"  # the script's own child, not any sleeper on the machine
+    token = (
+        f"hung-child-{harness_env.name}"  # the script's own child, not any sleeper on the machine
+    )
     script = harness_env / "hang.py"
     script.write_text("import subprocess, sys, time\n"
                       f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {token!r}])\n"
                       "time.sleep(300)\n")  # fmt: skip
     outcome = run(harness_env, [], script=script, startup_seconds=1, export_seconds=1)
-    assert outcome.status == "invalid" and outcome.reason.startswith("killed after 2 s: no training step")
+    assert outcome.status == "invalid" and outcome.reason.startswith(
+        "killed after 2 s: no training step"
+    )
     assert wait_until_gone(token) == []  # the whole sandbox went with it
 
 

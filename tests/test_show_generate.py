@@ -7,18 +7,20 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import ROOT
+from test_runner import EVAL_TOKENS, TINY_FLAGS
+
 from harness import results
-from harness.artifact import load_verified
 from harness.__main__ import main
+from harness.artifact import load_verified
 from harness.inspect_run import RunNotFound, find_run, train_diff
 from harness.runner import RunSpec, run_experiment
-from test_runner import EVAL_TOKENS, TINY_FLAGS
 
 
 def git(repo, *args):
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -38,14 +40,18 @@ def repo(tmp_path):
 
 
 def changed_lines(diff):
-    return [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    return [
+        line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    ]
 
 
 def crafted_run(tmp_path, run_id, ran, commit):
     run_dir = tmp_path / "runs" / run_id
     run_dir.mkdir(parents=True)
     (run_dir / "train.py").write_text(ran)
-    (run_dir / "run.log").write_text("".join(f"step {i}\n" for i in range(100)) + "---\nval_bpb:          2.5\n")
+    (run_dir / "run.log").write_text(
+        "".join(f"step {i}\n" for i in range(100)) + "---\nval_bpb:          2.5\n"
+    )
     results.append({"commit": commit, "run_id": run_id, "status": "keep", "val_bpb": 2.5, "bpw": 1.73,
                     "config": {"quant": "ternary", "lr": 1e-3}}, tmp_path / "results.tsv")  # fmt: skip
     return run_dir
@@ -80,7 +86,11 @@ def test_no_diff_is_explained(repo, tmp_path):
 def test_show_prints_config_row_diff_and_log_tail(repo, tmp_path, monkeypatch, capsys):
     head = git(repo, "rev-parse", "--short=7", "HEAD")
     crafted_run(tmp_path, "20260101-000000-beef", "LR = 1e-3\nSTEPS = 0\n", head)
-    for name, value in (("RESULTS", tmp_path / "results.tsv"), ("RUNS_DIR", tmp_path / "runs"), ("TRAIN_SCRIPT", repo / "train.py")):
+    for name, value in (
+        ("RESULTS", tmp_path / "results.tsv"),
+        ("RUNS_DIR", tmp_path / "runs"),
+        ("TRAIN_SCRIPT", repo / "train.py"),
+    ):
         monkeypatch.setenv(f"HARNESS_{name}", str(value))
     assert main(["show", "20260101", "--tail", "3"]) == 0
     out = capsys.readouterr().out
@@ -96,7 +106,10 @@ def test_a_missing_or_ambiguous_run_is_a_message_not_a_traceback(tmp_path, monke
     with pytest.raises(RunNotFound, match="matches 2 runs"):
         find_run("20260101")
     assert find_run("20260101-000001").name == "20260101-000001-bbbb"
-    assert main(["generate", "--run", "2025"]) == 1 and "latest: 20260101-000001-bbbb" in capsys.readouterr().err
+    assert (
+        main(["generate", "--run", "2025"]) == 1
+        and "latest: 20260101-000001-bbbb" in capsys.readouterr().err
+    )
 
 
 # --- on a real tiny run ---
@@ -111,7 +124,9 @@ def tiny_run(tiny_data_dir, tmp_path_factory):
         patch.setenv("HARNESS_RUNS_DIR", str(home / "runs"))
         patch.setenv("HARNESS_RESULTS", str(home / "results.tsv"))
         patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        patch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        )
         outcome = run_experiment(RunSpec(train_args=[*TINY_FLAGS, "--steps", "3"], budget_seconds=60, echo=False,
                                          eval_tokens=EVAL_TOKENS, train_script=ROOT / "train.py",
                                          results_path=home / "results.tsv", runs_dir=home / "runs"))  # fmt: skip
@@ -134,11 +149,16 @@ def argmax_continuation(model, tokenizer, prompt, n):
 def test_generate_prints_both_models_on_the_same_prompt(tiny_run, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert main(["generate", "--run", tiny_run.run_id, "--prompt", "The city of", "--tokens", "12"]) == 0
+    assert (
+        main(["generate", "--run", tiny_run.run_id, "--prompt", "The city of", "--tokens", "12"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"low-bit:        run {tiny_run.run_id} (" in out and "14 x ternary" in out
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    full_precision = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    full_precision = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32
+    ).eval()
     low_bit, _ = load_verified(tiny_run.run_dir / "artifact", tiny_model_dir)
     expected_fp = argmax_continuation(full_precision, tokenizer, "The city of", 12)
     expected_low_bit = argmax_continuation(low_bit.eval(), tokenizer, "The city of", 12)

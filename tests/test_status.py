@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, default_sigint
+
 from harness import results, status
 
 
@@ -41,7 +41,9 @@ def ledger(tmp_path):
         results.append(item, path)
     with open(path, "a") as handle:
         handle.write("not a row at all\n")
-        handle.write("\t".join(["abc", "x", "2026", "exploded", *[""] * 12]) + "\n")  # foreign status
+        handle.write(
+            "\t".join(["abc", "x", "2026", "exploded", *[""] * 12]) + "\n"
+        )  # foreign status
     return path
 
 
@@ -58,7 +60,13 @@ def test_table_best_and_pareto_on_a_crafted_ledger(ledger):
     assert best == {("sotu:eval", "ternary"): "t3", ("sotu:eval", "4bit"): "i4", ("sotu:eval", "fp"): "fp",
                     ("wikitext:test", "ternary"): "other"}  # fmt: skip
     front = view.front
-    assert list(front[front["eval_set"] == "sotu:eval"]["run_id"]) == ["rtn", "t3", "c2", "i4", "fp"]
+    assert list(front[front["eval_set"] == "sotu:eval"]["run_id"]) == [
+        "rtn",
+        "t3",
+        "c2",
+        "i4",
+        "fp",
+    ]
     assert list(front[front["eval_set"] == "wikitext:test"]["run_id"]) == ["other"]
 
     text = status.render(ledger)
@@ -67,19 +75,32 @@ def test_table_best_and_pareto_on_a_crafted_ledger(ledger):
 
 
 def test_filters_by_status_track_and_time(ledger):
-    assert set(status.load(ledger, status.Filters(status=["crash", "discard"])).rows["run_id"]) == {"boom", "t2", "i4b", "c2"}
+    assert set(status.load(ledger, status.Filters(status=["crash", "discard"])).rows["run_id"]) == {
+        "boom",
+        "t2",
+        "i4b",
+        "c2",
+    }
     ternary = status.load(ledger, status.Filters(track=["ternary"]))
     assert set(ternary.rows["run_id"]) == {"rtn", "t1", "t2", "t3", "other"}
     assert list(ternary.front[ternary.front["eval_set"] == "sotu:eval"]["run_id"]) == ["rtn", "t3"]
-    assert set(status.load(ledger, status.Filters(since="2026-01-02")).rows["run_id"]) == {"t3", "i4"}
+    assert set(status.load(ledger, status.Filters(since="2026-01-02")).rows["run_id"]) == {
+        "t3",
+        "i4",
+    }
     assert list(status.render(ledger, last=1).splitlines()[3].split())[0] == "other"
 
 
 def test_an_age_filter_counts_back_from_now(tmp_path):
     path = tmp_path / "results.tsv"
     now = time.time()
-    results.append(row("old", timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 3 * 86400))), path)
-    results.append(row("new", timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 600))), path)
+    results.append(
+        row("old", timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 3 * 86400))),
+        path,
+    )
+    results.append(
+        row("new", timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 600))), path
+    )
     assert list(status.load(path, status.Filters(since="1d")).rows["run_id"]) == ["new"]
     assert list(status.load(path, status.Filters(since="90m")).rows["run_id"]) == ["new"]
     with pytest.raises(ValueError, match="90m"):

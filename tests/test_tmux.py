@@ -16,7 +16,9 @@ from harness.tmux import LOG_WINDOW, RESULTS_WINDOW, Tmux
 
 @pytest.fixture
 def tmux(tmp_path):
-    box = Tmux("sleep 600", cwd=tmp_path, session_name="t", socket_name="qat-test-" + secrets.token_hex(4))
+    box = Tmux(
+        "sleep 600", cwd=tmp_path, session_name="t", socket_name="qat-test-" + secrets.token_hex(4)
+    )
     yield box
     box.server.kill()
 
@@ -46,7 +48,11 @@ def _running(pid):
 
 
 def test_a_job_runs_in_its_own_window_and_reports_its_exit_code(tmux, tmp_path):
-    job = tmux.start("exp1", "until [ -e go ]; do sleep 0.1; done\necho hello > out.txt\nexit 7", tmp_path / "job")
+    job = tmux.start(
+        "exp1",
+        "until [ -e go ]; do sleep 0.1; done\necho hello > out.txt\nexit 7",
+        tmp_path / "job",
+    )
     names = [w.window_name for w in tmux.session().windows]
     assert names[0] == RESULTS_WINDOW and "exp1" in names
     (tmp_path / "job" / "go").touch()
@@ -56,14 +62,19 @@ def test_a_job_runs_in_its_own_window_and_reports_its_exit_code(tmux, tmp_path):
 
 
 def test_the_environment_reaches_the_job(tmux, tmp_path):
-    job = tmux.start("env", 'echo "$QAT_PROBE" > probe.txt', tmp_path / "job", environment={"QAT_PROBE": "x y"})
+    job = tmux.start(
+        "env", 'echo "$QAT_PROBE" > probe.txt', tmp_path / "job", environment={"QAT_PROBE": "x y"}
+    )
     assert job.wait(timeout=30).exit_code == 0
     assert (tmp_path / "job" / "probe.txt").read_text() == "x y\n"
 
 
 def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path, monkeypatch):
-    monkeypatch.setattr(harness.tmux, "STOP_GRACE_SECONDS", 2.0)  # the job ignores SIGTERM: no need to wait 20 s
-    # a grandchild in its own session, as train.py is under the runner: a signal to the pane misses it
+    monkeypatch.setattr(
+        harness.tmux, "STOP_GRACE_SECONDS", 2.0
+    )  # the job ignores SIGTERM: no need to wait 20 s
+    # a grandchild in its own session, as train.py is under the runner: a signal to the pane misses
+    # it
     script = "setsid sleep 300 &\necho $! > child.pid\ntrap '' TERM\nsleep 300"
     job = tmux.start("slow", script, tmp_path / "job")
     pid_file = tmp_path / "job" / "child.pid"
@@ -92,14 +103,25 @@ def test_a_stopped_job_finishes_what_its_signal_started_and_its_exit_code_is_kep
 
 
 def test_a_killed_window_hangs_up_its_job_which_still_records_its_exit(tmux, tmp_path):
-    job = tmux.start("doomed", "setsid sleep 300 &\necho $! > child.pid\nsleep 300", tmp_path / "job")
+    job = tmux.start(
+        "doomed", "setsid sleep 300 &\necho $! > child.pid\nsleep 300", tmp_path / "job"
+    )
     pid_file = tmp_path / "job" / "child.pid"
-    while not pid_file.exists() or not pid_file.read_text().strip() or not leads_own_group(int(pid_file.read_text())):
+    while (
+        not pid_file.exists()
+        or not pid_file.read_text().strip()
+        or not leads_own_group(int(pid_file.read_text()))
+    ):
         time.sleep(0.1)  # until the child has called setsid
     job._remember_groups()  # the driver's poll has seen the child before the window goes
-    subprocess.run(["tmux", "-L", tmux.server.socket_name, "kill-window", "-t", "t:doomed"], check=True)
+    subprocess.run(
+        ["tmux", "-L", tmux.server.socket_name, "kill-window", "-t", "t:doomed"], check=True
+    )
     end = job.wait(timeout=60)
-    assert (end.how, end.exit_code) == ("exited", 128 + signal.SIGHUP)  # its `sleep 300` died of the hangup
+    assert (end.how, end.exit_code) == (
+        "exited",
+        128 + signal.SIGHUP,
+    )  # its `sleep 300` died of the hangup
     assert not alive(int(pid_file.read_text()))
 
 
@@ -113,10 +135,14 @@ def test_a_job_whose_shells_are_killed_has_vanished(tmux, tmp_path):
 def test_a_dead_server_is_noticed_and_the_session_comes_back(tmux, tmp_path):
     job = tmux.start("orphan", "echo > started\nsleep 300", tmp_path / "job")
     while not (tmp_path / "job" / "started").exists():
-        time.sleep(0.1)  # the job's shells have set their traps: a server killed sooner kills them outright
+        time.sleep(
+            0.1
+        )  # the job's shells have set their traps: a server killed sooner kills them outright
     tmux.server.kill()
     assert job.wait(timeout=60).exit_code == 128 + signal.SIGHUP
-    again = tmux.start("next", "exit 0", tmp_path / "job2")  # a new server, session and results window
+    again = tmux.start(
+        "next", "exit 0", tmp_path / "job2"
+    )  # a new server, session and results window
     assert again.wait(timeout=30).exit_code == 0
     assert tmux.session().windows[0].window_name == RESULTS_WINDOW
 
@@ -124,7 +150,9 @@ def test_a_dead_server_is_noticed_and_the_session_comes_back(tmux, tmp_path):
 def test_a_job_left_by_an_earlier_driver_is_found_by_its_folder(tmux, tmp_path):
     job = tmux.start("exp1", "sleep 300", tmp_path / "job")
     assert tmux.find(tmp_path / "other") is None
-    found = Tmux("sleep 600", cwd=tmp_path, session_name="t", socket_name=tmux.server.socket_name).find(tmp_path / "job")
+    found = Tmux(
+        "sleep 600", cwd=tmp_path, session_name="t", socket_name=tmux.server.socket_name
+    ).find(tmp_path / "job")
     assert (found.pane_id, found.pane_pid) == (job.pane_id, job.pane_pid)
     found.stop()
     assert found.exit_code() == 128 + signal.SIGTERM
@@ -134,9 +162,19 @@ def test_a_server_someone_else_started_with_secrets_gives_none_to_the_panes(tmp_
     socket = "qat-test-" + secrets.token_hex(4)
     token = "qat-secret-" + secrets.token_hex(8)
     env = {**os.environ, "QAT_PROBE_TOKEN": token, "QAT_PROBE_SECRET": token, "QAT_PLAIN": "kept"}
-    subprocess.run(["tmux", "-L", socket, "new-session", "-d", "-s", "theirs", "sleep 600"], env=env, check=True)
+    subprocess.run(
+        ["tmux", "-L", socket, "new-session", "-d", "-s", "theirs", "sleep 600"],
+        env=env,
+        check=True,
+    )
     try:
-        box = Tmux("sleep 600", cwd=tmp_path, session_name="t", socket_name=socket, log_file=tmp_path / "log")
+        box = Tmux(
+            "sleep 600",
+            cwd=tmp_path,
+            session_name="t",
+            socket_name=socket,
+            log_file=tmp_path / "log",
+        )
         job = box.start("env", 'echo "${QAT_PROBE_TOKEN-absent} ${QAT_PROBE_SECRET-absent} $QAT_PLAIN" > probe.txt\n'
                         "sleep 300", tmp_path / "job")  # fmt: skip
         probe = tmp_path / "job" / "probe.txt"
@@ -157,7 +195,13 @@ def test_a_server_someone_else_started_with_secrets_gives_none_to_the_panes(tmp_
 def test_the_log_window_follows_the_log_file(tmp_path):
     log = tmp_path / "agent.log"
     log.write_text("first line\n")
-    box = Tmux("sleep 600", cwd=tmp_path, session_name="t", socket_name="qat-test-" + secrets.token_hex(4), log_file=log)
+    box = Tmux(
+        "sleep 600",
+        cwd=tmp_path,
+        session_name="t",
+        socket_name="qat-test-" + secrets.token_hex(4),
+        log_file=log,
+    )
     try:
         box.session()
         with open(log, "a") as sink:

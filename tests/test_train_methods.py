@@ -10,17 +10,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, TINY_GROUP, named, needs_cuda
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import DEVICES, TINY_GROUP, named, needs_cuda
 from harness import formats
 from harness.artifact import QUANT_SPEC, QUANT_WEIGHTS, load_verified
 from harness.data import load_prepared
 
-TINY_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "32", "--log-every", "1", "--warmup-steps", "2"]
+TINY_FLAGS = [
+    "--group-size",
+    str(TINY_GROUP),
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--log-every",
+    "1",
+    "--warmup-steps",
+    "2",
+]
 
 
 def train_in_process(env, monkeypatch, name, *flags):
@@ -45,7 +56,9 @@ def cfg_for(*flags):
 
 def tiny_quantized(tiny_model_dir, *flags):
     cfg = cfg_for(*flags)
-    return train.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg), cfg
+    return train.quantize_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg
+    ), cfg
 
 
 def assert_export_matches(model, cfg, tiny_model_dir, out_dir):
@@ -64,9 +77,18 @@ def assert_export_matches(model, cfg, tiny_model_dir, out_dir):
 
 def test_lambda_schedules_rise_from_fp_to_quantized():
     linear = cfg_for("--lambda-warmup", "0.5")
-    plateau = cfg_for("--lambda-warmup", "0.5", "--lambda-schedule", "plateau", "--lambda-plateaus", "4")
+    plateau = cfg_for(
+        "--lambda-warmup", "0.5", "--lambda-schedule", "plateau", "--lambda-plateaus", "4"
+    )
     assert [train.lambda_at(f, linear) for f in (0, 0.25, 0.5, 0.9)] == [0, 0.5, 1, 1]
-    assert [train.lambda_at(f, plateau) for f in (0, 0.1, 0.13, 0.3, 0.49, 0.5)] == [0, 0, 0.25, 0.5, 0.75, 1]
+    assert [train.lambda_at(f, plateau) for f in (0, 0.1, 0.13, 0.3, 0.49, 0.5)] == [
+        0,
+        0,
+        0.25,
+        0.5,
+        0.75,
+        1,
+    ]
     assert train.lambda_at(0.0, cfg_for()) == 1  # no warm-up: quantized from the first step
 
 
@@ -90,13 +112,17 @@ def test_cyclic_precision_sweeps_between_min_and_max_bits(shape):
     assert train.bits_at(3, cfg_for()) is None
 
 
-def test_switchable_precision_rotates_widths_with_their_own_norms_and_scales(harness_env, monkeypatch, tiny_model_dir):
+def test_switchable_precision_rotates_widths_with_their_own_norms_and_scales(
+    harness_env, monkeypatch, tiny_model_dir
+):
     run_dir = train_in_process(harness_env, monkeypatch, "switch", "--quant", "codebook", "--bits", "2",
                                "--switchable-bits", "2,4", "--steps", "4", "--distill-weight", "0")  # fmt: skip
     assert [row["bits"] for row in loss_rows(run_dir)] == ["2", "4", "2", "4"]
     _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     assert report.formats == {"codebook": 14}
-    model, cfg = tiny_quantized(tiny_model_dir, "--quant", "codebook", "--bits", "2", "--switchable-bits", "2,4")
+    model, cfg = tiny_quantized(
+        tiny_model_dir, "--quant", "codebook", "--bits", "2", "--switchable-bits", "2,4"
+    )
     norms = [m for m in model.modules() if isinstance(m, train.SwitchableRMSNorm)]
     assert len(norms) == 5 and set(norms[0].weights) == {"2", "4"}  # 2 per layer + the final norm
     layer = train.quant_linears(model)["model.layers.0.mlp.up_proj"]
@@ -107,7 +133,9 @@ def test_switchable_precision_rotates_widths_with_their_own_norms_and_scales(har
 
 
 def test_progressive_precision_reduces_a_lut_by_kmeans(tiny_model_dir):
-    model, _ = tiny_quantized(tiny_model_dir, "--quant", "lut", "--bits", "4", "--progressive-bits", "2")
+    model, _ = tiny_quantized(
+        tiny_model_dir, "--quant", "lut", "--bits", "4", "--progressive-bits", "2"
+    )
     layer = train.quant_linears(model)["model.layers.0.mlp.down_proj"]
     assert layer.bits == 4 and layer.export_bits == 2
     with torch.no_grad():
@@ -118,17 +146,23 @@ def test_progressive_precision_reduces_a_lut_by_kmeans(tiny_model_dir):
     new_lut = layer.qparams["2"]["lut"]
     assert new_lut.shape[-1] == 4 and formats.max_levels_per_group(weight, TINY_GROUP) <= 4
     # each new entry is a weighted mean of old entries: inside their range
-    assert (new_lut >= old_lut.amin(-1, keepdim=True) - 1e-7).all() and (new_lut <= old_lut.amax(-1, keepdim=True) + 1e-7).all()
+    assert (new_lut >= old_lut.amin(-1, keepdim=True) - 1e-7).all() and (
+        new_lut <= old_lut.amax(-1, keepdim=True) + 1e-7
+    ).all()
 
 
-def test_a_lambda_and_progressive_run_logs_both_and_verifies(harness_env, monkeypatch, tiny_model_dir):
+def test_a_lambda_and_progressive_run_logs_both_and_verifies(
+    harness_env, monkeypatch, tiny_model_dir
+):
     run_dir = train_in_process(harness_env, monkeypatch, "prog", "--quant", "lut", "--bits", "4", "--progressive-bits", "2",
                                "--progressive-at", "0.5", "--lambda-warmup", "0.5", "--steps", "4", "--distill-weight", "0")  # fmt: skip
     rows = loss_rows(run_dir)
     assert [float(r["lambda"]) for r in rows] == [0.0, 0.5, 1.0, 1.0]
     assert [r["bits"] for r in rows] == ["-", "-", "2", "2"]
     _, report = load_verified(run_dir / "artifact", tiny_model_dir)
-    spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"]["model.layers.0.mlp.up_proj"]
+    spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"][
+        "model.layers.0.mlp.up_proj"
+    ]
     assert report.formats == {"lut": 14} and spec["bits"] == 2
 
 
@@ -136,8 +170,12 @@ def test_a_cyclic_run_verifies_at_its_export_width(harness_env, monkeypatch, tin
     run_dir = train_in_process(harness_env, monkeypatch, "cyclic", "--quant", "int", "--bits", "4", "--cyclic-bits", "2-4",
                                "--cycle-steps", "4", "--steps", "4", "--distill-weight", "0")  # fmt: skip
     assert [r["bits"] for r in loss_rows(run_dir)] == ["2", "3", "4", "3"]
-    spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"]["model.layers.1.self_attn.k_proj"]
-    assert spec["bits"] == 4 and load_verified(run_dir / "artifact", tiny_model_dir)[1].formats == {"int": 14}
+    spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"][
+        "model.layers.1.self_attn.k_proj"
+    ]
+    assert spec["bits"] == 4 and load_verified(run_dir / "artifact", tiny_model_dir)[1].formats == {
+        "int": 14
+    }
 
 
 # --- distillation + top-k cache ---
@@ -147,7 +185,9 @@ def test_the_live_teacher_runs_frozen_in_the_chosen_precision(tiny_model_dir):
     cpu, ids = torch.device("cpu"), torch.arange(64)[None] * 5 % 512
     log_probs = {}
     for flag, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        teacher = train.load_teacher(tiny_model_dir, cpu, train.teacher_dtype(cpu, cfg_for("--teacher-dtype", flag)))
+        teacher = train.load_teacher(
+            tiny_model_dir, cpu, train.teacher_dtype(cpu, cfg_for("--teacher-dtype", flag))
+        )
         assert all(p.dtype == dtype and not p.requires_grad for p in teacher.parameters())
         with torch.no_grad():
             log_probs[flag] = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
@@ -164,11 +204,15 @@ def test_kd_over_all_candidates_equals_the_full_vocab_kl():
                         log_target=True, reduction="batchmean") * 4  # fmt: skip
     torch.testing.assert_close(full, expected)
     ids = torch.randperm(50).expand(2, 5, 50)
-    shuffled = train.distill_terms(student, {"ids": ids, "logits": teacher.gather(-1, ids)}, cfg)["kd"]
+    shuffled = train.distill_terms(student, {"ids": ids, "logits": teacher.gather(-1, ids)}, cfg)[
+        "kd"
+    ]
     torch.testing.assert_close(shuffled, expected)
     duplicate = torch.cat([ids, ids[..., :1]], -1)  # a -inf duplicate drops out
     logits = torch.cat([teacher.gather(-1, ids), torch.full((2, 5, 1), -torch.inf)], -1)
-    torch.testing.assert_close(train.distill_terms(student, {"ids": duplicate, "logits": logits}, cfg)["kd"], expected)
+    torch.testing.assert_close(
+        train.distill_terms(student, {"ids": duplicate, "logits": logits}, cfg)["kd"], expected
+    )
 
 
 def test_hard_top1_terms_target_the_teachers_argmax():
@@ -177,39 +221,65 @@ def test_hard_top1_terms_target_the_teachers_argmax():
     cfg = cfg_for("--hard-top1-weight", "1", "--hard-full-top1-weight", "1")
     terms = train.distill_terms(student, {"logits": teacher}, cfg)
     top = teacher.argmax(-1)
-    torch.testing.assert_close(terms["hard_top1"], F.cross_entropy(student.flatten(0, 1), top.flatten()))
+    torch.testing.assert_close(
+        terms["hard_top1"], F.cross_entropy(student.flatten(0, 1), top.flatten())
+    )
     torch.testing.assert_close(terms["hard_full_top1"], F.cross_entropy(student[:, -1], top[:, -1]))
     ids = teacher.topk(5, -1).indices  # from a cache: top-1 is the first candidate
     cached = train.distill_terms(student, {"ids": ids, "logits": teacher.gather(-1, ids)}, cfg)
-    torch.testing.assert_close(cached["hard_top1"], F.cross_entropy(student.gather(-1, ids).flatten(0, 1), torch.zeros(8, dtype=torch.long)))
+    torch.testing.assert_close(
+        cached["hard_top1"],
+        F.cross_entropy(student.gather(-1, ids).flatten(0, 1), torch.zeros(8, dtype=torch.long)),
+    )
     torch.testing.assert_close(cached["hard_full_top1"], terms["hard_full_top1"])
 
 
-def test_the_teacher_cache_round_trips_and_is_keyed_by_what_it_depends_on(harness_env, tiny_data_dir):
+def test_the_teacher_cache_round_trips_and_is_keyed_by_what_it_depends_on(
+    harness_env, tiny_data_dir
+):
     prepared = load_prepared()
     cfg = cfg_for("--teacher-cache-k", "8", "--teacher-cache-negatives", "6", "--teacher-cache-tokens", "320",
                   "--seq-len", "32", "--batch-size", "4")  # fmt: skip
     path = train.build_teacher_cache(prepared, cfg, torch.device("cpu"))
     assert path.parent == harness_env / "runs" / "cache" / "teacher"
     cache = train.load_teacher_cache(path)
-    assert cache["windows"].shape == (10, 33) and cache["ids"].shape == cache["logits"].shape == (10, 32, 14)
+    assert cache["windows"].shape == (10, 33) and cache["ids"].shape == cache["logits"].shape == (
+        10,
+        32,
+        14,
+    )
     teacher = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32)
     with torch.no_grad():
-        live = teacher(input_ids=torch.from_numpy(cache["windows"][:3, :-1].astype(np.int64))).logits
-    ids, logits = torch.from_numpy(cache["ids"][:3].astype(np.int64)), torch.from_numpy(cache["logits"][:3].astype(np.float32))
+        live = teacher(
+            input_ids=torch.from_numpy(cache["windows"][:3, :-1].astype(np.int64))
+        ).logits
+    ids, logits = (
+        torch.from_numpy(cache["ids"][:3].astype(np.int64)),
+        torch.from_numpy(cache["logits"][:3].astype(np.float32)),
+    )
     torch.testing.assert_close(logits[..., :8], live.topk(8, -1).values.half().float())
     finite = torch.isfinite(logits)
     torch.testing.assert_close(logits[finite], live.gather(-1, ids)[finite].half().float())
     assert finite[..., :8].all() and finite.float().mean() > 0.8
     stamp = (path / "logits.npy").stat().st_mtime_ns
-    assert train.build_teacher_cache(prepared, cfg, torch.device("cpu")) == path  # reused, not rebuilt
+    assert (
+        train.build_teacher_cache(prepared, cfg, torch.device("cpu")) == path
+    )  # reused, not rebuilt
     assert (path / "logits.npy").stat().st_mtime_ns == stamp
-    assert train.teacher_cache_path(prepared, cfg_for("--teacher-cache-k", "16")) != train.teacher_cache_path(prepared, cfg)
+    assert train.teacher_cache_path(
+        prepared, cfg_for("--teacher-cache-k", "16")
+    ) != train.teacher_cache_path(prepared, cfg)
     x, y, batch_teacher = train.batch_at(7, prepared.train.tokens(), cache, cfg)
     x2, _, _ = train.batch_at(7, prepared.train.tokens(), cache, cfg)
-    assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1]) and batch_teacher["ids"].shape == (4, 32, 14)
+    assert (
+        torch.equal(x, x2)
+        and torch.equal(x[:, 1:], y[:, :-1])
+        and batch_teacher["ids"].shape == (4, 32, 14)
+    )
     rows = [i for i in range(10) if np.array_equal(cache["windows"][i, :-1], x[0].numpy())]
-    assert rows and torch.equal(batch_teacher["logits"][0], torch.from_numpy(cache["logits"][rows[0]].astype(np.float32)))
+    assert rows and torch.equal(
+        batch_teacher["logits"][0], torch.from_numpy(cache["logits"][rows[0]].astype(np.float32))
+    )
 
 
 def test_batches_are_a_function_of_seed_and_step(harness_env):
@@ -222,7 +292,9 @@ def test_batches_are_a_function_of_seed_and_step(harness_env):
 
 
 def lora_layer(bits_flags=()):
-    cfg = cfg_for("--quant", "int", "--bits", "3", "--lora-rank", "4", "--lora-alpha", "8", *bits_flags)
+    cfg = cfg_for(
+        "--quant", "int", "--bits", "3", "--lora-rank", "4", "--lora-alpha", "8", *bits_flags
+    )
     torch.manual_seed(0)
     layer = train.QuantLinear(nn.Linear(48, 24), "int", 3, cfg)
     train.start_lora_stage(nn.Sequential(layer))
@@ -240,7 +312,9 @@ def test_lora_merged_and_unmerged_outputs_agree():
     torch.testing.assert_close(merged(x), unmerged, rtol=1e-5, atol=1e-5)
     assert record.spec["adapter"] == {"rank": 4, "alpha": 8.0}
     assert record.params["lora_a"].dtype == record.params["lora_b"].dtype == torch.float16
-    assert not torch.allclose(merged(x), F.linear(x, layer.quantized_weight(), layer.bias))  # the adapter matters
+    assert not torch.allclose(
+        merged(x), F.linear(x, layer.quantized_weight(), layer.bias)
+    )  # the adapter matters
 
 
 def test_lora_trains_only_the_adapters():
@@ -257,21 +331,29 @@ def test_lora_trains_only_the_adapters():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, monkeypatch, device, tiny_model_dir):
+def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(
+    harness_env, monkeypatch, device, tiny_model_dir
+):
     run_dir = train_in_process(harness_env, monkeypatch, "lora", "--device", device,
                                "--quant", "codebook", "--bits", "2", "--steps", "4",
                                "--teacher-cache-k", "8", "--teacher-cache-negatives", "8", "--teacher-cache-tokens", "640",
                                "--hard-top1-weight", "0.1", "--hard-full-top1-weight", "0.1",
                                "--lora-rank", "4", "--lora-at", "0.5", "--ema-decay", "0.5")  # fmt: skip
     adapters = load_file(run_dir / "lora.safetensors")
-    assert len(adapters) == 2 * 14 and any(t.abs().sum() > 0 for k, t in adapters.items() if k.endswith(".b"))
+    assert len(adapters) == 2 * 14 and any(
+        t.abs().sum() > 0 for k, t in adapters.items() if k.endswith(".b")
+    )
     _, report = load_verified(run_dir / "artifact", tiny_model_dir)
-    spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"]["model.layers.0.mlp.gate_proj"]
+    spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"][
+        "model.layers.0.mlp.gate_proj"
+    ]
     assert spec["adapter"] == {"rank": 4, "alpha": 16.0}
     stored = load_file(run_dir / "artifact" / QUANT_WEIGHTS)
     n_weights = report.quantized_weights
     adapter_bits = sum(16 * t.numel() for k, t in stored.items() if ".lora_" in k)
-    plain_bits = sum(8 * t.numel() * t.element_size() for k, t in stored.items() if ".lora_" not in k)
+    plain_bits = sum(
+        8 * t.numel() * t.element_size() for k, t in stored.items() if ".lora_" not in k
+    )
     assert report.bpw == pytest.approx((plain_bits + adapter_bits) / n_weights)
 
 
@@ -281,13 +363,17 @@ def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(harness_env, mo
 def test_freezing_holds_attention_ov_and_the_last_mlps(tiny_model_dir):
     model, cfg = tiny_quantized(tiny_model_dir, "--freeze-attn-ov", "1", "--freeze-last-mlps", "1")
     train.freeze_modules(model, cfg)
-    frozen = sorted(name for name, layer in train.quant_linears(model).items() if not layer.weight.requires_grad)
+    frozen = sorted(
+        name for name, layer in train.quant_linears(model).items() if not layer.weight.requires_grad
+    )
     assert frozen == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj",
                       "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj",
                       "model.layers.1.self_attn.v_proj"]  # fmt: skip
 
 
-def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_definition(tiny_model_dir, tiny_data_dir):
+def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_definition(
+    tiny_model_dir, tiny_data_dir
+):
     """train_step (compiled: one QuantizedStep call per decoder layer, for its 7 projections in two
     formats, two of them frozen) gives every parameter the gradient that --compile 0 (autograd
     through each layer's fake_quantize) gives it, after the same loss."""
@@ -300,22 +386,30 @@ def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_de
         train.freeze_modules(model, cfg)
         optimizer, trained, _ = train.make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss, _ = train.train_step(model, None, train.batch_at(0, tokens, None, cfg), optimizer, scaler, trained, cfg)
+        loss, _ = train.train_step(
+            model, None, train.batch_at(0, tokens, None, cfg), optimizer, scaler, trained, cfg
+        )
         steps.append((model, loss, trained))
     (model, loss, trained), (_, eager_loss, eager_trained) = steps
     blocks = train.layer_blocks(model)
-    assert list(blocks) == ["model.layers.0", "model.layers.1"] and all(len(layers) == 7 for layers in blocks.values())
+    assert list(blocks) == ["model.layers.0", "model.layers.1"] and all(
+        len(layers) == 7 for layers in blocks.values()
+    )
     assert all(layer.step is None for layer in train.quant_linears(model).values())
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert trained.keys() == eager_trained.keys()
     for name, p in trained.items():
-        torch.testing.assert_close(p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=named(name))
+        torch.testing.assert_close(
+            p.grad, eager_trained[name].grad, rtol=1e-4, atol=1e-6, msg=named(name)
+        )
 
 
 def assert_trains_and_exports(env, monkeypatch, tiny_model_dir, *flags):
     run_dir = train_in_process(env, monkeypatch, "run", "--steps", "3", *flags)
     rows = loss_rows(run_dir)
-    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(
+        math.isfinite(float(r["loss"])) for r in rows
+    )
     _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     assert report.formats == {"ternary": 14}
 
@@ -324,14 +418,18 @@ def assert_trains_and_exports(env, monkeypatch, tiny_model_dir, *flags):
 def test_bf16_autocast_trains_and_exports(harness_env, monkeypatch, device, tiny_model_dir):
     """--dtype bf16 is what CUDA runs by default (autocast around the step; the live teacher in
     bf16): the quantized layers' backward meets bf16 gradients and fp32 latent weights."""
-    assert_trains_and_exports(harness_env, monkeypatch, tiny_model_dir, "--device", device, "--dtype", "bf16")
+    assert_trains_and_exports(
+        harness_env, monkeypatch, tiny_model_dir, "--device", device, "--dtype", "bf16"
+    )
 
 
 @needs_cuda
 def test_fp16_trains_with_a_grad_scaler_on_cuda(harness_env, monkeypatch, tiny_model_dir):
     """fp16 autocast scales the loss (GradScaler), so every gradient, the quantized step's too,
     arrives scaled and is unscaled before clipping and the optimizer step."""
-    assert_trains_and_exports(harness_env, monkeypatch, tiny_model_dir, "--device", "cuda", "--dtype", "fp16")
+    assert_trains_and_exports(
+        harness_env, monkeypatch, tiny_model_dir, "--device", "cuda", "--dtype", "fp16"
+    )
 
 
 def test_ema_averages_and_is_what_gets_exported():
@@ -353,18 +451,27 @@ def test_resume_continues_bit_exactly(harness_env, monkeypatch, device):
              "--ema-decay", "0.9", "--lora-rank", "2", "--lora-at", "0.6", "--lora-dropout", "0.1"]  # fmt: skip
     whole = train_in_process(harness_env, monkeypatch, "whole", *flags)
     checkpoints = list((harness_env / "runs" / "cache" / "checkpoints").glob("*/step*.pt"))
-    assert [c.name for c in checkpoints] == ["step0000003.pt"]  # the final step writes the artifact instead
+    assert [c.name for c in checkpoints] == [
+        "step0000003.pt"
+    ]  # the final step writes the artifact instead
     resumed = train_in_process(harness_env, monkeypatch, "resumed", *flags, "--resume", "auto")
     assert [r["step"] for r in loss_rows(resumed)] == ["4", "5", "6"]
-    a, b = load_file(whole / "artifact" / QUANT_WEIGHTS), load_file(resumed / "artifact" / QUANT_WEIGHTS)
+    a, b = (
+        load_file(whole / "artifact" / QUANT_WEIGHTS),
+        load_file(resumed / "artifact" / QUANT_WEIGHTS),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert loss_rows(whole)[-1]["loss"] == loss_rows(resumed)[-1]["loss"]
 
 
 def test_rtn_baseline_and_no_quant_export(harness_env, monkeypatch, tiny_model_dir):
     rtn = train_in_process(harness_env, monkeypatch, "rtn", "--quant", "mxfp4", "--baseline", "rtn")
-    none = train_in_process(harness_env, monkeypatch, "none", "--quant", "none", "--steps", "1", "--distill-weight", "0")
+    none = train_in_process(
+        harness_env, monkeypatch, "none", "--quant", "none", "--steps", "1", "--distill-weight", "0"
+    )
     rtn_report = load_verified(rtn / "artifact", tiny_model_dir)[1]
-    assert rtn_report.formats == {"mxfp4": 14} and 4 + 8 / 32 < rtn_report.bpw < 4 + 8 / 16  # 48 = 32 + a short block
+    assert (
+        rtn_report.formats == {"mxfp4": 14} and 4 + 8 / 32 < rtn_report.bpw < 4 + 8 / 16
+    )  # 48 = 32 + a short block
     assert load_verified(none / "artifact", tiny_model_dir)[1].formats == {"dense": 14}
     assert math.isclose(json.loads((rtn / "train.json").read_text())["steps"], 0)

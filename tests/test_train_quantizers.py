@@ -4,28 +4,37 @@ an export the harness verifies whose forward equals the fake-quant training forw
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, TINY_GROUP, named
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import DEVICES, TINY_GROUP, named
 from harness import formats
 from harness.artifact import load_verified
 
 # (flags, levels per group the decoded weight may hold)
 METHODS = {
     "ternary": (["--quant", "ternary"], 3),
-    "ternary-deadzone-tanh": (["--quant", "ternary", "--ternary-threshold", "0.7", "--ternary-tanh", "4"], 3),
+    "ternary-deadzone-tanh": (
+        ["--quant", "ternary", "--ternary-threshold", "0.7", "--ternary-tanh", "4"],
+        3,
+    ),
     "ternary-dynamic-scale": (["--quant", "ternary", "--learn-scale", "0"], 3),
     "codebook2": (["--quant", "codebook", "--bits", "2"], 4),
     "codebook4": (["--quant", "codebook", "--bits", "4"], 16),
     "int4-symmetric": (["--quant", "int", "--bits", "4"], 16),
-    "int3-affine-per-channel": (["--quant", "int", "--bits", "3", "--int-symmetric", "0", "--group-size", "-1"], 8),
+    "int3-affine-per-channel": (
+        ["--quant", "int", "--bits", "3", "--int-symmetric", "0", "--group-size", "-1"],
+        8,
+    ),
     "log4": (["--quant", "log", "--bits", "4"], 15),
     "mxfp4": (["--quant", "mxfp4"], 15),  # +0 and -0 are one value
     "mxfp8": (["--quant", "mxfp8"], 255),
     "lut4": (["--quant", "lut", "--bits", "4"], 16),
-    "lut2-lowrank": (["--quant", "lut", "--bits", "2", "--lut-rank", "2"], None),  # levels count before the scale
+    "lut2-lowrank": (
+        ["--quant", "lut", "--bits", "2", "--lut-rank", "2"],
+        None,
+    ),  # levels count before the scale
     "int4-act-int8": (["--quant", "int", "--bits", "4", "--act-quant", "1"], 16),
 }
 
@@ -39,7 +48,9 @@ def layer_for(flags, in_features=48, out_features=24, seed=0, device="cpu"):
     torch.manual_seed(seed)
     cfg = cfg_for(*flags)
     fmt, bits = train.format_for("mlp.up_proj", cfg)
-    return train.QuantLinear(nn.Linear(in_features, out_features, bias=False, device=device), fmt, bits, cfg)
+    return train.QuantLinear(
+        nn.Linear(in_features, out_features, bias=False, device=device), fmt, bits, cfg
+    )
 
 
 def group_of(layer):
@@ -77,7 +88,10 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
     x = torch.randn(64, layer.in_features, generator=torch.Generator().manual_seed(1))
     target = torch.randn(64, layer.out_features, generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.Adam(layer.parameters(), lr=2e-2)
-    start_latent, start_quantized = layer.weight.detach().clone(), layer.quantized_weight().detach().clone()
+    start_latent, start_quantized = (
+        layer.weight.detach().clone(),
+        layer.quantized_weight().detach().clone(),
+    )
     losses = []
     for _ in range(5):
         loss = F.mse_loss(layer(x), target)
@@ -85,7 +99,9 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
         loss.backward()
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
         if layer.learn:  # learnable scales / LUT entries get a gradient through decode
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.qparams.parameters())
+            assert all(
+                p.grad is not None and p.grad.abs().sum() > 0 for p in layer.qparams.parameters()
+            )
         optimizer.step()
         losses.append(loss.item())
     assert not torch.equal(layer.weight.detach(), start_latent)
@@ -149,7 +165,9 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method, device):
     layer = layer_for(METHODS[method][0], device=device)
     layer.lam = 0.3
     x = torch.randn(6, 48, generator=torch.Generator().manual_seed(1)).to(device)
-    upstream = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(2)).to(device)
+    upstream = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(2)).to(
+        device
+    )
     step_through(layer, x, upstream)
     w = layer.weight.detach().clone().requires_grad_()
     learned = {k: v.detach().clone().requires_grad_() for k, v in layer.learned().items()}
@@ -157,7 +175,9 @@ def test_a_blended_step_gets_autograds_gradients_of_the_blend(method, device):
     (F.linear(x, weight) * upstream).sum().backward()
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-3, atol=1e-5)
     for name, p in layer.learned().items():
-        torch.testing.assert_close(p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=named(name))
+        torch.testing.assert_close(
+            p.grad, learned[name].grad, rtol=1e-4, atol=1e-6, msg=named(name)
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -165,8 +185,12 @@ def test_a_step_computes_each_weight_once_and_backward_reads_that_weight(device)
     """The step quantizes a layer's weight when it first runs and keeps it until backward: a
     second call reads the same leaf, so its .grad sums both uses, which is w's gradient
     (straight-through: no copy) and, with the codes encoded again from w, the scale's."""
-    layer = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device)
-    twice = layer_for(["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device)
+    layer = layer_for(
+        ["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device
+    )
+    twice = layer_for(
+        ["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device
+    )
     x = torch.randn(4, 64, device=device, requires_grad=True)
     expected = layer.quantized_weight()
     with train.QuantizedStep(layer) as step:
@@ -201,7 +225,9 @@ def test_float16_rounding_is_the_casts_compiled_or_not():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", METHODS)
-def test_the_export_verifies_and_computes_the_training_forward(method, device, tiny_model_dir, tmp_path):
+def test_the_export_verifies_and_computes_the_training_forward(
+    method, device, tiny_model_dir, tmp_path
+):
     """Trained on the GPU or not, the artifact is verified and evaluated on the CPU."""
     cfg = cfg_for(*METHODS[method][0])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
@@ -211,18 +237,26 @@ def test_the_export_verifies_and_computes_the_training_forward(method, device, t
     train.export(model, cfg, tiny_model_dir, tmp_path / "artifact")
     verified, report = load_verified(tmp_path / "artifact", tiny_model_dir)
     assert report.formats == {cfg.quant: 14}
-    torch.testing.assert_close(verified(input_ids=ids).logits, fake_quant_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        verified(input_ids=ids).logits, fake_quant_logits, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_ternary_deadzone_widens_the_zero_level():
-    narrow, wide = layer_for(["--quant", "ternary"]), layer_for(["--quant", "ternary", "--ternary-threshold", "0.9"])
+    narrow, wide = (
+        layer_for(["--quant", "ternary"]),
+        layer_for(["--quant", "ternary", "--ternary-threshold", "0.9"]),
+    )
     with torch.no_grad():
         zeros = [(layer.quantized_weight() == 0).float().mean().item() for layer in (narrow, wide)]
     assert zeros[1] > zeros[0] > 0
 
 
 def test_tanh_proxy_changes_gradients_not_values():
-    ste, soft = layer_for(["--quant", "ternary"]), layer_for(["--quant", "ternary", "--ternary-tanh", "3"])
+    ste, soft = (
+        layer_for(["--quant", "ternary"]),
+        layer_for(["--quant", "ternary", "--ternary-tanh", "3"]),
+    )
     x = torch.randn(8, 48)
     torch.testing.assert_close(ste(x), soft(x))
     for layer in (ste, soft):
@@ -267,7 +301,18 @@ def test_a_short_groups_lut_is_fitted_to_its_own_weights(bits):
     assert (table.diff(dim=-1) > 0).all()  # ascending, no two entries equal
 
 
-@pytest.mark.parametrize("method", ["ternary", "ternary-dynamic-scale", "codebook2", "codebook4", "int4-symmetric", "log4", "lut4"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "ternary",
+        "ternary-dynamic-scale",
+        "codebook2",
+        "codebook4",
+        "int4-symmetric",
+        "log4",
+        "lut4",
+    ],
+)
 def test_a_short_groups_parameters_are_those_of_its_own_weights(method):
     """The short last group (16 weights of a 32-wide grouping) calibrates to what the same 16
     weights give as a full group of 16."""
@@ -284,19 +329,27 @@ def test_a_short_groups_parameters_are_those_of_its_own_weights(method):
 
 def test_mx_encodings_of_known_values_match_the_spec():
     w = torch.zeros(1, 64)
-    w[0, :8] = torch.tensor([6.0, -0.5, 1.5, 3.0, 0.0, -6.0, 0.25, 5.0])  # absmax 6: shared exponent 2^0
-    w[0, 32:36] = torch.tensor([448.0, 1.0, -2.0, 2.0**-9])  # absmax 448: shared exponent 2^0 for E4M3
+    w[0, :8] = torch.tensor(
+        [6.0, -0.5, 1.5, 3.0, 0.0, -6.0, 0.25, 5.0]
+    )  # absmax 6: shared exponent 2^0
+    w[0, 32:36] = torch.tensor(
+        [448.0, 1.0, -2.0, 2.0**-9]
+    )  # absmax 448: shared exponent 2^0 for E4M3
     fp4 = train.QUANTIZERS["mxfp4"](4, 32, 64, cfg_for())
     fp8 = train.QUANTIZERS["mxfp8"](8, 32, 64, cfg_for())
     p4, p8 = fp4.calibrate(w), fp8.calibrate(w)
     assert p4["exponent"][0, 0] == 127 and p8["exponent"][0, 1] == 127
     assert p8["exponent"][0, 0] == 127 - 8 + 2  # absmax 6 -> 2^(2 - 8)
     codes4 = train.encode_weight(fp4, w, p4).long().flatten()
-    # E2M1: sign<<3 | exp<<1 | man; 0.25 is a tie between 0 and 0.5 and rounds to even (0); 5 -> 4 (tie, even)
+    # E2M1: sign<<3 | exp<<1 | man; 0.25 is a tie between 0 and 0.5 and rounds to even (0); 5 -> 4
+    # (tie, even)
     assert codes4[:8].tolist() == [0b0111, 0b1001, 0b0011, 0b0101, 0b0000, 0b1111, 0b0000, 0b0110]
     codes8 = train.encode_weight(fp8, w, p8).long().flatten()
     assert codes8[32:36].tolist() == [0x7E, 0x38, 0xC0, 0x01]  # 448, 1, -2, smallest subnormal
-    for q, p, codes in ((fp4, p4, codes4), (fp8, p8, codes8)):  # the harness's reference tables agree
+    for q, p, codes in (
+        (fp4, p4, codes4),
+        (fp8, p8, codes8),
+    ):  # the harness's reference tables agree
         table = formats.E2M1_VALUES if q.name == "mxfp4" else formats.E4M3_VALUES
         scale = torch.exp2(p["exponent"].float() - 127).repeat_interleave(32, dim=1)[0]
         decoded = train.decode_weight(q, codes.view(1, 64).float(), p).flatten()
@@ -305,14 +358,18 @@ def test_mx_encodings_of_known_values_match_the_spec():
 
 def test_mxfp4_codes_are_the_nearest_e2m1_value_ties_to_even():
     fp4 = train.QUANTIZERS["mxfp4"](4, 32, 64, cfg_for())
-    x = torch.cat([torch.linspace(-7, 7, 14_001), torch.arange(-6, 6.25, 0.25)])  # every midpoint is a tie
+    x = torch.cat(
+        [torch.linspace(-7, 7, 14_001), torch.arange(-6, 6.25, 0.25)]
+    )  # every midpoint is a tie
     codes = fp4.element_codes(x).long()
     table = formats.E2M1_VALUES.float()
     distance = (x.clamp(-6, 6).unsqueeze(1) - table).abs()
     nearest = distance == distance.min(1, keepdim=True).values
     assert nearest.gather(1, codes.unsqueeze(1)).all()  # a nearest value...
     tie = nearest.sum(1) > 1
-    assert (codes[tie & (x.abs() > 0)] % 2 == 0).all()  # ...and of two, the even code (±0 tie with each other)
+    assert (
+        codes[tie & (x.abs() > 0)] % 2 == 0
+    ).all()  # ...and of two, the even code (±0 tie with each other)
     assert torch.equal(fp4.element_values(torch.arange(16.0)), table)
 
 
@@ -326,26 +383,43 @@ def test_mx_saturates_instead_of_overflowing():
 
 def test_activation_quant_matches_the_harness_hook():
     x = torch.randn(2, 5, 48) * torch.tensor([0.01, 1, 100.0]).repeat(16)
-    torch.testing.assert_close(train.quantize_activation(x), formats.int8_token_absmax(x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        train.quantize_activation(x), formats.int8_token_absmax(x), rtol=0, atol=0
+    )
 
 
 def test_module_formats_pick_the_first_matching_rule():
-    cfg = cfg_for("--quant", "ternary", "--bits", "3", "--module-quant", "mlp=codebook:2,self_attn=int,o_proj=none,lm_head=int:8")
+    cfg = cfg_for(
+        "--quant",
+        "ternary",
+        "--bits",
+        "3",
+        "--module-quant",
+        "mlp=codebook:2,self_attn=int,o_proj=none,lm_head=int:8",
+    )
     assert train.format_for("model.layers.0.mlp.down_proj", cfg) == ("codebook", 2)
     assert train.format_for("model.layers.0.self_attn.q_proj", cfg) == ("int", 3)
-    assert train.format_for("model.layers.0.self_attn.o_proj", cfg) == ("int", 3)  # self_attn matched first
+    assert train.format_for("model.layers.0.self_attn.o_proj", cfg) == (
+        "int",
+        3,
+    )  # self_attn matched first
     assert train.format_for("lm_head", cfg) == ("int", 8)
     assert train.format_for("lm_head", cfg_for()) is None  # the head stays as stored unless named
 
 
 def test_per_module_bits_and_a_quantized_head_verify(tiny_model_dir, tmp_path):
     cfg = cfg_for("--module-quant", "mlp=codebook:2,self_attn=int:4,lm_head=int:8")
-    model = train.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+    model = train.quantize_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg
+    )
     ids = torch.arange(24)[None]
     reference = model(input_ids=ids).logits.detach()
     train.export(model, cfg, tiny_model_dir, tmp_path / "a")
     verified, report = load_verified(tmp_path / "a", tiny_model_dir)
-    assert report.formats == {"codebook": 6, "int": 9}  # 2 layers x 3 MLP, 2 x 4 attention + the head
+    assert report.formats == {
+        "codebook": 6,
+        "int": 9,
+    }  # 2 layers x 3 MLP, 2 x 4 attention + the head
     torch.testing.assert_close(verified(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -356,7 +430,9 @@ def test_quantize_model_keeps_the_weights_in_place_but_unties_a_quantized_head(t
     train.quantize_model(model, cfg_for("--module-quant", "mlp=codebook:2,lm_head=int:8"))
     after = {name: linear.weight.data_ptr() for name, linear in train.all_linears(model).items()}
     assert isinstance(model.model.layers[0].mlp.up_proj, train.QuantLinear)
-    assert {n: p for n, p in after.items() if n != "lm_head"} == {n: p for n, p in before.items() if n != "lm_head"}
+    assert {n: p for n, p in after.items() if n != "lm_head"} == {
+        n: p for n, p in before.items() if n != "lm_head"
+    }
     head = model.get_output_embeddings()
     assert isinstance(head, train.QuantLinear) and head.weight.data_ptr() != embedding.data_ptr()
     assert torch.equal(head.weight, embedding) and not model.config.tie_word_embeddings

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, default_sigint, processes_with, wait_until_gone
+from test_runner import EVAL_TOKENS, TINY_FLAGS, only_row, run
+
 from harness import integrity, results, runner
 from harness.sandbox import SANDBOX_NONE
-from test_runner import EVAL_TOKENS, TINY_FLAGS, only_row, run
 
 FAST = [*TINY_FLAGS, "--compile", "0", "--distill-weight", "0"]
 
@@ -32,7 +32,7 @@ def report(outcome) -> dict:
     """What the attack code saw from inside, printed as one `ATTACK {...}` line."""
     for line in (outcome.run_dir / "run.log").read_text().splitlines():
         if line.startswith("ATTACK "):
-            return json.loads(line[len("ATTACK "):])
+            return json.loads(line[len("ATTACK ") :])
     raise AssertionError("the attack did not report")
 
 
@@ -64,7 +64,10 @@ print("ATTACK " + json.dumps(seen), flush=True)
         if changed:  # never leave a broken checkout behind, even when the sandbox failed
             subprocess.run(["git", "checkout", "--", "harness/evaluate.py"], cwd=ROOT, check=True)
     assert not changed and not (ROOT / "sitecustomize.py").exists()
-    assert "written" not in report(outcome).values() or report(outcome)[str(ROOT / "sitecustomize.py")] == "written"
+    assert (
+        "written" not in report(outcome).values()
+        or report(outcome)[str(ROOT / "sitecustomize.py")] == "written"
+    )
     assert outcome.status == "keep" and 0 < outcome.row["val_bpb"] < 20
 
 
@@ -87,11 +90,17 @@ print("ATTACK " + json.dumps(seen), flush=True)
     outcome = run(harness_env, [*FAST, "--steps", "2"], script=hostile(harness_env, attack))
     seen = report(outcome)
     assert seen["token_bytes"] != "scaled" and sha(token_bytes) == before
-    assert not seen["eval_visible"] and not seen["wikitext_test_visible"] and "eval" not in seen["prepared_keys"]
+    assert (
+        not seen["eval_visible"]
+        and not seen["wikitext_test_visible"]
+        and "eval" not in seen["prepared_keys"]
+    )
     assert outcome.status == "keep" and 1 < outcome.row["val_bpb"] < 20
 
 
-def test_without_a_sandbox_a_changed_trusted_file_is_caught_and_stops_the_next_run(harness_env, tiny_data_dir, tmp_path_factory):
+def test_without_a_sandbox_a_changed_trusted_file_is_caught_and_stops_the_next_run(
+    harness_env, tiny_data_dir, tmp_path_factory
+):
     import shutil
 
     data = tmp_path_factory.mktemp("own-data") / "data"
@@ -100,8 +109,15 @@ def test_without_a_sandbox_a_changed_trusted_file_is_caught_and_stops_the_next_r
     integrity.write_manifest(data)
     os.environ["HARNESS_DATA_DIR"] = str(data)  # harness_env's monkeypatch restores it
     token_bytes = data / record["token_bytes"]
-    attack = f"import numpy as np\nnp.save({str(token_bytes)!r}, np.load({str(token_bytes)!r}) * 100)\n"
-    outcome = run(harness_env, [*FAST, "--steps", "1"], script=hostile(harness_env, attack), sandbox=SANDBOX_NONE)
+    attack = (
+        f"import numpy as np\nnp.save({str(token_bytes)!r}, np.load({str(token_bytes)!r}) * 100)\n"
+    )
+    outcome = run(
+        harness_env,
+        [*FAST, "--steps", "1"],
+        script=hostile(harness_env, attack),
+        sandbox=SANDBOX_NONE,
+    )
     assert outcome.status == "invalid" and "changed during the run" in outcome.reason
     assert str(token_bytes) in outcome.reason and outcome.row["val_bpb"] is None
     problem = runner.check_ready(EVAL_TOKENS, SANDBOX_NONE)
@@ -113,8 +129,15 @@ def test_the_evaluator_imports_nothing_train_py_planted_beside_the_harness(harne
     planted, marker = ROOT / "sitecustomize.py", harness_env / "imported"
     payload = f"open({str(marker)!r}, 'w').close()\n"
     attack = f"open({str(planted)!r}, 'w').write({payload!r})\n"
-    try:  # without a sandbox train.py can write the checkout: `python -I` keeps it off the evaluator's path
-        outcome = run(harness_env, [*FAST, "--steps", "1"], script=hostile(harness_env, attack), sandbox=SANDBOX_NONE)
+    # without a sandbox train.py can write the checkout: `python -I` keeps it off the evaluator's
+    # path
+    try:
+        outcome = run(
+            harness_env,
+            [*FAST, "--steps", "1"],
+            script=hostile(harness_env, attack),
+            sandbox=SANDBOX_NONE,
+        )
     finally:
         planted.unlink(missing_ok=True)
     assert outcome.status == "keep" and not marker.exists()
@@ -224,7 +247,9 @@ def test_train_py_cannot_extend_its_own_budget(harness_env):
 
 def test_work_before_the_first_step_is_capped(harness_env):
     attack = "import time\ntime.sleep(4)\n"
-    outcome = run(harness_env, [*FAST, "--steps", "1"], script=hostile(harness_env, attack), startup_seconds=2)
+    outcome = run(
+        harness_env, [*FAST, "--steps", "1"], script=hostile(harness_env, attack), startup_seconds=2
+    )
     assert outcome.status == "invalid" and outcome.reason.startswith("start-up took")
 
 
@@ -242,7 +267,9 @@ def test_a_crash_by_signal_is_named(harness_env):
     assert outcome.status == "crash" and outcome.reason == "killed by signal 9 (SIGKILL)"
 
 
-def test_endless_output_and_garbage_on_the_clock_pipe_cost_the_runner_nothing(harness_env, monkeypatch):
+def test_endless_output_and_garbage_on_the_clock_pipe_cost_the_runner_nothing(
+    harness_env, monkeypatch
+):
     monkeypatch.setattr(runner, "LOG_BYTES", 100_000)
     attack = """
 import os
@@ -252,7 +279,11 @@ for _ in range(200):
 """
     outcome = run(harness_env, [*FAST, "--steps", "2"], script=hostile(harness_env, attack))
     log = (outcome.run_dir / "run.log").read_text()
-    assert len(log) < 150_000 and "[output past 100,000 bytes not kept]" in log and "status:           keep" in log
+    assert (
+        len(log) < 150_000
+        and "[output past 100,000 bytes not kept]" in log
+        and "status:           keep" in log
+    )
     assert outcome.row["steps"] == 2 and outcome.row["train_tokens"] == 2 * 2 * 64
 
 
@@ -331,6 +362,8 @@ def test_a_stopped_runner_takes_train_py_with_it(harness_env, how):
     rows = results.read(harness_env / "results.tsv")
     if how != "SIGKILL":
         said = "SIGTERM" if how == "SIGTERM" else "Ctrl-C"
-        assert list(rows["status"]) == ["crash"] and f"interrupted ({said})" in rows.iloc[0]["config"]
+        assert (
+            list(rows["status"]) == ["crash"] and f"interrupted ({said})" in rows.iloc[0]["config"]
+        )
     if how == "SIGKILL":
         assert rows.empty  # a dead runner writes nothing; the agent reconciles its run

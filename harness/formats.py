@@ -1,13 +1,15 @@
-"""Low-bit weight formats: how codes are packed, how a weight is decoded, how many levels a group holds.
+"""Low-bit weight formats: how codes are packed, how a weight is decoded, how many levels a group
+holds.
 
-An artifact declares, for each quantized Linear, a format name and its spec (shape, group size, ...).
-The harness never takes the declaration on trust: `decode_layer` checks every stored tensor's
+An artifact declares, for each quantized Linear, a format name and its spec (shape, group size,
+...). The harness never takes the declaration on trust: `decode_layer` checks every stored tensor's
 dtype, shape and byte count against the spec, unpacks the codes, decodes the weight and then counts
 the distinct values in each group itself. A new format is one `Format` subclass in `FORMATS`.
 
 Groups run along in_features. When in_features is not a multiple of the group size the last group
-of each row is shorter (SmolLM2's hidden size 576 = 4.5 x 128). The table of formats, their spec
-keys and stored tensors is QAT-CONTRACT.md; MXFP4/MXFP8 follow the OCP Microscaling spec v1.0.
+of each row is shorter (SmolLM2's hidden size 576 = 4.5 x 128). The formats, their spec keys,
+stored tensors and decodes are written down in docs/artifact-format.md; MXFP4/MXFP8 follow the OCP
+Microscaling spec v1.0.
 
 Any quantized layer may also carry a LoRA adapter ("adapter": {"rank", "alpha"}, tensors lora_a,
 lora_b: the model computes decode + alpha/rank * lora_b @ lora_a, levels are counted on the decode
@@ -118,7 +120,8 @@ def unpack_codes(packed: torch.Tensor, n_codes: int, levels: int) -> torch.Tenso
     expected = packed_nbytes(n_codes, levels)
     if packed.numel() != expected:
         raise InvalidArtifact(
-            f"codes hold {packed.numel()} bytes; {n_codes} codes of {levels} levels pack into {expected}"
+            f"codes hold {packed.numel()} bytes; {n_codes} codes of {levels} levels "
+            f"pack into {expected}"
         )
     raw = packed.to(torch.int64)
     if levels == 3:
@@ -189,7 +192,7 @@ class Format:
     """One way of storing a Linear weight as integer codes plus a few parameters.
 
     decode = elementwise(values(codes)); the harness counts distinct `values` per group, so a
-    format whose weight carries a non-group factor (LUT with a low-rank scale) still gets counted."""
+    format whose weight carries a non-group factor (LUT with a low-rank scale) is still counted."""
 
     name: ClassVar[str]
 
@@ -207,7 +210,7 @@ class Format:
     def values(
         self, codes: torch.Tensor, params: dict[str, torch.Tensor], spec: dict
     ) -> torch.Tensor:
-        """codes (out, in) int64 -> the float32 quantized values whose levels are counted per group."""
+        """codes (out, in) int64 -> the float32 values whose levels are counted per group."""
         raise NotImplementedError
 
     def elementwise(
@@ -225,7 +228,7 @@ class Format:
         return expand_groups(per_group.float(), spec["shape"][1], self.group_size(spec))
 
 
-class GroupScaled(Format):
+class GroupScaledFormat(Format):
     """A fixed grid of code values times one float16 scale per group: value = unit(code) * s."""
 
     def params(self, spec):
@@ -240,7 +243,7 @@ class GroupScaled(Format):
         return self.unit(codes, params, spec) * self.expand(params["scale"], spec)
 
 
-class Ternary(GroupScaled):
+class TernaryFormat(GroupScaledFormat):
     """{-1, 0, +1} x s (BitNet b1.58). Codes 0, 1, 2 mean -1, 0, +1."""
 
     name = "ternary"
@@ -252,8 +255,8 @@ class Ternary(GroupScaled):
         return codes.float() - 1
 
 
-class Codebook(GroupScaled):
-    """2^k evenly spaced levels symmetric around 0 with no zero: 2-bit {-1.5, -0.5, 0.5, 1.5} x s."""
+class CodebookFormat(GroupScaledFormat):
+    """2^k evenly spaced levels symmetric around 0, no zero: 2-bit {-1.5, -0.5, 0.5, 1.5} x s."""
 
     name = "codebook"
 
@@ -261,8 +264,9 @@ class Codebook(GroupScaled):
         return codes.float() - (self.levels(spec) - 1) / 2
 
 
-class Int(GroupScaled):
-    """k-bit integers: symmetric (c - 2^(k-1)) x s, or affine (c - z) x s with a float16 zero per group."""
+class IntFormat(GroupScaledFormat):
+    """k-bit integers: symmetric (c - 2^(k-1)) x s, or affine (c - z) x s with a float16 zero
+    per group."""
 
     name = "int"
 
@@ -284,7 +288,7 @@ class Int(GroupScaled):
         return codes.float() - zero
 
 
-class Log(GroupScaled):
+class LogFormat(GroupScaledFormat):
     """Sign bit + (k-1)-bit power of two: c = sign * 2^(k-1) + m; m = 0 is zero, else
     ±2^(m - (2^(k-1) - 1)) x s, so the largest magnitude is s."""
 
@@ -300,8 +304,8 @@ class Log(GroupScaled):
         return torch.where(codes >= half, -magnitude, magnitude)
 
 
-class Microscaling(Format):
-    """OCP MX: a minifloat element per weight times a shared E8M0 exponent per block of block_size."""
+class MicroscalingFormat(Format):
+    """OCP MX: a minifloat element per weight times a shared E8M0 exponent per block."""
 
     element_values: ClassVar[torch.Tensor]
 
@@ -321,17 +325,17 @@ class Microscaling(Format):
         return elements * self.expand(e8m0_scale(params["exponent"]), spec)
 
 
-class MXFP4(Microscaling):
+class MXFP4Format(MicroscalingFormat):
     name = "mxfp4"
     element_values = E2M1_VALUES
 
 
-class MXFP8(Microscaling):
+class MXFP8Format(MicroscalingFormat):
     name = "mxfp8"
     element_values = E4M3_VALUES
 
 
-class LUT(Format):
+class LUTFormat(Format):
     """A learned float16 table of 2^k values per group: weight = lut[row, group, code], times an
     elementwise low-rank scale scale_a @ scale_b (out, r) x (r, in) when rank > 0."""
 
@@ -360,7 +364,16 @@ class LUT(Format):
 
 
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (Ternary(), Codebook(), Int(), Log(), MXFP4(), MXFP8(), LUT())
+    f.name: f
+    for f in (
+        TernaryFormat(),
+        CodebookFormat(),
+        IntFormat(),
+        LogFormat(),
+        MXFP4Format(),
+        MXFP8Format(),
+        LUTFormat(),
+    )
 }
 
 DENSE = "dense"  # a Linear kept in floating point: allowed, and it costs its stored bits
@@ -439,7 +452,8 @@ def decode_layer(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> tor
         raise InvalidArtifact(f"{name}: {err}") from None
     if set(tensors) != {"codes", *params}:
         raise InvalidArtifact(
-            f"{name}: stores {sorted(tensors)}, format {fmt.name} stores {sorted({'codes', *params})}"
+            f"{name}: stores {sorted(tensors)}, "
+            f"format {fmt.name} stores {sorted({'codes', *params})}"
         )
     for key, param in params.items():
         stored = tensors[key]

@@ -1,4 +1,5 @@
-"""Formats: packing, decodes of known values, levels counted per group, lying declarations caught."""
+"""Formats: packing, decodes of known values, levels counted per group, lying declarations
+caught."""
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ from harness.formats import (
 
 
 def random_layer(spec: dict, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Honest random codes and parameters for `spec` (which includes "shape"), as train.py hands them over."""
+    """Honest random codes and parameters for `spec` (which includes "shape"), as train.py hands
+    them over."""
     gen = torch.Generator().manual_seed(seed)
     fmt = FORMATS[spec["format"]]
     codes = torch.randint(0, fmt.levels(spec), spec["shape"], generator=gen)
@@ -110,8 +112,8 @@ def test_int_symmetric_and_affine():
         {"format": "int", "bits": 4, "symmetric": True}, [[0, 8, 15]], scale=f16([[0.5]])
     )
     assert symmetric.tolist() == [[-4.0, 0.0, 3.5]]
-    affine = decode({"format": "int", "bits": 2, "symmetric": False, "group_size": 2}, [[0, 3, 0, 3]],
-                    scale=f16([[2.0, 1.0]]), zero=f16([[1.0, 0.5]]))  # fmt: skip
+    affine_spec = {"format": "int", "bits": 2, "symmetric": False, "group_size": 2}
+    affine = decode(affine_spec, [[0, 3, 0, 3]], scale=f16([[2.0, 1.0]]), zero=f16([[1.0, 0.5]]))
     assert affine.tolist() == [[-2.0, 4.0, -0.5, 2.5]]
 
 

@@ -1,25 +1,32 @@
 """Quantization-aware training of a small language model: the one file experiments change.
 
-    python train.py                                   # ternary QAT with distillation, within the harness's budget
+    python train.py                                   # ternary QAT with distillation
     python train.py --quant codebook --bits 2         # 2-bit {-1.5,-.5,.5,1.5}*s codebook
     python train.py --module-quant "mlp=codebook:2,self_attn=int:4"   # per-module formats
-    python train.py --teacher-cache-k 32              # distil from a precomputed top-k teacher cache
-    python train.py --lora-rank 16 --lora-at 0.8      # last 20% of the budget: LoRA on frozen codes
+    python train.py --teacher-cache-k 32              # distil from a precomputed top-k cache
+    python train.py --lora-rank 16 --lora-at 0.8      # last 20% of the budget: LoRA on fixed codes
     python train.py --baseline fp                     # score the unquantized model (no training)
-    python train.py --baseline rtn                    # score the selected quantizer without training
+    python train.py --baseline rtn                    # score the chosen quantizer untrained
 
-Every UPPER_CASE setting below is a flag (LR -> --lr). Run by hand, this file hands itself to the
-harness (harness/runner.py), which runs it in a child process, verifies and scores the exported
-artifact in another, and appends the row to results.tsv. Everything here may change; harness/ and
-prepare.py may not. The artifact format each quantizer must export is in harness/formats.py.
+Every module-level UPPER_CASE name holding a number or a string is a flag (LR -> --lr), wherever
+it is defined: parse_flags() collects them when it runs. Run by hand, this file hands itself to
+the harness (harness/runner.py), which runs it in a child process, verifies and scores the
+exported artifact in another, and appends the row to results.tsv. Everything here may change;
+harness/ and prepare.py may not. The artifact format is docs/artifact-format.md; measurements
+behind the choices made here are docs/train-notes.md.
+
+What the harness, its agent and the tests rely on:
+- each setting is one line, `NAME = value  # comment` (the agent shows and edits them so);
+- main(argv) returns the exit code and starts by calling parse_flags(argv); with HARNESS_RUN_DIR
+  set it writes train.json, loss.csv and artifact/ (export()) there;
+- tests/test_train_*.py and bench/ call the functions and classes below by name.
 """
 
 import os
 import sys
 
 if __name__ == "__main__" and "HARNESS_RUN_DIR" not in os.environ:
-    # Launched by hand: let the harness run this file as its child, so that a crash or a hang
-    # still becomes a row and only harness-measured numbers are recorded.
+    # by hand: the harness runs this file as its child, so a crash or a hang still becomes a row
     from harness.runner import main_for_train_script
 
     sys.exit(main_for_train_script(sys.argv[1:]))
@@ -53,36 +60,26 @@ from harness.data import DataError, load_prepared
 # --- settings (each is also a flag: LR -> --lr, GROUP_SIZE -> --group-size) ---
 
 # what the weights become
-# format of every decoder Linear: ternary | codebook | int | log | mxfp4 | mxfp8 | lut | none
-QUANT = "ternary"
+QUANT = "ternary"  # every decoder Linear: ternary|codebook|int|log|mxfp4|mxfp8|lut|none
 BITS = 2  # bits per weight of codebook / int / log / lut (ternary and mxfp fix their own)
 GROUP_SIZE = 128  # weights per scale along in_features; -1 = one scale per output channel
-# per-module overrides, first match wins: "mlp=codebook:2,self_attn=int:4,lm_head=int:8,o_proj=none"
-MODULE_QUANT = ""
-# 1: scales/LUTs are parameters set by a calibration pass, then trained; 0: recalibrated from w
-# every step
-LEARN_SCALE = 1
-# int format: 1 = symmetric (c - 2^(k-1)) * s, 0 = affine min-max with a zero point
-INT_SYMMETRIC = 1
-TERNARY_THRESHOLD = 0.5  # ternary deadzone: |w| <= threshold * s becomes 0 (0.5 = round to nearest)
-# > 0: gradients follow a tanh staircase of this sharpness instead of the identity STE
-TERNARY_TANH = 0.0
-LUT_RANK = 0  # lut format: W = (A @ B) * LUT[idx] with A, B of this rank; 0 = no low-rank scale
+MODULE_QUANT = ""  # first match wins: "mlp=codebook:2,self_attn=int:4,lm_head=int:8,o_proj=none"
+LEARN_SCALE = 1  # 1: scales/LUTs are calibrated, then trained; 0: recalibrated from w each step
+INT_SYMMETRIC = 1  # int: 1 = symmetric (c - 2^(k-1)) * s, 0 = affine min-max with a zero point
+TERNARY_THRESHOLD = 0.5  # ternary deadzone: |w| <= threshold * s is 0 (0.5 = round to nearest)
+TERNARY_TANH = 0.0  # > 0: w's gradient follows a tanh staircase this sharp, not the identity
+LUT_RANK = 0  # lut: W = (A @ B) * LUT[idx] with A, B of this rank; 0 = no low-rank scale
 ACT_QUANT = 0  # 1: fake-quantize every quantized Linear's input per token to INT8 (absmax)
 # schedules
-# fraction of the budget over which the forward blends FP -> quantized; 0 = quantized from step 0
-LAMBDA_WARMUP = 0.0
+LAMBDA_WARMUP = 0.0  # budget fraction over which the forward blends FP -> quantized; 0 = none
 LAMBDA_SCHEDULE = "linear"  # linear | plateau (lambda rises in LAMBDA_PLATEAUS equal stairs)
 LAMBDA_PLATEAUS = 4  # stairs of the plateau schedule
-# > 0: at PROGRESSIVE_AT of the budget drop to this many bits (a LUT is reduced by k-means)
-PROGRESSIVE_BITS = 0
+PROGRESSIVE_BITS = 0  # > 0: at PROGRESSIVE_AT drop to this many bits (a LUT shrinks by k-means)
 PROGRESSIVE_AT = 0.5  # fraction of the budget where progressive precision switches
-# "2-4": cyclic precision, each step's bits follow CYCLIC_SHAPE between min and max; export at BITS
-CYCLIC_BITS = ""
+CYCLIC_BITS = ""  # "2-4": each step's bits cycle between min and max; export at BITS
 CYCLIC_SHAPE = "cosine"  # cosine | triangular
 CYCLE_STEPS = 32  # steps per precision cycle
-# "2,4": steps rotate through these widths, each with its own scales, norms and LoRA; export at BITS
-SWITCHABLE_BITS = ""
+SWITCHABLE_BITS = ""  # "2,4": steps rotate widths, each with own scales, norms, LoRA; export BITS
 # training
 BASELINE = ""  # "fp" or "rtn": export without training, recorded as a baseline row
 STEPS = 0  # cap on optimizer steps; 0 = the wall-clock budget alone decides
@@ -92,30 +89,20 @@ LR = 5e-4  # peak AdamW learning rate of the latent weights and the quantizer pa
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
 WEIGHT_DECAY = 0.0  # decay pulls latent weights to 0, which ternary maps to the 0 level
-# 1: torch.compile fake-quant and KD (the unbudgeted first step compiles; a new bit width when first
-# used); 0: eager, autograd through the fake-quant (slower, more memory)
-COMPILE = 1
-DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA only)
+COMPILE = 1  # 1: torch.compile fake-quant and KD (first step compiles); 0: eager autograd
+DTYPE = "auto"  # auto (fp32 on CPU, bf16 on CUDA/MPS) | fp32 | bf16 | fp16 (GradScaler, CUDA)
 # distillation
-DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher needed)
+DISTILL_WEIGHT = 1.0  # loss = (1 - w) * CE + w * KD; 0 trains on the text alone (no teacher)
 DISTILL_TEMP = 1.0  # softmax temperature of the KD term (scaled by T^2)
-# live teacher's precision: auto (bf16 on CUDA and on CPUs that multiply bf16 natively, else fp32) |
-# fp32 | bf16
-TEACHER_DTYPE = "auto"
-HARD_TOP1_WEIGHT = 0.0  # + CE towards the teacher's top-1 among the candidates, at every position
-# + CE over the full vocab towards the teacher's top-1 at each sequence's last position
-HARD_FULL_TOP1_WEIGHT = 0.0
-# > 0: distil from a precomputed cache of the teacher's top-k logits (no teacher in memory)
-TEACHER_CACHE_K = 0
-# random other tokens cached per position, so KD also pushes some tail mass down
-TEACHER_CACHE_NEGATIVES = 32
-# cached positions (6 bytes * (k + negatives) each); a 300 s CPU run reads ~40K
-TEACHER_CACHE_TOKENS = 65_536
-# where caches live; "" = <harness cache>/teacher (shared by runs, writable in the sandbox)
-TEACHER_CACHE_DIR = ""
+TEACHER_DTYPE = "auto"  # live teacher: auto (bf16 where matmuls run natively in it) | fp32 | bf16
+HARD_TOP1_WEIGHT = 0.0  # + CE towards the teacher's top-1 among the candidates, every position
+HARD_FULL_TOP1_WEIGHT = 0.0  # + full-vocab CE towards the teacher's top-1 at the last position
+TEACHER_CACHE_K = 0  # > 0: distil from a precomputed cache of the teacher's top-k logits
+TEACHER_CACHE_NEGATIVES = 32  # random other tokens cached per position: KD pushes tail mass down
+TEACHER_CACHE_TOKENS = 65_536  # cached positions (6 bytes * (k + negatives) each)
+TEACHER_CACHE_DIR = ""  # "" = <harness cache>/teacher (shared by runs, writable in the sandbox)
 # LoRA recovery
-# > 0: a second stage freezes the quantized weights and trains LoRA adapters of this rank
-LORA_RANK = 0
+LORA_RANK = 0  # > 0: a last stage fixes the quantized weights and trains adapters of this rank
 LORA_ALPHA = 16.0  # adapter output scale is alpha / rank
 LORA_DROPOUT = 0.0  # dropout on the adapter's input
 LORA_AT = 0.8  # fraction of the budget where the LoRA stage starts (0: LoRA only, on RTN weights)
@@ -126,20 +113,14 @@ FREEZE_LAST_MLPS = 0  # the last N layers' MLP latent weights stay fixed
 EMA_DECAY = 0.0  # > 0: export an exponential moving average of the trained parameters
 CHECKPOINT_EVERY = 0  # steps between checkpoints (model, optimizer, EMA, RNG); 0 = none
 CHECKPOINT_DIR = ""  # "" = <harness cache>/checkpoints/<hash of the training settings>
-# "auto": continue from the latest compatible checkpoint, or a path (bit-exact under --steps; a time
-# budget restarts)
-RESUME = ""
+RESUME = ""  # "auto" = latest compatible checkpoint, or a path (bit-exact under --steps)
 # bookkeeping
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
-SEED = 0
+SEED = 0  # torch's RNG (adapters, dropout), the batches and the teacher cache's windows
 DEVICE = "auto"  # auto | cpu | cuda | mps
 DESCRIPTION = ""  # one line for results.tsv
 
-SETTINGS = {
-    name: value
-    for name, value in dict(globals()).items()
-    if name.isupper() and isinstance(value, (int, float, str))
-}
+# settings that do not change what is trained: left out of the checkpoint folder's key
 NOT_TRAINING = (
     "resume",
     "description",
@@ -147,21 +128,27 @@ NOT_TRAINING = (
     "checkpoint_every",
     "checkpoint_dir",
     "device",
-)  # not in the checkpoint key
+)
+
+
+def settings() -> dict[str, int | float | str]:
+    """Every UPPER_CASE module-level number or string, by name: read when called, so a setting
+    defined anywhere in the file (or added later) is a flag all the same."""
+    return {
+        name: value
+        for name, value in globals().items()
+        if name.isupper() and isinstance(value, (int, float, str))
+    }
 
 
 def parse_flags(argv: list[str]) -> SimpleNamespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for name, default in SETTINGS.items():
+    for name, default in settings().items():
         kind = type(default)
-        parser.add_argument(
-            "--" + name.lower().replace("_", "-"),
-            type=kind,
-            default=default,
-            metavar=kind.__name__.upper(),
-        )
+        flag = "--" + name.lower().replace("_", "-")
+        parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper())
     return SimpleNamespace(**vars(parser.parse_args(argv)))
 
 
@@ -172,8 +159,7 @@ def parse_flags(argv: list[str]) -> SimpleNamespace:
 
 
 class Segment(NamedTuple):
-    """Columns of a weight that hold a whole number of groups of one width: the full groups, or a
-    short last group (576 inputs in groups of 128: 4 groups of 128, then 1 of 64)."""
+    """Columns holding whole groups of one width: the full groups, or the short last one."""
 
     groups: slice
     columns: slice
@@ -182,22 +168,19 @@ class Segment(NamedTuple):
 def segments(in_features: int, group: int) -> list[Segment]:
     full, short = divmod(in_features, group)
     parts = [Segment(slice(0, full), slice(0, full * group))] if full else []
-    return parts + (
-        [Segment(slice(full, full + 1), slice(full * group, in_features))] if short else []
-    )
+    if short:
+        parts.append(Segment(slice(full, full + 1), slice(full * group, in_features)))
+    return parts
 
 
 def grouped(x: torch.Tensor, part: Segment) -> torch.Tensor:
-    """The segment's columns of x (out, in) as (out, its groups, group width): a view. Compiled
-    loops over it run unmasked, where over a weight padded to whole groups each load was masked,
-    which made them twice as slow as their memory traffic."""
+    """The segment's columns of x (out, in) as a view (out, its groups, width): no padding, so
+    compiled loops over it need no masked loads."""
     return x[:, part.columns].unflatten(1, (part.groups.stop - part.groups.start, -1))
 
 
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Grouped segments (out, n, width) back to (out, in), contiguous: the compiler writes each
-    segment's loop straight into its columns. A strided view of a padded weight instead made the
-    matmul 14% slower."""
+    """Grouped segments back to one contiguous (out, in): the matmul reads it faster than a view."""
     return torch.cat([x.flatten(1) for x in parts], 1)
 
 
@@ -206,10 +189,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def float16_value(x: torch.Tensor) -> torch.Tensor:
-    """x.half().float() in integer arithmetic: x rounded to float16's 10 mantissa bits (to a
-    multiple of 2^-24 below its normal range), ties to even, inf beyond its max. Compiled code
-    may skip a cast to float16 and back as a no-op (Inductor 2.11 did, even when told to emulate
-    it), and then the training weight is not the one the artifact stores."""
+    """x.half().float() in integer arithmetic (ties to even, subnormals, inf beyond 65504), because
+    compiled code may drop a cast to float16 and back as a no-op."""
     bits = x.view(torch.int32)
     normal = ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
     subnormal = torch.round(x * 2.0**24) * 2.0**-24
@@ -222,29 +203,38 @@ def as_stored(p: torch.Tensor) -> torch.Tensor:
     return p + (float16_value(p) - p).detach()
 
 
-MIN_SCALE = 2.0**-14  # smallest normal float16: a scale never rounds to 0
+QUANTIZERS: dict[str, type["Quantizer"]] = {}  # format name -> class, filled as classes are defined
 
 
 class Quantizer:
-    """Base of the formats: `bits`, `group` (along in_features). Subclasses define levels,
-    calibrate (w (out, in) -> per-group params (out, n_groups)), and encode / decode, which work on
-    a segment of grouped weights (out, n, width) and the parameters of its groups (restrict)."""
+    """Base of the formats. Subclasses define calibrate (w (out, in) -> per-group params
+    (out, n_groups)), and encode / decode, which work on one segment of grouped weights
+    (out, n, width) and its groups' parameters. Options are constructor arguments, which
+    from_settings() reads from the flags."""
 
     name = ""
     learnable = True  # False: params are a function of w alone (recomputed every step)
+    has_surrogate = False  # True: w's gradient is surrogate()'s slope, not the identity (STE)
+    min_scale = 2.0**-14  # smallest normal float16: a scale never rounds to 0
 
-    def __init__(self, bits: int, group: int, in_features: int, cfg: SimpleNamespace):
-        self.bits, self.in_features, self.cfg = bits, in_features, cfg
+    def __init_subclass__(cls):
+        if cls.name:
+            QUANTIZERS[cls.name] = cls
+
+    def __init__(self, bits: int, group: int, in_features: int):
+        self.bits, self.in_features = bits, in_features
         self.group = in_features if group <= 0 else min(group, in_features)
         self.segments = segments(in_features, self.group)
+
+    @classmethod
+    def from_settings(
+        cls, bits: int, group: int, in_features: int, cfg: SimpleNamespace
+    ) -> "Quantizer":
+        return cls(bits, group, in_features)
 
     @property
     def levels(self) -> int:
         return 2**self.bits
-
-    has_surrogate = (
-        False  # True: w's gradient is surrogate()'s slope, not the identity (straight-through)
-    )
 
     def surrogate(self, w: torch.Tensor, p: dict) -> torch.Tensor:
         """A function of grouped w whose gradient replaces the identity; used when has_surrogate."""
@@ -261,7 +251,7 @@ class Quantizer:
         return per_group.unsqueeze(-1)  # (out, n_groups) -> broadcast over a group
 
     def each_group(self, w: torch.Tensor, fit) -> torch.Tensor:
-        """fit(x) -> per-group values, x (out, n, width), on each group's own weights (out, n_groups)."""
+        """fit(x) -> per-group values of x (out, n, width), on each group's own weights."""
         return torch.cat([fit(grouped(w, part)) for part in self.segments], 1)
 
     def absmax(self, w: torch.Tensor) -> torch.Tensor:
@@ -277,39 +267,37 @@ class Quantizer:
         return [(grouped(x, part), self.restrict(p, part)) for part in self.segments]
 
 
-class Ternary(Quantizer):
-    """{-1, 0, +1} * s, s = per-group absmean (BitNet b1.58); codes 0, 1, 2."""
+class TernaryQuantizer(Quantizer):
+    """{-1, 0, +1} * s, s = per-group absmean (BitNet b1.58); codes 0, 1, 2. `threshold`: the
+    deadzone |w| <= threshold * s; `tanh` > 0: the sharpness of the surrogate gradient."""
 
     name = "ternary"
     levels = 3
 
+    def __init__(self, bits, group, in_features, threshold: float = 0.5, tanh: float = 0.0):
+        super().__init__(bits, group, in_features)
+        self.threshold, self.tanh, self.has_surrogate = threshold, tanh, tanh > 0
+
+    @classmethod
+    def from_settings(cls, bits, group, in_features, cfg):
+        return cls(bits, group, in_features, cfg.ternary_threshold, cfg.ternary_tanh)
+
     def calibrate(self, w):
         absmean = self.each_group(w.abs(), lambda x: x.mean(-1))
-        return {"scale": absmean.clamp_min(MIN_SCALE)}
+        return {"scale": absmean.clamp_min(self.min_scale)}
 
     def encode(self, w, p):
-        bound = self.expand(
-            self.cfg.ternary_threshold * p["scale"]
-        )  # per group: no division per weight
-        return torch.where(
-            w > bound, 2.0, torch.where(w >= -bound, 1.0, 0.0)
-        )  # selects: summed comparisons compile to slow mask casts
+        bound = self.expand(self.threshold * p["scale"])  # per group: no division per weight
+        # selects, not summed comparisons: those compile to slow mask casts
+        return torch.where(w > bound, 2.0, torch.where(w >= -bound, 1.0, 0.0))
 
     def decode(self, codes, p):
         return (codes - 1) * self.expand(p["scale"])
 
-    @property
-    def has_surrogate(self):
-        return self.cfg.ternary_tanh > 0
-
     def surrogate(self, w, p):
         """A smooth staircase s * (tanh(k(x - t)) + tanh(k(x + t))) / 2 whose slope gives the
         weights near a threshold a stronger gradient than those far from one."""
-        s, t, k = (
-            self.expand(p["scale"].detach()),
-            self.cfg.ternary_threshold,
-            self.cfg.ternary_tanh,
-        )
+        s, t, k = self.expand(p["scale"].detach()), self.threshold, self.tanh
         x = w / s
         return s * 0.5 * (torch.tanh(k * (x - t)) + torch.tanh(k * (x + t)))
 
@@ -317,81 +305,78 @@ class Ternary(Quantizer):
         return {"group_size": super().spec()["group_size"]}
 
 
-class Codebook(Quantizer):
-    """Balanced k-bit grid (c - (2^k - 1)/2) * s: 2-bit {-1.5, -0.5, 0.5, 1.5} * s, no zero level.
-    The scale starts at the MSE-optimal clip found by Newton iterations (OCTAV, Sakr et al. 2022)."""
+class CodebookQuantizer(Quantizer):
+    """Balanced k-bit grid (c - (2^k - 1)/2) * s: 2-bit {-1.5, -0.5, 0.5, 1.5} * s, no zero
+    level. The scale starts at the MSE-optimal clip, by Newton iterations (OCTAV, Sakr 2022)."""
 
     name = "codebook"
 
     def calibrate(self, w):
         clip = self.each_group(w.abs(), self.mse_clip)
-        return {
-            "scale": (2 * clip / self.levels).clamp_min(MIN_SCALE)
-        }  # levels cells of width s span [-clip, clip]
+        # levels cells of width s span [-clip, clip]
+        return {"scale": (2 * clip / self.levels).clamp_min(self.min_scale)}
 
     def mse_clip(self, x):
-        """The MSE-optimal clip of |w| (..., n) per row, from the absmax."""
+        """The MSE-optimal clip of |w| (..., n) per row, from the absmax:
+        clip <- E[|w| ; |w| > clip] / (4^-k / 3 * P(|w| <= clip) + P(|w| > clip))."""
         clip = x.amax(-1)
-        for _ in range(
-            10
-        ):  # clip <- E[|w| ; |w| > clip] / (4^-k / 3 * P(|w| <= clip) + P(|w| > clip))
+        for _ in range(10):
             over = (x > clip.unsqueeze(-1)).float()
-            clip = (x * over).mean(-1) / (
-                (4.0**-self.bits / 3) * (1 - over).mean(-1) + over.mean(-1)
-            ).clamp_min(1e-12)
+            inside = (4.0**-self.bits / 3) * (1 - over).mean(-1)
+            clip = (x * over).mean(-1) / (inside + over.mean(-1)).clamp_min(1e-12)
         return clip
 
     def encode(self, w, p):
-        return (
-            (w * self.expand(1 / p["scale"]))
-            .add_((self.levels - 1) / 2)
-            .round_()
-            .clamp_(0, self.levels - 1)
-        )
+        codes = (w * self.expand(1 / p["scale"])).add_((self.levels - 1) / 2)
+        return codes.round_().clamp_(0, self.levels - 1)
 
     def decode(self, codes, p):
         return (codes - (self.levels - 1) / 2) * self.expand(p["scale"])
 
 
-class Int(Quantizer):
+class IntQuantizer(Quantizer):
     """k-bit integers, min-max calibrated: symmetric (c - 2^(k-1)) * s or affine (c - z) * s."""
 
     name = "int"
 
+    def __init__(self, bits, group, in_features, symmetric: bool = True):
+        super().__init__(bits, group, in_features)
+        self.symmetric = symmetric
+
+    @classmethod
+    def from_settings(cls, bits, group, in_features, cfg):
+        return cls(bits, group, in_features, bool(cfg.int_symmetric))
+
     def calibrate(self, w):
-        if self.cfg.int_symmetric:
-            return {"scale": (self.absmax(w) / (self.levels // 2 - 1)).clamp_min(MIN_SCALE)}
+        if self.symmetric:
+            return {"scale": (self.absmax(w) / (self.levels // 2 - 1)).clamp_min(self.min_scale)}
         low = self.each_group(w, lambda x: x.amin(-1)).clamp_max(0)  # the grid must hold 0 exactly
         high = self.each_group(w, lambda x: x.amax(-1)).clamp_min(0)
-        scale = ((high - low) / (self.levels - 1)).clamp_min(MIN_SCALE)
+        scale = ((high - low) / (self.levels - 1)).clamp_min(self.min_scale)
         return {"scale": scale, "zero": torch.clamp(torch.round(-low / scale), 0, self.levels - 1)}
 
     def offset(self, p):
-        return self.levels // 2 if self.cfg.int_symmetric else self.expand(round_ste(p["zero"]))
+        return self.levels // 2 if self.symmetric else self.expand(round_ste(p["zero"]))
 
     def encode(self, w, p):
-        return (
-            (w * self.expand(1 / p["scale"]))
-            .add_(self.offset(p))
-            .round_()
-            .clamp_(0, self.levels - 1)
-        )
+        codes = (w * self.expand(1 / p["scale"])).add_(self.offset(p))
+        return codes.round_().clamp_(0, self.levels - 1)
 
     def decode(self, codes, p):
         return (codes - self.offset(p)) * self.expand(p["scale"])
 
     def spec(self):
-        return {**super().spec(), "symmetric": bool(self.cfg.int_symmetric)}
+        return {**super().spec(), "symmetric": self.symmetric}
 
 
-class Log(Quantizer):
+class LogQuantizer(Quantizer):
     """Powers of two below the group's absmax s: ±s * 2^(m - M), m = 1..M = 2^(k-1) - 1, and 0.
     Code = sign_bit * 2^(k-1) + m; rounding happens in the log domain."""
 
     name = "log"
 
     def calibrate(self, w):
-        return {"scale": self.absmax(w).clamp_min(MIN_SCALE)}
+        return {"scale": self.absmax(w).clamp_min(self.min_scale)}
 
     def encode(self, w, p):
         top = self.levels // 2 - 1
@@ -403,9 +388,8 @@ class Log(Quantizer):
     def decode(self, codes, p):
         half, top = self.levels // 2, self.levels // 2 - 1
         m, negative = codes % half, codes >= half
-        magnitude = torch.where(m > 0, torch.exp2(m - top), torch.zeros_like(m)) * self.expand(
-            p["scale"]
-        )
+        magnitude = torch.where(m > 0, torch.exp2(m - top), torch.zeros_like(m))
+        magnitude = magnitude * self.expand(p["scale"])
         return torch.where(negative, -magnitude, magnitude)
 
 
@@ -415,7 +399,7 @@ def power_of_two(e8m0: torch.Tensor) -> torch.Tensor:
     return (e8m0.to(torch.int32) << 23).view(torch.float32)
 
 
-class MXFP(Quantizer):
+class MXFPQuantizer(Quantizer):
     """OCP Microscaling (MX v1.0): blocks of 32 share a power-of-two scale 2^(e - 127) stored as
     an E8M0 byte; each element is a small float (MXFP4, MXFP8 below). The shared exponent is
     floor(log2(absmax)) - emax of the element format, and elements beyond its max saturate."""
@@ -424,19 +408,17 @@ class MXFP(Quantizer):
     block = 32
     emax = 0  # exponent of the element format's largest power of two
 
-    def __init__(self, bits, group, in_features, cfg):
-        super().__init__(bits, self.block, in_features, cfg)
+    def __init__(self, bits, group, in_features):
+        super().__init__(bits, self.block, in_features)
 
     def calibrate(self, w):
         shared = torch.floor(torch.log2(self.absmax(w).clamp_min(2.0**-127))) - self.emax
-        # E8M0 reaches 2^-127, but at 2^-126 the scale and its inverse are both normal floats; only
-        # a block whose absmax is under 2^-124 (zero, in practice) would have gone lower
+        # not below 2^-126, where the scale and its inverse are both normal floats
         return {"exponent": torch.clamp(shared, -126, 126) + 127}
 
     def encode(self, w, p):
-        return self.element_codes(
-            w * power_of_two(254 - self.expand(p["exponent"]))
-        )  # w / 2^(e-127), exactly
+        # w / 2^(e-127), exactly
+        return self.element_codes(w * power_of_two(254 - self.expand(p["exponent"])))
 
     def decode(self, codes, p):
         return self.element_values(codes) * power_of_two(self.expand(p["exponent"]))
@@ -448,19 +430,16 @@ class MXFP(Quantizer):
         return {"exponent": p["exponent"].detach().to(torch.uint8).cpu()}
 
 
-class MXFP4(MXFP):
-    """E2M1 elements: sign, 2 exponent bits, 1 mantissa bit: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, codes
-    0-7 (bit 3 = sign). A magnitude's code is 2e + its rounded position in binade e (e = 0 for
-    [0, 2), 1 for [2, 4), 2 for [4, 6]), whose step is 2^(e-1). Written as comparisons and
-    products, with no selects or log2/exp2 per weight: nested selects took the compiler minutes
-    per weight shape, and per-weight transcendentals made the fused loop several times slower."""
+class MXFP4Quantizer(MXFPQuantizer):
+    """E2M1 elements ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, bit 3 the sign. A magnitude's code is 2e + its
+    rounded position in binade e (0: [0, 2), 1: [2, 4), 2: [4, 6]), whose step is 2^(e-1); as
+    comparisons and products, which compile fast and run fast."""
 
     name, levels, emax = "mxfp4", 16, 2  # 6 = 1.5 * 2^2
 
     def element_codes(self, x):
-        """Round to the nearest magnitude, a tie to the even code: round() halves to even, and the
-        position's parity is the code's. A value rounding up into the next binade (1.9 -> 4 * 0.5)
-        lands on that binade's first code all the same."""
+        """The nearest magnitude, a tie to the even code (round() halves to even, and the position's
+        parity is the code's); rounding up into the next binade lands on its first code."""
         a = x.abs().clamp_max(6)
         over_2, over_4 = (a >= 2).float(), (a >= 4).float()  # e = over_2 + over_4
         position = torch.round(a * 2 * (1 - 0.5 * over_2) * (1 - 0.5 * over_4))  # a / 2^(e-1)
@@ -471,21 +450,19 @@ class MXFP4(MXFP):
         negative = c >= 8
         m = torch.where(negative, c - 8, c)
         over_4, over_6 = (m >= 4).float(), (m >= 6).float()  # codes 4-5 are binade 1, 6-7 binade 2
-        magnitude = (
-            (m - 2 * (over_4 + over_6)) * 0.5 * (1 + over_4) * (1 + over_6)
-        )  # position * 2^(e-1)
+        position = m - 2 * (over_4 + over_6)
+        magnitude = position * 0.5 * (1 + over_4) * (1 + over_6)  # position * 2^(e-1)
         return torch.where(negative, -magnitude, magnitude)
 
 
-class MXFP8(MXFP):
+class MXFP8Quantizer(MXFPQuantizer):
     """E4M3 elements (bias 7, max 448, S.1111.111 = NaN): exactly torch.float8_e4m3fn's bits."""
 
     name, levels, emax = "mxfp8", 256, 8  # 448 = 1.75 * 2^8
 
     def element_codes(self, x):
-        return (
-            x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float()
-        )  # clamped: never NaN
+        # clamped: never NaN
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).float()
 
     def element_values(self, c):
         return c.to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -500,32 +477,35 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 12) -> torch.Tensor:
         onehot = F.one_hot(assign, k).float()
         counts = onehot.sum(-2)
         sums = (onehot * x.unsqueeze(-1)).sum(-2)
-        centroids = torch.where(
-            counts > 0, sums / counts.clamp_min(1), centroids
-        )  # an empty cluster stays put
+        # an empty cluster stays put
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
     return centroids.sort(-1).values
 
 
 def sorted_table(p: dict) -> torch.Tensor:
-    """A LUT's entries in ascending order, equal ones in their stored order (stable): the sort's
-    backward then sends each entry's gradient to the same parameter on every device, compiled or
-    not (CUDA's unstable sort did not)."""
+    """A LUT's entries in ascending order; stable, so ties get the same gradients on any device."""
     return p["lut"].sort(dim=-1, stable=True).values
 
 
-class LUT(Quantizer):
+class LUTQuantizer(Quantizer):
     """A learned table of 2^k values per group (k-means initialised): W = LUT[group, idx], or with
-    LUT_RANK > 0, W = (A @ B) * LUT[group, idx], the low-rank scale absorbing row/column magnitude."""
+    `rank` > 0, W = (A @ B) * LUT[group, idx], the low-rank scale absorbing row/column magnitude."""
 
     name = "lut"
 
+    def __init__(self, bits, group, in_features, rank: int = 0):
+        super().__init__(bits, group, in_features)
+        self.rank = rank
+
+    @classmethod
+    def from_settings(cls, bits, group, in_features, cfg):
+        return cls(bits, group, in_features, cfg.lut_rank)
+
     def low_rank(self, p, like):
         """A @ B as stored (float16), grouped like `like`; None without a low-rank scale."""
-        return (
-            (as_stored(p["scale_a"]) @ as_stored(p["scale_b"])).view(like.shape)
-            if "scale_a" in p
-            else None
-        )
+        if "scale_a" not in p:
+            return None
+        return (as_stored(p["scale_a"]) @ as_stored(p["scale_b"])).view(like.shape)
 
     def restrict(self, p, part):
         """The tables of the segment's groups, and B's columns of it (A is every column's)."""
@@ -533,22 +513,23 @@ class LUT(Quantizer):
         return {k: v[:, columns[k]] for k, v in p.items()}
 
     def calibrate(self, w):
-        params, rank = {}, self.cfg.lut_rank
-        if rank > 0:  # rank 1 from mean |w| of rows and columns; the other components start at 0
+        params = {}
+        if (
+            self.rank > 0
+        ):  # rank 1 from mean |w| of rows and columns; the other components start at 0
             magnitude = w.abs()
-            a = torch.zeros(w.shape[0], rank, device=w.device)
-            b = torch.full((rank, w.shape[1]), 0.01, device=w.device)
-            a[:, 0] = magnitude.mean(1).clamp_min(MIN_SCALE)
+            a = torch.zeros(w.shape[0], self.rank, device=w.device)
+            b = torch.full((self.rank, w.shape[1]), 0.01, device=w.device)
+            a[:, 0] = magnitude.mean(1).clamp_min(self.min_scale)
             b[0] = magnitude.mean(0) / magnitude.mean().clamp_min(1e-12)
-            params = {"scale_a": a, "scale_b": b.clamp_min(MIN_SCALE)}
+            params = {"scale_a": a, "scale_b": b.clamp_min(self.min_scale)}
             w = w / self.low_rank(params, w)
         params["lut"] = self.each_group(w, lambda x: kmeans_1d(x, self.levels))
         return params
 
     def encode(self, w, p):
-        """The nearest entry's index: how many midpoints between sorted entries lie below x. As
-        comparisons, one per midpoint, it fuses into the compiled loop over w; searchsorted did
-        not, and made a 4-bit LUT quantize ~5x slower than this."""
+        """The nearest entry's index: how many midpoints between sorted entries lie below x, as one
+        comparison per midpoint, which fuses into the compiled loop (searchsorted does not)."""
         scale = self.low_rank(p, w)
         x = w if scale is None else w / scale
         lut = sorted_table(p)
@@ -562,10 +543,16 @@ class LUT(Quantizer):
         return w if scale is None else w * scale
 
     def spec(self):
-        return {**super().spec(), "rank": self.cfg.lut_rank}
+        return {**super().spec(), "rank": self.rank}
 
     def export_params(self, p):
         return super().export_params({**p, "lut": sorted_table(p)})
+
+
+FIXED_BITS = {"ternary": 2, "mxfp4": 4, "mxfp8": 8}  # formats whose bits no schedule can change
+
+
+# --- fake quantization: decode(encode(w)) with the gradients training needs ---
 
 
 def stored_params(q: Quantizer, w: torch.Tensor, learned: dict | None) -> dict:
@@ -598,18 +585,17 @@ def decode_weight(q: Quantizer, codes: torch.Tensor, p: dict) -> torch.Tensor:
     return joined([q.decode(c, p_part) for c, p_part in q.split(codes, p)])
 
 
-def quantized(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
-    """fake_quantize's value without its gradient: the weight a training step computes with, by
-    one loop over w per segment (decode_weight(encode_weight()) would write the codes between)."""
+def fake_quant_value(q: Quantizer, w: torch.Tensor, learned: dict | None) -> torch.Tensor:
+    """fake_quantize's value without its gradient, in one loop over w per segment (no codes are
+    written in between)."""
     p = stored_params(q, w, learned)
     return joined([q.decode(q.encode(x, p_part), p_part) for x, p_part in q.split(w, p)])
 
 
 def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor) -> dict:
-    """{name: dL/dparam} for grad = dL/d(the quantized weight): decode's vjp at the forward's codes,
-    which is the gradient fake_quantize gives the parameters (its codes are constants). The codes
-    are encoded again from w, as the forward encoded them: reading w costs 4 bytes a weight where
-    codes kept from the forward cost 1, but writing those codes was a second loop over w there."""
+    """{name: dL/dparam} for grad = dL/d(the fake-quantized weight): decode's vjp at the codes,
+    which is the gradient fake_quantize gives the parameters. The codes are encoded again from w:
+    cheaper than having the forward write them."""
     codes = [q.encode(x, p_part) for x, p_part in q.split(w, stored_params(q, w, learned))]
 
     def decoded(learned):
@@ -623,7 +609,7 @@ def params_vjp(q: Quantizer, w: torch.Tensor, learned: dict, grad: torch.Tensor)
 def surrogate_vjp(
     q: Quantizer, w: torch.Tensor, learned: dict | None, grad: torch.Tensor
 ) -> torch.Tensor:
-    """dL/dw through the surrogate's slope (where fake_quantize's w gradient is not the identity)."""
+    """dL/dw through the surrogate's slope, where fake_quantize's w gradient is not the identity."""
     p = {k: v.detach() for k, v in stored_params(q, w, learned).items()}
     _, slope = torch.func.vjp(
         lambda w: joined([q.surrogate(x, p_part) for x, p_part in q.split(w, p)]), w
@@ -636,53 +622,37 @@ def blend(w: torch.Tensor, w_q: torch.Tensor, lam: float) -> torch.Tensor:
     return w_q if lam >= 1 else w + lam * (w_q - w)
 
 
-def quantize_block(quantizers: list, ws: list, learned: list) -> list[torch.Tensor]:
-    return [quantized(q, w, p) for q, w, p in zip(quantizers, ws, learned)]
+def per_block(fn):
+    """fn over a block of layers in one call (lists of its arguments, one item per layer): a
+    compiled call has a fixed cost (guards, dispatch) whatever its size."""
+    return lambda *columns: [fn(*args) for args in zip(*columns)]
 
 
-def block_params_vjp(quantizers: list, ws: list, learned: list, grads: list) -> list[dict]:
-    return [params_vjp(q, w, p, g) for q, w, p, g in zip(quantizers, ws, learned, grads)]
-
-
-def block_surrogate_vjp(
-    quantizers: list, ws: list, learned: list, grads: list
-) -> list[torch.Tensor]:
-    return [surrogate_vjp(q, w, p, g) for q, w, p, g in zip(quantizers, ws, learned, grads)]
-
-
-# Eager, fake_quantize is ~10 passes over every weight, each step; compiled, the forward is one
-# fused loop over w and the backward one over dL/dweight and w: what keeps a QAT step near an FP
-# step. One call per block of layers, not per layer: a compiled call costs ~0.1 ms (guards,
-# dispatch) whatever its size, and the 135M model has 210 Linears.
 def compiled(fn):
-    """torch.compile(fn), done at its first call: importing the compiler costs a process seconds
-    that baselines and COMPILE=0 runs need not pay."""
+    """torch.compile(fn) at its first call: baselines and COMPILE=0 never import the compiler."""
     compiled_fn = None
 
     @functools.wraps(fn)
     def call(*args):
         nonlocal compiled_fn
         if compiled_fn is None:
-            torch._dynamo.config.recompile_limit = (
-                64  # graphs per distinct block (its shapes and widths)
-            )
+            torch._dynamo.config.recompile_limit = 64  # graphs per block (its shapes and widths)
             compiled_fn = torch.compile(fn, dynamic=False)
         return compiled_fn(*args)
 
     return call
 
 
-quantize_block_compiled = compiled(quantize_block)
-block_params_vjp_compiled = compiled(block_params_vjp)
-block_surrogate_vjp_compiled = compiled(block_surrogate_vjp)
+block_fake_quant_compiled = compiled(per_block(fake_quant_value))
+block_params_vjp_compiled = compiled(per_block(params_vjp))
+block_surrogate_vjp_compiled = compiled(per_block(surrogate_vjp))
 
 
-QUANTIZERS = {q.name: q for q in (Ternary, Codebook, Int, Log, MXFP4, MXFP8, LUT)}
-FIXED_BITS = {"ternary": 2, "mxfp4": 4, "mxfp8": 8}  # formats whose bits no schedule can change
+# --- which Linear gets which format ---
 
 
 def module_formats(cfg: SimpleNamespace) -> list[tuple[str, str, int]]:
-    """MODULE_QUANT "mlp=codebook:2,lm_head=int:8" -> [(pattern, format, bits)], then the default."""
+    """MODULE_QUANT "mlp=codebook:2,lm_head=int:8" -> [(pattern, format, bits)]."""
     rules = []
     for rule in filter(None, cfg.module_quant.split(",")):
         pattern, _, fmt = rule.partition("=")
@@ -702,9 +672,6 @@ def format_for(name: str, cfg: SimpleNamespace) -> tuple[str, int] | None:
     return cfg.quant, cfg.bits
 
 
-# --- layers ---
-
-
 def parse_bits(text: str) -> list[int]:
     """ "2,4" -> [2, 4]; "2-4" -> [2, 3, 4]."""
     if "-" in text:
@@ -713,71 +680,65 @@ def parse_bits(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
+# --- layers ---
+
+
 def new_adapter(rank: int, in_features: int, out_features: int) -> nn.ParameterDict:
-    """LoRA's A (rank, in) initialised like a Linear, B (out, rank) at zero: a no-op to start from."""
+    """LoRA's A (rank, in) initialised like a Linear, B (out, rank) at zero: a no-op at first."""
     a = torch.empty(rank, in_features)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    return nn.ParameterDict(
-        {"a": nn.Parameter(a), "b": nn.Parameter(torch.zeros(out_features, rank))}
-    )
+    b = torch.zeros(out_features, rank)
+    return nn.ParameterDict({"a": nn.Parameter(a), "b": nn.Parameter(b)})
 
 
-class QuantLinear(nn.Linear):
-    """A Linear computing with its quantized weight. The straight-through estimator is applied to
-    the weight, not the output, so a step costs one matmul and the gradient reaches the latent
-    full-precision weight unchanged. Quantizer parameters are kept per bit width, so a precision
-    schedule can switch between them."""
+class QATLinear(nn.Linear):
+    """A Linear computing with its fake-quantized weight: straight-through on the weight, not the
+    output, so a step costs one matmul. Quantizer parameters are kept per bit width, for the
+    precision schedules."""
 
     def __init__(self, linear: nn.Linear, fmt: str, bits: int, cfg: SimpleNamespace):
-        super().__init__(
-            linear.in_features, linear.out_features, linear.bias is not None, device="meta"
-        )
-        self.weight, self.bias = (
-            linear.weight,
-            linear.bias,
-        )  # the Linear's own tensors: a copy would cost a model's worth of memory
+        has_bias = linear.bias is not None
+        super().__init__(linear.in_features, linear.out_features, has_bias, device="meta")
+        # the Linear's own tensors: a copy would cost a model's worth of memory
+        self.weight, self.bias = linear.weight, linear.bias
         fixed = fmt in FIXED_BITS
         self.export_bits = FIXED_BITS.get(fmt) or cfg.progressive_bits or bits
         scheduled = [*parse_bits(cfg.cyclic_bits), *parse_bits(cfg.switchable_bits)]
         widths = {self.export_bits} if fixed else {bits, self.export_bits, *scheduled}
         self.quantizers = {
-            b: QUANTIZERS[fmt](b, cfg.group_size, self.in_features, cfg) for b in sorted(widths)
+            b: QUANTIZERS[fmt].from_settings(b, cfg.group_size, self.in_features, cfg)
+            for b in sorted(widths)
         }
-        self.own_bits = self.bits = (
-            bits if not fixed else self.export_bits
-        )  # own_bits: what it trains at unscheduled
+        self.own_bits = self.bits = self.export_bits if fixed else bits  # width when unscheduled
         self.learn = cfg.learn_scale and QUANTIZERS[fmt].learnable
         self.qparams = nn.ModuleDict()
         if self.learn:
             with torch.no_grad():
                 for b, q in self.quantizers.items():
+                    calibrated = q.calibrate(self.weight)
                     self.qparams[str(b)] = nn.ParameterDict(
-                        {k: nn.Parameter(v) for k, v in q.calibrate(self.weight).items()}
+                        {k: nn.Parameter(v) for k, v in calibrated.items()}
                     )
         self.act_quant = bool(cfg.act_quant)
-        self.step = None  # the QuantizedStep computing this layer's weight, while one runs
+        self.fake_quant_step = (
+            None  # the FakeQuantStep computing this layer's weight, while one runs
+        )
         self.lam = 1.0  # blend FP -> quantized (lambda warm-up); export ignores it
         # LoRA adapters, bits -> {a, b}: one per width if precision is switchable, else one. They
         # exist from the start (b = 0, so they add nothing) and train only in the LoRA stage.
-        adapter_widths = (
-            (self.quantizers if cfg.switchable_bits else [self.export_bits])
-            if cfg.lora_rank > 0
-            else []
-        )
+        adapter_widths = []
+        if cfg.lora_rank > 0:
+            adapter_widths = self.quantizers if cfg.switchable_bits else [self.export_bits]
         adapters = {
             str(b): new_adapter(cfg.lora_rank, self.in_features, self.out_features)
             for b in adapter_widths
         }
         self.lora = nn.ModuleDict(adapters).to(self.weight.device)
         self.lora.requires_grad_(False)
-        self.lora_scale, self.lora_dropout = (
-            cfg.lora_alpha / max(cfg.lora_rank, 1),
-            nn.Dropout(cfg.lora_dropout),
-        )
-        self.lora_on, self.frozen = (
-            False,
-            {},
-        )  # frozen: bits -> quantized weight cached for the LoRA stage
+        self.lora_scale = cfg.lora_alpha / max(cfg.lora_rank, 1)
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout)
+        self.lora_on = False
+        self.fixed_weights = {}  # bits -> fake-quantized weight, fixed for the LoRA stage
 
     @property
     def quantizer(self) -> Quantizer:
@@ -792,22 +753,21 @@ class QuantLinear(nn.Linear):
         return stored_params(self.quantizer, w, self.learned())
 
     def definition(self) -> torch.Tensor:
-        """This step's weight as a function of w and the learned values, differentiable by autograd:
-        fake-quantized, blended with w while lambda < 1. QuantizedStep computes the same faster."""
-        return blend(
-            self.weight,
-            fake_quantize(self.quantizer, self.weight.float(), self.learned()),
-            self.lam,
-        )
+        """This step's weight, differentiable by autograd: fake-quantized, blended with w while
+        lambda < 1. FakeQuantStep computes the same faster."""
+        w_q = fake_quantize(self.quantizer, self.weight.float(), self.learned())
+        return blend(self.weight, w_q, self.lam)
 
     def computed_weight(self) -> torch.Tensor:
-        """The weight a forward outside a QuantizedStep computes with (with --compile 0, in eval):
-        the LoRA stage's frozen one, or the definition."""
-        return self.frozen[self.bits] if self.bits in self.frozen else self.definition()
+        """The weight a forward outside a FakeQuantStep computes with (--compile 0, eval): the
+        LoRA stage's fixed one, or the definition."""
+        if self.bits in self.fixed_weights:
+            return self.fixed_weights[self.bits]
+        return self.definition()
 
     @torch.no_grad()
-    def quantized_weight(self) -> torch.Tensor:
-        """The weight this step computes with, as a plain tensor (freezing, schedules, tests)."""
+    def fake_quant_weight(self) -> torch.Tensor:
+        """The weight this step computes with, as a plain tensor."""
         return self.computed_weight()
 
     def adapter(self) -> nn.ParameterDict | None:
@@ -816,34 +776,34 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
-            x = quantize_activation(x)
-        if self.step is not None:
-            y = self.step.linear(self, x)
+            x = fake_quantize_activation(x)
+        if self.fake_quant_step is not None:
+            y = self.fake_quant_step.linear(self, x)
         else:
             y = F.linear(x, self.computed_weight().to(x.dtype), self.bias)
         lora = self.adapter()
         if lora is not None:  # unmerged: two thin matmuls instead of re-merging every step
-            y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), as_stored(lora["a"]).to(x.dtype)),
-                                               as_stored(lora["b"]).to(x.dtype))  # fmt: skip
+            a, b = as_stored(lora["a"]).to(x.dtype), as_stored(lora["b"]).to(x.dtype)
+            y = y + self.lora_scale * F.linear(F.linear(self.lora_dropout(x), a), b)
         return y
 
-    def freeze(self) -> None:
-        """LoRA stage: the codes stop moving (fully quantized), so the quantized weight of each
-        adapter's width is computed once."""
+    def start_lora(self) -> None:
+        """This layer's part of the LoRA stage: fully quantized, its codes fixed, so each adapter
+        width's weight is computed once; only the adapters train."""
         self.weight.requires_grad_(False)
         self.qparams.requires_grad_(False)
-        training_bits, self.lam, self.frozen = self.bits, 1.0, {}
+        training_bits, self.lam, self.fixed_weights = self.bits, 1.0, {}
         with torch.no_grad():
             for key in self.lora:
                 self.bits = int(key)
-                self.frozen[self.bits] = self.quantized_weight()
+                self.fixed_weights[self.bits] = self.fake_quant_weight()
         self.bits, self.lora_on = training_bits, True
         self.lora.requires_grad_(True)
 
     def export(self) -> tuple[artifact.QuantizedLinear, nn.Linear]:
         """Codes + parameters for the artifact, and the plain Linear holding exactly what they
         decode to (plus the merged adapter)."""
-        self.bits, self.lam, self.frozen = self.export_bits, 1.0, {}
+        self.bits, self.lam, self.fixed_weights = self.export_bits, 1.0, {}
         with torch.no_grad():
             w = self.weight.float()
             p = self.params(w)
@@ -862,9 +822,8 @@ class QuantLinear(nn.Linear):
             plain.weight.copy_(weight)
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
-        return artifact.QuantizedLinear(
-            self.quantizer.name, codes.to(torch.int64).cpu(), params, spec
-        ), plain
+        codes = codes.to(torch.int64).cpu()
+        return artifact.QuantizedLinear(self.quantizer.name, codes, params, spec), plain
 
 
 class SwitchableRMSNorm(nn.Module):
@@ -895,8 +854,8 @@ def all_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def qat_linears(model: nn.Module) -> dict[str, QATLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QATLinear)}
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -904,20 +863,18 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
-    """Swap every Linear that format_for() selects for a QuantLinear (calibrating its scales),
-    and with SWITCHABLE_BITS every RMSNorm for a SwitchableRMSNorm."""
+def prepare_qat(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
+    """Swap every Linear that format_for() selects for a QATLinear (calibrating its scales), and
+    with SWITCHABLE_BITS every RMSNorm for a SwitchableRMSNorm."""
     head = model.get_output_embeddings()
     for name, linear in all_linears(model).items():
         chosen = format_for(name, cfg)
         if chosen is None:
             continue
-        if (
-            linear is head and model.config.tie_word_embeddings
-        ):  # untie: the embedding stays as stored
+        if linear is head and model.config.tie_word_embeddings:  # the embedding stays as stored
             linear = copy.deepcopy(linear)
             model.config.tie_word_embeddings = False
-        swap_module(model, name, QuantLinear(linear, *chosen, cfg))
+        swap_module(model, name, QATLinear(linear, *chosen, cfg))
     if cfg.switchable_bits:
         for name, module in list(model.named_modules()):
             if type(module).__name__.endswith("RMSNorm"):
@@ -926,94 +883,76 @@ def quantize_model(model: nn.Module, cfg: SimpleNamespace) -> nn.Module:
 
 
 def set_bits(model: nn.Module, bits: int | None) -> None:
-    """Every variable-width layer (and switchable norm) computes at `bits`; None = each at its own."""
+    """Every variable-width layer and switchable norm computes at `bits`; None = each at its own."""
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.quantizer.name not in FIXED_BITS:
+        if isinstance(m, QATLinear) and m.quantizer.name not in FIXED_BITS:
             m.bits = bits if bits in m.quantizers else m.own_bits
         elif isinstance(m, SwitchableRMSNorm) and bits is not None and str(bits) in m.weights:
             m.bits = bits
 
 
-# --- the quantized step ---
+# --- the compiled fake-quant step ---
 
 
 def add_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
     p.grad = grad if p.grad is None else p.grad + grad
 
 
-def detached_inputs(layers: list["QuantLinear"]) -> tuple[list, list, list]:
-    """(quantizers, latent weights, learned values or None) of layers without gradients: the
-    compiled block functions' arguments."""
+def detached_inputs(layers: list["QATLinear"]) -> tuple[list, list, list]:
+    """(quantizers, latent weights, learned values or None), detached: a block's arguments."""
     learned = [
         {k: v.detach() for k, v in layer.learned().items()} if layer.learn else None
         for layer in layers
     ]
-    return (
-        [layer.quantizer for layer in layers],
-        [layer.weight.detach().float() for layer in layers],
-        learned,
-    )
+    weights = [layer.weight.detach().float() for layer in layers]
+    return [layer.quantizer for layer in layers], weights, learned
 
 
-def layer_blocks(model: nn.Module) -> dict[str, list["QuantLinear"]]:
-    """The QuantLinears that compute their weight each step (not the LoRA stage's frozen ones), by
-    block: a name up to its first index ("model.layers.3"), so each decoder layer's projections are
-    one call, of a graph every layer shares."""
+def layer_blocks(model: nn.Module) -> dict[str, list["QATLinear"]]:
+    """The QATLinears that compute their weight each step (not the LoRA stage's fixed ones), by
+    block: the name up to its first index ("model.layers.3"): one compiled call a decoder layer."""
     blocks = {}
-    for name, layer in quant_linears(model).items():
-        if layer.bits not in layer.frozen:
+    for name, layer in qat_linears(model).items():
+        if layer.bits not in layer.fixed_weights:
             blocks.setdefault(re.sub(r"(\.\d+)\..*", r"\1", name), []).append(layer)
     return blocks
 
 
-class QuantizedStep:
-    """One training step's quantized weights, a block of layers (a decoder layer's projections)
-    per compiled call, computed when the block's first layer runs and given their gradients by
-    backward(), after loss.backward(). A context: on exit no layer keeps this step's weights.
-
-    Each weight is a leaf its layer's matmul reads, so autograd leaves dL/dweight in its .grad, and
-    backward() runs no quantizer: w's gradient is dL/dweight itself (straight-through, or the
-    surrogate's slope), the learned parameters' one pass over dL/dweight and w. The weights stay
-    to the end of the step: 4 bytes a weight, 0.43 GB for the 135M model. Freeing each after its
-    forward matmul and decoding it again from codes kept in 2-4 bits took less memory, but the
-    decode, the saved-tensor hooks and writing the codes (a second loop over w) made the step
-    1.06-1.08x an FP step, where this one is ~1.03x. Freeing each as its gradient arrived (a
-    post-accumulate-grad hook) lowered the peak over the first steps only: by the tenth, glibc's
-    heap had grown as far (4.0 GB, FP 3.5), and backward was ~60 ms slower. Per block, not per
-    layer: a compiled call costs ~0.1 ms (guards, dispatch) whatever its size, and the 135M model
-    has 210 Linears (per layer its CPU step was 1.08x an FP step, per block 1.04x)."""
+class FakeQuantStep:
+    """One training step's fake-quantized weights: one compiled call per block of layers when its
+    first layer runs; backward(), after loss.backward(), gives w and the learned parameters their
+    gradients. Each weight is a leaf its matmul reads, so autograd leaves dL/dweight in its .grad:
+    w's gradient is that (straight-through, or the surrogate's slope), the parameters' one more
+    pass over it and w. A context: on exit no layer keeps this step's weights."""
 
     def __init__(self, model: nn.Module):
         self.blocks = list(layer_blocks(model).values())
         self.block_of = {layer: layers for layers in self.blocks for layer in layers}
-        self.weights: dict[QuantLinear, torch.Tensor] = {}  # the leaves whose .grad is dL/dweight
+        self.weights: dict[QATLinear, torch.Tensor] = {}  # the leaves whose .grad is dL/dweight
 
-    def linear(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def linear(self, layer: "QATLinear", x: torch.Tensor) -> torch.Tensor:
         if layer not in self.weights:
-            self.quantize(self.block_of[layer])
+            self.compute(self.block_of[layer])
         return F.linear(x, self.weights[layer].to(x.dtype), layer.bias)
 
-    def quantize(self, layers: list["QuantLinear"]) -> None:
+    def compute(self, layers: list["QATLinear"]) -> None:
         with torch.no_grad(), torch.autocast(layers[0].weight.device.type, enabled=False):
-            weights = quantize_block_compiled(*detached_inputs(layers))
+            weights = block_fake_quant_compiled(*detached_inputs(layers))
         for layer, w_q in zip(layers, weights):
             trains = layer.weight.requires_grad or layer.learn
-            self.weights[layer] = blend(layer.weight.detach(), w_q, layer.lam).requires_grad_(
-                trains
-            )
+            weight = blend(layer.weight.detach(), w_q, layer.lam)
+            self.weights[layer] = weight.requires_grad_(trains)
 
     def backward(self) -> None:
         """The latent weights' and the learned parameters' gradients from the dL/dweight that
-        loss.backward() left, as autograd gets them through QuantLinear.definition()."""
+        loss.backward() left, as autograd gets them through QATLinear.definition()."""
         for layers in self.blocks:
-            grad = {
-                layer: self.weights[layer].grad for layer in layers if layer in self.weights
-            }  # dL/dweight
+            grad = {layer: self.weights[layer].grad for layer in layers if layer in self.weights}
             layers = [layer for layer in layers if grad.get(layer) is not None]
-            grad_q = {
+            grad_q = {  # dL/dq(w)
                 layer: grad[layer] if layer.lam >= 1 else layer.lam * grad[layer]
                 for layer in layers
-            }  # dL/dq(w)
+            }
             learners = [layer for layer in layers if layer.learn]
             if learners:
                 vjps = block_params_vjp_compiled(
@@ -1033,22 +972,22 @@ class QuantizedStep:
             for layer in trained:
                 add_grad(layer.weight, grad[layer].to(layer.weight.dtype))
 
-    def __enter__(self) -> "QuantizedStep":
+    def __enter__(self) -> "FakeQuantStep":
         for layer in self.block_of:
-            layer.step = self
+            layer.fake_quant_step = self
         return self
 
     def __exit__(self, *exc) -> None:
         for layer in self.block_of:
-            layer.step = None
+            layer.fake_quant_step = None
         self.weights = {}
 
 
 # --- activation quantization ---
 
 
-def quantize_activation(x: torch.Tensor) -> torch.Tensor:
-    """Per-token absmax INT8 with a straight-through gradient: s = max|x| / 127 over the last dim."""
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax INT8, straight-through gradient: s = max|x| / 127 over the last dim."""
     scale = (x.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
     return x + (torch.clamp(torch.round(x.detach() / scale), -127, 127) * scale - x.detach())
 
@@ -1057,9 +996,7 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_dtype(device: torch.device, cfg: SimpleNamespace) -> torch.dtype:
-    """bf16 where matmuls run natively in it. On the 2-core Zen 4 CPU of the README's bench the
-    135M teacher's forward takes 0.56 s in bf16 against 1.08 s in fp32, and its distribution moves
-    by KL(fp32 || bf16) = 0.001 nats per token (top-1 agreement 96.5%)."""
+    """bf16 where matmuls run natively in it: about twice as fast, the distribution barely moved."""
     if cfg.teacher_dtype == "auto":
         native = device.type == "cuda" or (
             device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -1081,26 +1018,20 @@ def kl_to_teacher(s_logits: torch.Tensor, t_logits: torch.Tensor, temp: float) -
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temp**2
 
 
-# Over a 49K vocabulary, eager KL is ~8 passes over the logits forward and backward; compiled, the
-# softmaxes, the KL and its gradient fuse into a few row-wise loops.
+# compiled, the softmaxes, the KL and its gradient fuse into a few row-wise loops over the vocab
 kl_to_teacher_compiled = compiled(kl_to_teacher)
 
 
 def distill_terms(
     logits: torch.Tensor, teacher: dict, cfg: SimpleNamespace
 ) -> dict[str, torch.Tensor]:
-    """KD terms. `teacher` holds either full-vocab "logits" (a live teacher) or, from the cache,
-    "ids" (B, T, C) of candidate tokens with their "logits"; both distributions are then taken over
-    the candidates (cached duplicates carry -inf and drop out)."""
+    """KD terms. `teacher` holds full-vocab "logits" (live), or "ids" (B, T, C) of candidates with
+    their "logits" (cache): then both distributions are over the candidates (a -inf drops out)."""
     ids, t_logits, s_logits = teacher.get("ids"), teacher["logits"].float(), logits.float()
-    if (
-        ids is not None
-    ):  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps the KL finite
+    if ids is not None:  # a duplicate (-inf) gets probability 0 on both sides; -1e4 keeps KL finite
         dropped = torch.isinf(t_logits)
-        t_logits, s_logits = (
-            t_logits.masked_fill(dropped, -1e4),
-            s_logits.gather(-1, ids).masked_fill(dropped, -1e4),
-        )
+        t_logits = t_logits.masked_fill(dropped, -1e4)
+        s_logits = s_logits.gather(-1, ids).masked_fill(dropped, -1e4)
     kl = kl_to_teacher_compiled if cfg.compile else kl_to_teacher
     terms = {"kd": kl(s_logits, t_logits, cfg.distill_temp)}
     top = t_logits.argmax(-1)  # candidate index of the teacher's top-1
@@ -1114,17 +1045,19 @@ def distill_terms(
 
 def teacher_cache_path(prepared, cfg: SimpleNamespace) -> Path:
     """A cache is keyed by everything it depends on: the model, the training tokens, the shape."""
-    config = (prepared.model_dir / "config.json").read_bytes()
-    key = (f"{prepared.model_name}-{hashlib.sha256(config).hexdigest()[:8]}-{prepared.train.meta['sha256'][:12]}"
-           f"-T{cfg.seq_len}-k{cfg.teacher_cache_k}-n{cfg.teacher_cache_negatives}-{cfg.teacher_cache_tokens}tok-s{cfg.seed}")  # fmt: skip
+    config = hashlib.sha256((prepared.model_dir / "config.json").read_bytes()).hexdigest()[:8]
+    shape = (
+        f"T{cfg.seq_len}-k{cfg.teacher_cache_k}-n{cfg.teacher_cache_negatives}"
+        f"-{cfg.teacher_cache_tokens}tok-s{cfg.seed}"
+    )
+    key = f"{prepared.model_name}-{config}-{prepared.train.meta['sha256'][:12]}-{shape}"
     root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else paths.cache_dir() / "teacher"
     return root / key
 
 
 def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) -> Path:
-    """Run the teacher once over TEACHER_CACHE_TOKENS positions (random windows, fixed by the
-    seed) and keep each position's top-k logits plus a few random negatives. Written to a temp
-    folder and renamed, so a half-built cache is never used."""
+    """The teacher's top-k logits plus random negatives at TEACHER_CACHE_TOKENS positions (windows
+    fixed by the seed), built once; written to a temp folder and renamed, never half-built."""
     path = teacher_cache_path(prepared, cfg)
     if (path / "logits.npy").exists():
         return path
@@ -1133,9 +1066,7 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
     rng = np.random.default_rng(cfg.seed)
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=n_windows)
     windows = tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
-    teacher = load_teacher(
-        prepared.model_dir, device, torch.float32
-    )  # cached logits at full precision
+    teacher = load_teacher(prepared.model_dir, device, torch.float32)  # cached at full precision
     k, n_neg = cfg.teacher_cache_k, cfg.teacher_cache_negatives
     generator = torch.Generator().manual_seed(cfg.seed)
     all_ids, all_logits = [], []
@@ -1148,9 +1079,8 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
         ids = torch.cat([top.indices, negatives], -1)
         values = logits.gather(-1, ids)
         duplicate = (negatives.unsqueeze(-1) == top.indices.unsqueeze(-2)).any(-1)
-        duplicate |= torch.triu(
-            (negatives.unsqueeze(-1) == negatives.unsqueeze(-2)), diagonal=1
-        ).any(-2)
+        repeated = negatives.unsqueeze(-1) == negatives.unsqueeze(-2)
+        duplicate |= torch.triu(repeated, diagonal=1).any(-2)
         values[..., k:] = values[..., k:].masked_fill(duplicate, -torch.inf)
         all_ids.append(ids.to(torch.int32).numpy())
         all_logits.append(values.half().numpy())
@@ -1165,28 +1095,31 @@ def build_teacher_cache(prepared, cfg: SimpleNamespace, device: torch.device) ->
 
 
 def load_teacher_cache(path: Path) -> dict[str, np.ndarray]:
-    return {
-        name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("windows", "ids", "logits")
-    }
+    names = ("windows", "ids", "logits")
+    return {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in names}
 
 
-def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNamespace,
-             device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
-    """The batch of step `step` on `device`, a pure function of (seed, step): a resumed run draws
-    exactly the batches the uninterrupted one would have. With a teacher cache, windows come from
-    the cache."""
+def batch_at(
+    step: int,
+    tokens: np.ndarray,
+    cache: dict | None,
+    cfg: SimpleNamespace,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The batch of step `step`, a pure function of (seed, step), so a resumed run draws the same
+    batches; with a teacher cache, its windows."""
     rng = np.random.default_rng([cfg.seed, step])
     if cache is not None:
         rows = np.sort(rng.integers(0, len(cache["windows"]), size=cfg.batch_size))
         window = torch.from_numpy(cache["windows"][rows].astype(np.int64))
-        teacher = {"ids": torch.from_numpy(cache["ids"][rows].astype(np.int64)),
-                   "logits": torch.from_numpy(cache["logits"][rows].astype(np.float32))}  # fmt: skip
+        teacher = {
+            "ids": torch.from_numpy(cache["ids"][rows].astype(np.int64)),
+            "logits": torch.from_numpy(cache["logits"][rows].astype(np.float32)),
+        }
     else:
         starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
-        window = torch.from_numpy(
-            tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
-        )
-        teacher = {}
+        window = tokens[starts[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int64)
+        window, teacher = torch.from_numpy(window), {}
     window = window.to(device)
     return window[:, :-1], window[:, 1:], {k: v.to(device) for k, v in teacher.items()}
 
@@ -1195,16 +1128,20 @@ def batch_at(step: int, tokens: np.ndarray, cache: dict | None, cfg: SimpleNames
 
 
 def start_lora_stage(model: nn.Module) -> None:
-    """Freeze every quantized weight and its parameters; only the adapters train from here on."""
+    """Fix every quantized weight and its parameters; only the adapters train from here on."""
     model.requires_grad_(False)
-    for layer in quant_linears(model).values():
-        layer.freeze()
+    for layer in qat_linears(model).values():
+        layer.start_lora()
 
 
 def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters alone (float16, as the artifact stores them): a small file to ship or reload."""
-    return {f"{name}.lora.{bits}.{key}": p.detach().half().cpu().contiguous()
-            for name, layer in quant_linears(model).items() for bits, pd in layer.lora.items() for key, p in pd.items()}  # fmt: skip
+    return {
+        f"{name}.lora.{bits}.{key}": p.detach().half().cpu().contiguous()
+        for name, layer in qat_linears(model).items()
+        for bits, adapter in layer.lora.items()
+        for key, p in adapter.items()
+    }
 
 
 # --- schedules (lambda / cyclic / progressive) ---
@@ -1236,23 +1173,22 @@ def bits_at(step: int, cfg: SimpleNamespace) -> int | None:
     if cfg.cyclic_bits:
         low, high = min(parse_bits(cfg.cyclic_bits)), max(parse_bits(cfg.cyclic_bits))
         phase = (step % cfg.cycle_steps) / cfg.cycle_steps
-        shape = (
-            0.5 * (1 - math.cos(2 * math.pi * phase))
-            if cfg.cyclic_shape == "cosine"
-            else 1 - abs(2 * phase - 1)
-        )
+        if cfg.cyclic_shape == "cosine":
+            shape = 0.5 * (1 - math.cos(2 * math.pi * phase))
+        else:
+            shape = 1 - abs(2 * phase - 1)
         return round(low + (high - low) * shape)
     return None
 
 
 def start_progressive_stage(model: nn.Module) -> None:
     """Continue at each layer's final width, its parameters re-calibrated on the current quantized
-    weight: for a LUT this is k-means of the 2^k old entries (weighted by use) down to the new size."""
-    for layer in quant_linears(model).values():
+    weight: for a LUT, k-means of the 2^k old entries (weighted by use) down to the new size."""
+    for layer in qat_linears(model).values():
         if not layer.learn or str(layer.export_bits) not in layer.qparams:
             continue
         with torch.no_grad():
-            current = layer.quantized_weight().float()
+            current = layer.fake_quant_weight().float()
             fresh = layer.quantizers[layer.export_bits].calibrate(current)
             for key, value in layer.qparams[str(layer.export_bits)].items():
                 value.copy_(fresh[key])
@@ -1261,11 +1197,11 @@ def start_progressive_stage(model: nn.Module) -> None:
 # --- stabilizers + checkpoints ---
 
 
-def freeze_modules(model: nn.Module, cfg: SimpleNamespace) -> None:
-    """Hold some latent weights fixed (they are still quantized): attention's v/o projections
-    are where low-bit training tends to diverge first; the last MLPs shape the output most."""
+def freeze_weights(model: nn.Module, cfg: SimpleNamespace) -> None:
+    """FREEZE_ATTN_OV / FREEZE_LAST_MLPS: hold latent weights fixed (still quantized) where low-bit
+    training tends to diverge first (attention v/o) or that shape the output most (last MLPs)."""
     n_layers = model.config.num_hidden_layers
-    for name, layer in quant_linears(model).items():
+    for name, layer in qat_linears(model).items():
         frozen_ov = cfg.freeze_attn_ov and (name.endswith("v_proj") or name.endswith("o_proj"))
         index = next((int(part) for part in name.split(".") if part.isdigit()), -1)
         frozen_mlp = ".mlp." in name and index >= n_layers - cfg.freeze_last_mlps
@@ -1292,8 +1228,7 @@ class EMA:
 
 
 def checkpoint_dir(cfg: SimpleNamespace) -> Path:
-    """Checkpoints of runs with the same training settings share a folder: that is what makes
-    one "compatible" for --resume auto."""
+    """Runs with the same training settings share a folder: --resume auto's "compatible"."""
     if cfg.checkpoint_dir:
         return Path(cfg.checkpoint_dir)
     key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in NOT_TRAINING})
@@ -1324,9 +1259,8 @@ def find_checkpoint(cfg: SimpleNamespace) -> Path | None:
 
 
 def keep_freed_memory() -> None:
-    """Have glibc's malloc keep what a step frees for the next step. By default it hands buffers
-    over 32 MB (logits and their gradients) and the heap's free top back to the kernel, and each
-    CPU step page-faults ~1 GB in again: a fifth of a step's time, and most of its jitter."""
+    """Have glibc's malloc keep what a step frees for the next one, rather than hand large buffers
+    back to the kernel and page-fault them in again every step."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
@@ -1347,8 +1281,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, cfg: SimpleNamespace) -> torch.dtype | None:
-    """fp32 on CPU, where runs are compared (--dtype bf16 is faster on a CPU that multiplies bf16
-    natively, slower on one that emulates it); bf16 autocast on CUDA/MPS."""
+    """fp32 on CPU, where runs are compared; bf16 autocast on CUDA/MPS."""
     if cfg.dtype == "auto":
         return None if device.type == "cpu" else torch.bfloat16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
@@ -1361,10 +1294,7 @@ class LossIsNotFinite(Exception):
 def make_optimizer(
     model: nn.Module, cfg: SimpleNamespace
 ) -> tuple[torch.optim.Optimizer, dict, "EMA | None"]:
-    """AdamW (and an EMA) over whatever currently requires grad: a new stage gets a fresh pair.
-    Fused: one kernel per tensor. PyTorch's default on CPU is a Python loop of ~6 ops per tensor,
-    0.30 s of the 135M model's ~2.8 s CPU step against 0.08 s fused, and a QAT model's 210 scale
-    tensors cost that loop 0.02 s more."""
+    """Fused AdamW (one kernel per tensor) and an EMA over what requires grad; fresh per stage."""
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
         trained.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True
@@ -1372,28 +1302,19 @@ def make_optimizer(
     return optimizer, trained, EMA(trained, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
 
-def begin_lora_stage(model: nn.Module, ema: "EMA | None", cfg: SimpleNamespace) -> tuple:
-    if ema is not None:
-        ema.copy_to_model()  # freeze the averaged weights, not the last step's
-    start_lora_stage(model)
-    return make_optimizer(model, cfg)
-
-
 def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> tuple[int, tuple]:
     """Load everything a bit-exact continuation needs. Batches need no state: batch_at(step)."""
     state = torch.load(path, map_location=device, weights_only=False)
     stage.update(state["stage"])
     model.load_state_dict(state["model"])
-    if stage["lora"]:  # after loading: the cached quantized weights come from the restored latents
+    if stage["lora"]:  # after loading: the fixed weights come from the restored latents
         start_lora_stage(model)
     optimizer, trained, ema = make_optimizer(model, cfg)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.shadow = state["ema"]
-    torch.set_rng_state(
-        state["rng"]["torch"].cpu()
-    )  # map_location moved them, and an RNG state is a CPU tensor
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # an RNG state is a CPU tensor
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
     print(f"resumed from {path} at step {state['step']}")
@@ -1401,16 +1322,14 @@ def restore_checkpoint(path: Path, model, scaler, stage: dict, cfg, device) -> t
 
 
 def compute_loss(model, teacher, x, y, teacher_out: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training loss, plain cross-entropy) of one batch. The teacher's logits come from the live
-    teacher, or arrive in teacher_out from the cache; without either the loss is the CE."""
+    """(training loss, plain CE) of a batch; the teacher's logits are live or in teacher_out."""
     logits = model(input_ids=x).logits
     if teacher is not None:
         with torch.no_grad():
             teacher_out = {"logits": teacher(input_ids=x).logits}
     kd_weight = cfg.distill_weight if teacher_out else 0.0
-    with torch.set_grad_enabled(
-        torch.is_grad_enabled() and kd_weight < 1
-    ):  # at weight 1 the CE is only logged
+    # at weight 1 the CE is only logged
+    with torch.set_grad_enabled(torch.is_grad_enabled() and kd_weight < 1):
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     if not teacher_out:
         return ce, ce
@@ -1425,18 +1344,16 @@ def compute_loss(model, teacher, x, y, teacher_out: dict, cfg) -> tuple[torch.Te
 def train_step(
     model, teacher, batch: tuple, optimizer, scaler, trained: dict, cfg
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on batch = (x, y, teacher_out); returns (loss, ce). The quantized weights
-    are computed once for the step (QuantizedStep; with --compile 0 each layer differentiates its
-    definition), the loss under autocast where autocast_dtype() asks for it."""
+    """One optimizer step on batch = (x, y, teacher_out) -> (loss, ce): fake-quantized weights by a
+    FakeQuantStep (--compile 0: autograd through each layer's definition), autocast as asked."""
     x, y, teacher_out = batch
     dtype = autocast_dtype(x.device, cfg)
-    optimizer.zero_grad(
-        set_to_none=True
-    )  # before the forward, whose activations can take the memory
-    with QuantizedStep(model) if cfg.compile else contextlib.nullcontext() as weights:
-        with torch.autocast(
+    optimizer.zero_grad(set_to_none=True)  # before the forward, whose activations need the memory
+    with FakeQuantStep(model) if cfg.compile else contextlib.nullcontext() as weights:
+        autocast = torch.autocast(
             x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
-        ):
+        )
+        with autocast:
             loss, ce = compute_loss(model, teacher, x, y, teacher_out, cfg)
         if not torch.isfinite(loss):
             raise LossIsNotFinite(f"loss is {loss.item()}")
@@ -1455,17 +1372,15 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
     budget = Budget.from_env(max_steps=cfg.steps or None)
     tokens = prepared.train.tokens()
     if len(tokens) <= cfg.seq_len + 1:
-        raise DataError(
-            f"{len(tokens)} training tokens cannot fill one window of {cfg.seq_len + 1}"
-        )
+        window = cfg.seq_len + 1
+        raise DataError(f"{len(tokens)} training tokens cannot fill one window of {window}")
     cache = None
     if cfg.teacher_cache_k and cfg.distill_weight > 0:
         cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device))
     dtype = autocast_dtype(device, cfg)
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=dtype == torch.float16 and device.type == "cuda"
-    )
-    freeze_modules(model, cfg)
+    fp16_scaled = dtype == torch.float16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16_scaled)
+    freeze_weights(model, cfg)
     stage = {"lora": cfg.lora_rank > 0 and cfg.lora_at <= 0, "progressive": False}
     if stage["lora"]:
         start_lora_stage(model)
@@ -1480,13 +1395,8 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
 
     log = open(run_dir / "loss.csv", "w")
     log.write("step,loss,ce,lr,lambda,bits,tokens_per_s,train_seconds\n")
-    bar = tqdm(
-        total=100,
-        desc="train",
-        unit="%",
-        mininterval=2.0,
-        bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}{postfix}]",
-    )
+    bar_format = "{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}{postfix}]"
+    bar = tqdm(total=100, desc="train", unit="%", mininterval=2.0, bar_format=bar_format)
     model.train()
     window_started, window_tokens = time.perf_counter(), 0
     while not budget.done():
@@ -1495,12 +1405,15 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             start_progressive_stage(model)
             stage["progressive"] = True
         if cfg.lora_rank > 0 and not stage["lora"] and fraction >= cfg.lora_at:
-            optimizer, trained, ema = begin_lora_stage(model, ema, cfg)
+            if ema is not None:
+                ema.copy_to_model()  # fix the averaged weights, not the last step's
+            start_lora_stage(model)
+            optimizer, trained, ema = make_optimizer(model, cfg)
             stage["lora"] = True
         lam = lambda_at(fraction, cfg)
         bits = cfg.progressive_bits if stage["progressive"] else bits_at(step, cfg)
         set_bits(model, bits)
-        for layer in quant_linears(model).values():
+        for layer in qat_linears(model).values():
             layer.lam = lam
         lr = lr_at(step, fraction, cfg)
         for group in optimizer.param_groups:
@@ -1523,21 +1436,34 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         bar.update(0)
         if step % cfg.log_every == 0 or step == 1:
             shown_bits = bits if bits is not None else "-"
-            print(f"step {step:5d} | loss {loss.item():.4f} | ce {ce.item():.4f} | lr {lr:.2e} | lambda {lam:.2f} | "
-                  f"bits {shown_bits} | {rate:,.0f} tok/s | {budget.elapsed:.0f}/{budget.seconds:.0f} s", flush=True)  # fmt: skip
-            log.write(f"{step},{loss.item():.6f},{ce.item():.6f},{lr:.6g},{lam:.4f},{shown_bits},"
-                      f"{rate:.1f},{budget.elapsed:.2f}\n")  # fmt: skip
+            print(
+                f"step {step:5d} | loss {loss.item():.4f} | ce {ce.item():.4f} | lr {lr:.2e} | "
+                f"lambda {lam:.2f} | bits {shown_bits} | {rate:,.0f} tok/s | "
+                f"{budget.elapsed:.0f}/{budget.seconds:.0f} s",
+                flush=True,
+            )
+            log.write(
+                f"{step},{loss.item():.6f},{ce.item():.6f},{lr:.6g},{lam:.4f},{shown_bits},"
+                f"{rate:.1f},{budget.elapsed:.2f}\n"
+            )
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
-        if (
-            cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done()
-        ):  # the last step exports instead
+        # the last step exports instead
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():
             rng = {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
             }
-            save_checkpoint({"step": step, "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "ema": ema.shadow if ema else None, "rng": rng}, cfg)  # fmt: skip
+            state = {
+                "step": step,
+                "stage": stage,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.shadow if ema else None,
+                "rng": rng,
+            }
+            save_checkpoint(state, cfg)
     bar.close()
     log.close()
     if ema is not None:
@@ -1550,7 +1476,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
 
 def changed_tensors(model: nn.Module, model_dir: Path, skip: set[str]) -> dict[str, torch.Tensor]:
     """The model's floating tensors (a tied one once) that differ from the prepared model's, by
-    state_dict key: the artifact stores those, the harness takes every other from the prepared model."""
+    state_dict key: the artifact stores those; the rest the harness takes from the prepared one."""
     prepared = {}
     for path in sorted(Path(model_dir).glob("model*.safetensors")):
         prepared.update(load_file(path))
@@ -1565,26 +1491,21 @@ def changed_tensors(model: nn.Module, model_dir: Path, skip: set[str]) -> dict[s
 
 
 def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Path) -> None:
-    """Write the artifact: codes + parameters for every quantized Linear, every other Linear
-    declared dense, and the tensors that changed in training (norms, dense Linears, ...) in fp32.
-    Always the fully quantized model, whatever lambda or bit width the last step trained at."""
+    """Write the artifact: codes + parameters of every quantized Linear, every other Linear declared
+    dense, the tensors that changed in training in fp32. Always fully quantized, at BITS."""
     model = model.float().cpu()
     layers, dense = {}, []
     for name, module in list(model.named_modules()):
         if isinstance(module, SwitchableRMSNorm):
             swap_module(model, name, module.export(cfg.bits))
     for name, linear in all_linears(model).items():
-        if isinstance(linear, QuantLinear):
+        if isinstance(linear, QATLinear):
             layers[name], plain = linear.export()
             swap_module(model, name, plain)
         elif linear is not model.get_output_embeddings():
             dense.append(name)
-    artifact.save(
-        out_dir,
-        layers,
-        changed_tensors(model, model_dir, {f"{name}.weight" for name in layers}),
-        dense,
-    )
+    tensors = changed_tensors(model, model_dir, {f"{name}.weight" for name in layers})
+    artifact.save(out_dir, layers, tensors, dense)
 
 
 # --- main ---
@@ -1604,24 +1525,22 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"unknown format {fmt!r}; known: {sorted(QUANTIZERS)} or none")
     if cfg.switchable_bits and cfg.bits not in parse_bits(cfg.switchable_bits):
         raise SystemExit(
-            f"--bits {cfg.bits} (the exported width) must be one of --switchable-bits {cfg.switchable_bits}"
+            f"--bits {cfg.bits} (the exported width) must be one of "
+            f"--switchable-bits {cfg.switchable_bits}"
         )
     # what train.py says about itself: settings and a crash reason; the runner measures the rest
+    default_description = f"baseline {cfg.baseline}" if cfg.baseline else f"{cfg.quant} QAT"
     info = {
-        "description": cfg.description
-        or (f"baseline {cfg.baseline}" if cfg.baseline else f"{cfg.quant} QAT"),
+        "description": cfg.description or default_description,
         "config": {k: v for k, v in vars(cfg).items() if k != "description"},
     }
-    (run_dir / "train.json").write_text(
-        json.dumps(info, indent=1)
-    )  # early, so a crash still names its run
+    (run_dir / "train.json").write_text(json.dumps(info, indent=1))  # early: a crash names its run
 
     model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
-    print(
-        f"model {prepared.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device}"
-    )
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model {prepared.model_name}: {n_params:.1f}M params on {device}")
     if cfg.baseline != "fp":
-        quantize_model(model, cfg)
+        prepare_qat(model, cfg)
     budget = None
     if not cfg.baseline:
         teacher = None
@@ -1636,9 +1555,12 @@ def main(argv: list[str]) -> int:
             return 3
         del teacher
     steps = budget.steps if budget else 0
-    info.update(steps=steps, train_tokens=steps * cfg.batch_size * cfg.seq_len,
-                train_seconds=budget.elapsed if budget else 0.0)  # fmt: skip
-    if cfg.lora_rank > 0 and quant_linears(model):
+    info.update(
+        steps=steps,
+        train_tokens=steps * cfg.batch_size * cfg.seq_len,
+        train_seconds=budget.elapsed if budget else 0.0,
+    )
+    if cfg.lora_rank > 0 and qat_linears(model):
         save_file(lora_tensors(model), str(run_dir / "lora.safetensors"))
     export(model, cfg, prepared.model_dir, run_dir / "artifact")
     (run_dir / "train.json").write_text(json.dumps(info, indent=1))

@@ -9,8 +9,9 @@ are interleaved round-robin in one process, so that drift and other load on the 
 method alike, each round starting one method later so that none always follows the same one. A
 method's ratio is the median over rounds of its step time divided by FP's in the same round (with
 a bootstrap 95% interval), so that drift between rounds cancels. Round 0 is the warm-up (it
-compiles the fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
-only grows within a process; on CUDA, the peak allocated) over MEMORY_STEPS steps and divided by FP's.
+compiles the fake-quant) and is not timed. Peak memory is measured per method in a fresh
+subprocess (peak RSS only grows within a process; on CUDA, the peak allocated) over MEMORY_STEPS
+steps and divided by FP's.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Method:
             prepared.model_dir, dtype=torch.float32
         ).to(device)
         if cfg.quant != "none":
-            train.quantize_model(self.model, cfg)
+            train.prepare_qat(self.model, cfg)
         self.model.train()
         self.teacher, self.cache = None, None
         if cfg.distill_weight > 0 and cfg.teacher_cache_k:
@@ -111,9 +112,9 @@ def peak_memory(
 ) -> float:
     """Peak memory in GB (RSS; on CUDA, allocated on the GPU) of a fresh process that builds
     `method` and trains `steps` steps."""
-    done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
-                           "--device", str(device), "--batch-size", str(batch_size), "--seq-len", str(seq_len)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    probe = [sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps)]
+    probe += ["--device", str(device), "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    done = subprocess.run(probe, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 

@@ -91,8 +91,8 @@ def markdown_table(names: list[str], rows: dict[str, dict]) -> str:
         if row is None:
             lines.append(f"| {description} | {shown_flags} | not run | | | | | |")
             continue
-        cells = [f"{row['val_bpb']:.4f}", f"{row['val_ppl']:.4g}", f"{row['bpw']:.4f}", f"{row['size_mb']:.1f}",
-                 f"{int(row['steps'])}", row["status"]]  # fmt: skip
+        cells = [f"{row['val_bpb']:.4f}", f"{row['val_ppl']:.4g}", f"{row['bpw']:.4f}",
+                 f"{row['size_mb']:.1f}", f"{int(row['steps'])}", row["status"]]  # fmt: skip
         lines.append(f"| {description} | {shown_flags} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: python -m harness run --description {description!r} -- {' '.join(flags)}",
                 flush=True,
             )
-            run_experiment(RunSpec(train_args=flags, description=description, budget_seconds=args.budget, echo=False,
-                                   baseline="--baseline" in flags))  # fmt: skip
+            spec = RunSpec(train_args=flags, description=description, budget_seconds=args.budget,
+                           echo=False, baseline="--baseline" in flags)  # fmt: skip
+            run_experiment(spec)
     print(markdown_table([n for n in METHODS if n in names], latest_rows(model)))
     return 0
 

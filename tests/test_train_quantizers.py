@@ -1,5 +1,9 @@
 """train.py's quantizers one by one: levels per group, idempotence, gradients, known encodings, and
-an export the harness verifies whose forward equals the fake-quant training forward."""
+an export the harness verifies whose forward equals the fake-quant training forward; and its
+settings, each of which is a flag."""
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,12 +47,34 @@ def cfg_for(*flags):
     return train.parse_flags(["--group-size", str(TINY_GROUP), *flags])
 
 
+def test_every_setting_is_a_flag_wherever_it_is_defined(monkeypatch):
+    """Each module-level UPPER_CASE number or string in train.py's source is a flag with that
+    default, and a setting the module gains after the others (as an edit appending one would) is
+    a flag too: parse_flags collects them when it runs."""
+    tree = ast.parse(Path(train.__file__).read_text())
+    settings = {
+        node.targets[0].id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id.isupper()
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, (int, float, str))
+    }
+    assert {"QUANT", "LR", "STEPS", "DESCRIPTION"} <= settings.keys()
+    cfg = train.parse_flags([])
+    assert {name: getattr(cfg, name.lower()) for name in settings} == settings
+    monkeypatch.setattr(train, "LATE_SETTING", 3, raising=False)
+    assert train.parse_flags(["--late-setting", "5"]).late_setting == 5
+    assert train.parse_flags([]).late_setting == 3
+
+
 def layer_for(flags, in_features=48, out_features=24, seed=0, device="cpu"):
-    """A QuantLinear over a random Linear; in_features 48 = one group of 32 and a short one of 16."""
+    """A QATLinear over a random Linear; in_features 48 = a group of 32 and a short one of 16."""
     torch.manual_seed(seed)
     cfg = cfg_for(*flags)
     fmt, bits = train.format_for("mlp.up_proj", cfg)
-    return train.QuantLinear(
+    return train.QATLinear(
         nn.Linear(in_features, out_features, bias=False, device=device), fmt, bits, cfg
     )
 
@@ -63,7 +89,7 @@ def test_a_group_holds_no_more_levels_than_the_format(method):
     layer = layer_for(flags, in_features=96)
     with torch.no_grad():
         codes = train.encode_weight(layer.quantizer, layer.weight, layer.params(layer.weight))
-        weight = layer.quantized_weight()
+        weight = layer.fake_quant_weight()
     assert codes.min() >= 0 and codes.max() < layer.quantizer.levels
     assert formats.max_levels_per_group(codes, group_of(layer)) <= layer.quantizer.levels
     if levels is not None:
@@ -90,7 +116,7 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
     optimizer = torch.optim.Adam(layer.parameters(), lr=2e-2)
     start_latent, start_quantized = (
         layer.weight.detach().clone(),
-        layer.quantized_weight().detach().clone(),
+        layer.fake_quant_weight().detach().clone(),
     )
     losses = []
     for _ in range(5):
@@ -105,14 +131,15 @@ def test_gradients_reach_the_latent_weights_and_move_the_quantized_ones(method):
         optimizer.step()
         losses.append(loss.item())
     assert not torch.equal(layer.weight.detach(), start_latent)
-    assert not torch.equal(layer.quantized_weight().detach(), start_quantized)
+    assert not torch.equal(layer.fake_quant_weight().detach(), start_quantized)
     assert losses[-1] < losses[0]
 
 
 def step_through(layer, x, upstream, autocast=None):
-    """layer's output for x, and the gradients of sum(output * upstream), as a training step computes
-    them: the weight from a QuantizedStep, whose backward() gives w and the parameters theirs."""
-    with train.QuantizedStep(layer) as step:
+    """layer's output for x, and the gradients of sum(output * upstream), as a training step
+    computes them: the weight from a FakeQuantStep, whose backward() gives w and the parameters
+    theirs."""
+    with train.FakeQuantStep(layer) as step:
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             y = layer(x)
         (y * upstream).sum().backward()
@@ -192,8 +219,8 @@ def test_a_step_computes_each_weight_once_and_backward_reads_that_weight(device)
         ["--quant", "codebook", "--bits", "2"], in_features=64, out_features=32, device=device
     )
     x = torch.randn(4, 64, device=device, requires_grad=True)
-    expected = layer.quantized_weight()
-    with train.QuantizedStep(layer) as step:
+    expected = layer.fake_quant_weight()
+    with train.FakeQuantStep(layer) as step:
         y = layer(x)
         weight = step.weights[layer]
         assert torch.equal(weight, expected) and weight.requires_grad
@@ -201,8 +228,8 @@ def test_a_step_computes_each_weight_once_and_backward_reads_that_weight(device)
         step.backward()
     torch.testing.assert_close(x.grad, torch.ones(4, 32, device=device) @ expected)
     assert layer.weight.grad is weight.grad
-    assert layer.step is None and not step.weights  # nothing of the step outlives it
-    with train.QuantizedStep(twice) as step:
+    assert layer.fake_quant_step is None and not step.weights  # nothing of the step outlives it
+    with train.FakeQuantStep(twice) as step:
         (twice(x) + twice(x)).sum().backward()
         step.backward()
     torch.testing.assert_close(twice.weight.grad, 2 * layer.weight.grad)
@@ -214,10 +241,11 @@ def test_float16_rounding_is_the_casts_compiled_or_not():
     """The stored parameters' rounding equals x.half().float() bit for bit, also compiled, where a
     cast there and back may be skipped: normal and subnormal ties, overflow, signs, infinities."""
     magnitudes = 10.0 ** torch.randint(-9, 6, (20_000,), generator=torch.Generator().manual_seed(0))
+    edges = [1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 2.0**-14, 2.0**-14 * (1 - 2**-12), 0.0]
+    edges += [65504, 65519, 65520, -65520, float("inf"), float("-inf")]
     x = torch.cat([torch.randn(20_000, generator=torch.Generator().manual_seed(1)) * magnitudes,
                    (torch.arange(-64, 64) + 0.5) * 2.0**-24,  # halfway between float16 subnormals
-                   torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 2.0**-14, 2.0**-14 * (1 - 2**-12), 0.0,
-                                 65504, 65519, 65520, -65520, float("inf"), float("-inf")])])  # fmt: skip
+                   torch.tensor(edges)])  # fmt: skip
     expected = x.half().float()
     assert torch.equal(train.float16_value(x), expected)
     assert torch.equal(torch.compile(train.float16_value)(x), expected)
@@ -231,7 +259,7 @@ def test_the_export_verifies_and_computes_the_training_forward(
     """Trained on the GPU or not, the artifact is verified and evaluated on the CPU."""
     cfg = cfg_for(*METHODS[method][0])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
-    train.quantize_model(model, cfg)
+    train.prepare_qat(model, cfg)
     ids = torch.arange(40)[None] * 7 % 512
     fake_quant_logits = model(input_ids=ids.to(device)).logits.detach().cpu()
     train.export(model, cfg, tiny_model_dir, tmp_path / "artifact")
@@ -248,7 +276,7 @@ def test_ternary_deadzone_widens_the_zero_level():
         layer_for(["--quant", "ternary", "--ternary-threshold", "0.9"]),
     )
     with torch.no_grad():
-        zeros = [(layer.quantized_weight() == 0).float().mean().item() for layer in (narrow, wide)]
+        zeros = [(layer.fake_quant_weight() == 0).float().mean().item() for layer in (narrow, wide)]
     assert zeros[1] > zeros[0] > 0
 
 
@@ -266,7 +294,7 @@ def test_tanh_proxy_changes_gradients_not_values():
 
 def test_codebook_scale_init_is_near_the_mse_optimal_clip():
     """On a heavy-tailed weight the Newton clip beats absmax and is within 5% of a grid search."""
-    q = train.QUANTIZERS["codebook"](2, 128, 256, cfg_for())
+    q = train.CodebookQuantizer(2, 128, 256)
     w = torch.distributions.StudentT(3.0).sample((64, 256))
 
     def error(scale):
@@ -320,8 +348,8 @@ def test_a_short_groups_parameters_are_those_of_its_own_weights(method):
     fmt, bits = train.format_for("mlp.up_proj", cfg)
     torch.manual_seed(0)
     w = torch.distributions.StudentT(3.0).sample((24, 48))
-    padded = train.QUANTIZERS[fmt](bits, TINY_GROUP, 48, cfg).calibrate(w)
-    alone = train.QUANTIZERS[fmt](bits, 16, 16, cfg).calibrate(w[:, TINY_GROUP:])
+    padded = train.QUANTIZERS[fmt].from_settings(bits, TINY_GROUP, 48, cfg).calibrate(w)
+    alone = train.QUANTIZERS[fmt].from_settings(bits, 16, 16, cfg).calibrate(w[:, TINY_GROUP:])
     assert padded.keys() == alone.keys()
     for name in padded:
         torch.testing.assert_close(padded[name][:, 1], alone[name][:, 0], msg=named(name))
@@ -335,8 +363,8 @@ def test_mx_encodings_of_known_values_match_the_spec():
     w[0, 32:36] = torch.tensor(
         [448.0, 1.0, -2.0, 2.0**-9]
     )  # absmax 448: shared exponent 2^0 for E4M3
-    fp4 = train.QUANTIZERS["mxfp4"](4, 32, 64, cfg_for())
-    fp8 = train.QUANTIZERS["mxfp8"](8, 32, 64, cfg_for())
+    fp4 = train.MXFP4Quantizer(4, 32, 64)
+    fp8 = train.MXFP8Quantizer(8, 32, 64)
     p4, p8 = fp4.calibrate(w), fp8.calibrate(w)
     assert p4["exponent"][0, 0] == 127 and p8["exponent"][0, 1] == 127
     assert p8["exponent"][0, 0] == 127 - 8 + 2  # absmax 6 -> 2^(2 - 8)
@@ -357,7 +385,7 @@ def test_mx_encodings_of_known_values_match_the_spec():
 
 
 def test_mxfp4_codes_are_the_nearest_e2m1_value_ties_to_even():
-    fp4 = train.QUANTIZERS["mxfp4"](4, 32, 64, cfg_for())
+    fp4 = train.MXFP4Quantizer(4, 32, 64)
     x = torch.cat(
         [torch.linspace(-7, 7, 14_001), torch.arange(-6, 6.25, 0.25)]
     )  # every midpoint is a tie
@@ -374,7 +402,7 @@ def test_mxfp4_codes_are_the_nearest_e2m1_value_ties_to_even():
 
 
 def test_mx_saturates_instead_of_overflowing():
-    fp8 = train.QUANTIZERS["mxfp8"](8, 32, 32, cfg_for())
+    fp8 = train.MXFP8Quantizer(8, 32, 32)
     w = torch.full((1, 32), 1.0)
     w[0, 0] = 500.0  # absmax 500: exponent 2^0, and 500 > 448 saturates to 448 (never NaN)
     p = fp8.calibrate(w)
@@ -384,7 +412,7 @@ def test_mx_saturates_instead_of_overflowing():
 def test_activation_quant_matches_the_harness_hook():
     x = torch.randn(2, 5, 48) * torch.tensor([0.01, 1, 100.0]).repeat(16)
     torch.testing.assert_close(
-        train.quantize_activation(x), formats.int8_token_absmax(x), rtol=0, atol=0
+        train.fake_quantize_activation(x), formats.int8_token_absmax(x), rtol=0, atol=0
     )
 
 
@@ -409,7 +437,7 @@ def test_module_formats_pick_the_first_matching_rule():
 
 def test_per_module_bits_and_a_quantized_head_verify(tiny_model_dir, tmp_path):
     cfg = cfg_for("--module-quant", "mlp=codebook:2,self_attn=int:4,lm_head=int:8")
-    model = train.quantize_model(
+    model = train.prepare_qat(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg
     )
     ids = torch.arange(24)[None]
@@ -423,16 +451,16 @@ def test_per_module_bits_and_a_quantized_head_verify(tiny_model_dir, tmp_path):
     torch.testing.assert_close(verified(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_quantize_model_keeps_the_weights_in_place_but_unties_a_quantized_head(tiny_model_dir):
+def test_prepare_qat_keeps_the_weights_in_place_but_unties_a_quantized_head(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     before = {name: linear.weight.data_ptr() for name, linear in train.all_linears(model).items()}
     embedding = model.get_input_embeddings().weight
-    train.quantize_model(model, cfg_for("--module-quant", "mlp=codebook:2,lm_head=int:8"))
+    train.prepare_qat(model, cfg_for("--module-quant", "mlp=codebook:2,lm_head=int:8"))
     after = {name: linear.weight.data_ptr() for name, linear in train.all_linears(model).items()}
-    assert isinstance(model.model.layers[0].mlp.up_proj, train.QuantLinear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, train.QATLinear)
     assert {n: p for n, p in after.items() if n != "lm_head"} == {
         n: p for n, p in before.items() if n != "lm_head"
     }
     head = model.get_output_embeddings()
-    assert isinstance(head, train.QuantLinear) and head.weight.data_ptr() != embedding.data_ptr()
+    assert isinstance(head, train.QATLinear) and head.weight.data_ptr() != embedding.data_ptr()
     assert torch.equal(head.weight, embedding) and not model.config.tie_word_embeddings

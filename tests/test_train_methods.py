@@ -35,11 +35,14 @@ TINY_FLAGS = [
 
 
 def train_in_process(env, monkeypatch, name, *flags):
-    """train.main as the runner would start it (HARNESS_RUN_DIR set), in this process."""
+    """train.main as the runner would start it (HARNESS_RUN_DIR set), in this process. A training
+    run gives --steps, and the budget is one no machine reaches in that many steps: the steps
+    alone decide its progress (lambda, bits, LoRA), however loaded the machine is."""
+    assert "--steps" in flags or "--baseline" in flags
     run_dir = env / "runs" / name
     run_dir.mkdir(parents=True)
     monkeypatch.setenv("HARNESS_RUN_DIR", str(run_dir))
-    monkeypatch.setenv("HARNESS_BUDGET_SECONDS", "120")
+    monkeypatch.setenv("HARNESS_BUDGET_SECONDS", str(10**9))
     assert train.main([*TINY_FLAGS, *flags]) == 0
     return run_dir
 
@@ -56,7 +59,7 @@ def cfg_for(*flags):
 
 def tiny_quantized(tiny_model_dir, *flags):
     cfg = cfg_for(*flags)
-    return train.quantize_model(
+    return train.prepare_qat(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg
     ), cfg
 
@@ -96,7 +99,7 @@ def test_a_half_blended_model_still_exports_fully_quantized(tiny_model_dir, tmp_
     model, cfg = tiny_quantized(tiny_model_dir, "--quant", "codebook", "--bits", "2")
     ids = torch.arange(20)[None]
     quantized = model(input_ids=ids).logits.detach()
-    for layer in train.quant_linears(model).values():
+    for layer in train.qat_linears(model).values():
         layer.lam = 0.5
     assert not torch.allclose(model(input_ids=ids).logits, quantized)  # the blend is in the forward
     train.export(model, cfg, tiny_model_dir, tmp_path / "a")
@@ -115,8 +118,8 @@ def test_cyclic_precision_sweeps_between_min_and_max_bits(shape):
 def test_switchable_precision_rotates_widths_with_their_own_norms_and_scales(
     harness_env, monkeypatch, tiny_model_dir
 ):
-    run_dir = train_in_process(harness_env, monkeypatch, "switch", "--quant", "codebook", "--bits", "2",
-                               "--switchable-bits", "2,4", "--steps", "4", "--distill-weight", "0")  # fmt: skip
+    flags = "--quant codebook --bits 2 --switchable-bits 2,4 --steps 4 --distill-weight 0"
+    run_dir = train_in_process(harness_env, monkeypatch, "switch", *flags.split())
     assert [row["bits"] for row in loss_rows(run_dir)] == ["2", "4", "2", "4"]
     _, report = load_verified(run_dir / "artifact", tiny_model_dir)
     assert report.formats == {"codebook": 14}
@@ -125,7 +128,7 @@ def test_switchable_precision_rotates_widths_with_their_own_norms_and_scales(
     )
     norms = [m for m in model.modules() if isinstance(m, train.SwitchableRMSNorm)]
     assert len(norms) == 5 and set(norms[0].weights) == {"2", "4"}  # 2 per layer + the final norm
-    layer = train.quant_linears(model)["model.layers.0.mlp.up_proj"]
+    layer = train.qat_linears(model)["model.layers.0.mlp.up_proj"]
     assert set(layer.qparams) == {"2", "4"}
     with torch.no_grad():
         norms[0].weights["4"].mul_(3.0)  # as if the 4-bit width had learned its own statistics
@@ -136,13 +139,13 @@ def test_progressive_precision_reduces_a_lut_by_kmeans(tiny_model_dir):
     model, _ = tiny_quantized(
         tiny_model_dir, "--quant", "lut", "--bits", "4", "--progressive-bits", "2"
     )
-    layer = train.quant_linears(model)["model.layers.0.mlp.down_proj"]
+    layer = train.qat_linears(model)["model.layers.0.mlp.down_proj"]
     assert layer.bits == 4 and layer.export_bits == 2
     with torch.no_grad():
         old_lut = layer.qparams["4"]["lut"].half().float()  # as the forward uses it
         train.start_progressive_stage(model)
         train.set_bits(model, 2)
-        weight = layer.quantized_weight()
+        weight = layer.fake_quant_weight()
     new_lut = layer.qparams["2"]["lut"]
     assert new_lut.shape[-1] == 4 and formats.max_levels_per_group(weight, TINY_GROUP) <= 4
     # each new entry is a weighted mean of old entries: inside their range
@@ -154,8 +157,11 @@ def test_progressive_precision_reduces_a_lut_by_kmeans(tiny_model_dir):
 def test_a_lambda_and_progressive_run_logs_both_and_verifies(
     harness_env, monkeypatch, tiny_model_dir
 ):
-    run_dir = train_in_process(harness_env, monkeypatch, "prog", "--quant", "lut", "--bits", "4", "--progressive-bits", "2",
-                               "--progressive-at", "0.5", "--lambda-warmup", "0.5", "--steps", "4", "--distill-weight", "0")  # fmt: skip
+    flags = (
+        "--quant lut --bits 4 --progressive-bits 2 --progressive-at 0.5 --lambda-warmup 0.5 "
+        "--steps 4 --distill-weight 0"
+    )
+    run_dir = train_in_process(harness_env, monkeypatch, "prog", *flags.split())
     rows = loss_rows(run_dir)
     assert [float(r["lambda"]) for r in rows] == [0.0, 0.5, 1.0, 1.0]
     assert [r["bits"] for r in rows] == ["-", "-", "2", "2"]
@@ -167,8 +173,8 @@ def test_a_lambda_and_progressive_run_logs_both_and_verifies(
 
 
 def test_a_cyclic_run_verifies_at_its_export_width(harness_env, monkeypatch, tiny_model_dir):
-    run_dir = train_in_process(harness_env, monkeypatch, "cyclic", "--quant", "int", "--bits", "4", "--cyclic-bits", "2-4",
-                               "--cycle-steps", "4", "--steps", "4", "--distill-weight", "0")  # fmt: skip
+    flags = "--quant int --bits 4 --cyclic-bits 2-4 --cycle-steps 4 --steps 4 --distill-weight 0"
+    run_dir = train_in_process(harness_env, monkeypatch, "cyclic", *flags.split())
     assert [r["bits"] for r in loss_rows(run_dir)] == ["2", "3", "4", "3"]
     spec = json.loads((run_dir / "artifact" / QUANT_SPEC).read_text())["layers"][
         "model.layers.1.self_attn.k_proj"
@@ -200,8 +206,8 @@ def test_kd_over_all_candidates_equals_the_full_vocab_kl():
     student, teacher = torch.randn(2, 5, 50), torch.randn(2, 5, 50)
     cfg = cfg_for("--distill-temp", "2.0")
     full = train.distill_terms(student, {"logits": teacher}, cfg)["kd"]
-    expected = F.kl_div(F.log_softmax(student.flatten(0, 1) / 2, -1), F.log_softmax(teacher.flatten(0, 1) / 2, -1),
-                        log_target=True, reduction="batchmean") * 4  # fmt: skip
+    log_s, log_t = (F.log_softmax(x.flatten(0, 1) / 2, -1) for x in (student, teacher))
+    expected = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * 4
     torch.testing.assert_close(full, expected)
     ids = torch.randperm(50).expand(2, 5, 50)
     shuffled = train.distill_terms(student, {"ids": ids, "logits": teacher.gather(-1, ids)}, cfg)[
@@ -238,8 +244,8 @@ def test_the_teacher_cache_round_trips_and_is_keyed_by_what_it_depends_on(
     harness_env, tiny_data_dir
 ):
     prepared = load_prepared()
-    cfg = cfg_for("--teacher-cache-k", "8", "--teacher-cache-negatives", "6", "--teacher-cache-tokens", "320",
-                  "--seq-len", "32", "--batch-size", "4")  # fmt: skip
+    flags = "--teacher-cache-k 8 --teacher-cache-negatives 6 --teacher-cache-tokens 320"
+    cfg = cfg_for(*flags.split(), "--seq-len", "32", "--batch-size", "4")
     path = train.build_teacher_cache(prepared, cfg, torch.device("cpu"))
     assert path.parent == harness_env / "runs" / "cache" / "teacher"
     cache = train.load_teacher_cache(path)
@@ -296,7 +302,7 @@ def lora_layer(bits_flags=()):
         "--quant", "int", "--bits", "3", "--lora-rank", "4", "--lora-alpha", "8", *bits_flags
     )
     torch.manual_seed(0)
-    layer = train.QuantLinear(nn.Linear(48, 24), "int", 3, cfg)
+    layer = train.QATLinear(nn.Linear(48, 24), "int", 3, cfg)
     train.start_lora_stage(nn.Sequential(layer))
     with torch.no_grad():
         layer.lora[str(layer.export_bits)]["b"].normal_()
@@ -313,20 +319,21 @@ def test_lora_merged_and_unmerged_outputs_agree():
     assert record.spec["adapter"] == {"rank": 4, "alpha": 8.0}
     assert record.params["lora_a"].dtype == record.params["lora_b"].dtype == torch.float16
     assert not torch.allclose(
-        merged(x), F.linear(x, layer.quantized_weight(), layer.bias)
+        merged(x), F.linear(x, layer.fake_quant_weight(), layer.bias)
     )  # the adapter matters
 
 
 def test_lora_trains_only_the_adapters():
     layer = lora_layer()
-    weight, codes_before = layer.weight.detach().clone(), layer.quantized_weight().clone()
+    weight, codes_before = layer.weight.detach().clone(), layer.fake_quant_weight().clone()
     optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
     a_before = layer.lora["3"]["a"].detach().clone()
     for _ in range(3):
         optimizer.zero_grad()
         layer(torch.randn(8, 48)).pow(2).mean().backward()
         optimizer.step()
-    assert torch.equal(layer.weight, weight) and torch.equal(layer.quantized_weight(), codes_before)
+    assert torch.equal(layer.weight, weight)
+    assert torch.equal(layer.fake_quant_weight(), codes_before)
     assert not torch.equal(layer.lora["3"]["a"], a_before)
 
 
@@ -334,11 +341,13 @@ def test_lora_trains_only_the_adapters():
 def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(
     harness_env, monkeypatch, device, tiny_model_dir
 ):
-    run_dir = train_in_process(harness_env, monkeypatch, "lora", "--device", device,
-                               "--quant", "codebook", "--bits", "2", "--steps", "4",
-                               "--teacher-cache-k", "8", "--teacher-cache-negatives", "8", "--teacher-cache-tokens", "640",
-                               "--hard-top1-weight", "0.1", "--hard-full-top1-weight", "0.1",
-                               "--lora-rank", "4", "--lora-at", "0.5", "--ema-decay", "0.5")  # fmt: skip
+    flags = (
+        "--quant codebook --bits 2 --steps 4 "
+        "--teacher-cache-k 8 --teacher-cache-negatives 8 --teacher-cache-tokens 640 "
+        "--hard-top1-weight 0.1 --hard-full-top1-weight 0.1 "
+        "--lora-rank 4 --lora-at 0.5 --ema-decay 0.5"
+    )
+    run_dir = train_in_process(harness_env, monkeypatch, "lora", "--device", device, *flags.split())
     adapters = load_file(run_dir / "lora.safetensors")
     assert len(adapters) == 2 * 14 and any(
         t.abs().sum() > 0 for k, t in adapters.items() if k.endswith(".b")
@@ -362,28 +371,34 @@ def test_a_kd_cache_and_lora_run_exports_adapters_counted_in_bpw(
 
 def test_freezing_holds_attention_ov_and_the_last_mlps(tiny_model_dir):
     model, cfg = tiny_quantized(tiny_model_dir, "--freeze-attn-ov", "1", "--freeze-last-mlps", "1")
-    train.freeze_modules(model, cfg)
+    train.freeze_weights(model, cfg)
     frozen = sorted(
-        name for name, layer in train.quant_linears(model).items() if not layer.weight.requires_grad
+        name for name, layer in train.qat_linears(model).items() if not layer.weight.requires_grad
     )
-    assert frozen == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj",
-                      "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj",
-                      "model.layers.1.self_attn.v_proj"]  # fmt: skip
+    assert frozen == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
 
 
 def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_definition(
     tiny_model_dir, tiny_data_dir
 ):
-    """train_step (compiled: one QuantizedStep call per decoder layer, for its 7 projections in two
+    """train_step (compiled: one FakeQuantStep call per decoder layer, for its 7 projections in two
     formats, two of them frozen) gives every parameter the gradient that --compile 0 (autograd
     through each layer's fake_quantize) gives it, after the same loss."""
-    flags = ["--module-quant", "mlp=codebook:2,self_attn=int:4", "--freeze-attn-ov", "1", "--distill-weight", "0",
-             "--batch-size", "2", "--seq-len", "16"]  # fmt: skip
+    flags = "--module-quant mlp=codebook:2,self_attn=int:4 --freeze-attn-ov 1 --distill-weight 0"
+    flags = [*flags.split(), "--batch-size", "2", "--seq-len", "16"]
     tokens = load_prepared(tiny_data_dir).train.tokens()
     steps = []
     for compile_flag in ("1", "0"):
         model, cfg = tiny_quantized(tiny_model_dir, *flags, "--compile", compile_flag)
-        train.freeze_modules(model, cfg)
+        train.freeze_weights(model, cfg)
         optimizer, trained, _ = train.make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss, _ = train.train_step(
@@ -395,7 +410,7 @@ def test_a_training_step_quantizes_each_decoder_layer_at_once_and_matches_the_de
     assert list(blocks) == ["model.layers.0", "model.layers.1"] and all(
         len(layers) == 7 for layers in blocks.values()
     )
-    assert all(layer.step is None for layer in train.quant_linears(model).values())
+    assert all(layer.fake_quant_step is None for layer in train.qat_linears(model).values())
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert trained.keys() == eager_trained.keys()
     for name, p in trained.items():
@@ -447,8 +462,11 @@ def test_ema_averages_and_is_what_gets_exported():
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_continues_bit_exactly(harness_env, monkeypatch, device):
     """A run checkpointed at step 3 and resumed ends where the uninterrupted run ends."""
-    flags = ["--device", device, "--quant", "codebook", "--bits", "2", "--steps", "6", "--checkpoint-every", "3",
-             "--ema-decay", "0.9", "--lora-rank", "2", "--lora-at", "0.6", "--lora-dropout", "0.1"]  # fmt: skip
+    flags = (
+        "--quant codebook --bits 2 --steps 6 --checkpoint-every 3 "
+        "--ema-decay 0.9 --lora-rank 2 --lora-at 0.6 --lora-dropout 0.1"
+    )
+    flags = ["--device", device, *flags.split()]
     whole = train_in_process(harness_env, monkeypatch, "whole", *flags)
     checkpoints = list((harness_env / "runs" / "cache" / "checkpoints").glob("*/step*.pt"))
     assert [c.name for c in checkpoints] == [

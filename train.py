@@ -19,6 +19,8 @@ What the harness, its agent and the tests rely on:
 - each setting is one line, `NAME = value  # comment` (the agent shows and edits them so);
 - main(argv) returns the exit code and starts by calling parse_flags(argv); with HARNESS_RUN_DIR
   set it writes train.json, loss.csv and artifact/ (export()) there;
+- tests/test_runner.py and tests/test_agent.py edit the lines `cfg = parse_flags(argv)`,
+  `return ce, ce` and `layers[name], plain = linear.export()`: each must stay unique;
 - tests/test_train_*.py and bench/ call the functions and classes below by name.
 """
 
@@ -121,14 +123,7 @@ DEVICE = "auto"  # auto | cpu | cuda | mps
 DESCRIPTION = ""  # one line for results.tsv
 
 # settings that do not change what is trained: left out of the checkpoint folder's key
-NOT_TRAINING = (
-    "resume",
-    "description",
-    "log_every",
-    "checkpoint_every",
-    "checkpoint_dir",
-    "device",
-)
+NOT_TRAINING = "resume description log_every checkpoint_every checkpoint_dir device".split()
 
 
 def settings() -> dict[str, int | float | str]:

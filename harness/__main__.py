@@ -27,14 +27,14 @@ from harness.runner import STARTUP_LIMIT_SECONDS
 BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
 # viewers: subcommand -> (module with add_arguments(parser) and command(args) -> exit code, help)
 VIEWERS = {
-    "status": ("harness.status", "results.tsv as a table, best per track, Pareto front; --follow"),
-    "plot": ("harness.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
+    "status": ("harness.tools.status", "results.tsv as a table, best per track, Pareto front; --follow"),
+    "plot": ("harness.tools.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
     "show": (
-        "harness.inspect_run",
+        "harness.tools.show",
         "one run: config, row, train.py diff against its parent, log tail",
     ),
-    "generate": ("harness.generate", "greedy continuations: FP model vs the run's low-bit model"),
-    "export": ("harness.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
+    "generate": ("harness.tools.generate", "greedy continuations: FP model vs the run's low-bit model"),
+    "export": ("harness.tools.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
 }
 
 

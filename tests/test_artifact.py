@@ -18,7 +18,7 @@ from test_formats import random_layer
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from harness import export as hf_export
+from harness.tools import export as hf_export
 from harness.artifact import (
     DENSE_WEIGHTS,
     QUANT_SPEC,

@@ -11,7 +11,8 @@ import time
 import pytest
 from conftest import ROOT, default_sigint
 
-from harness import results, status
+from harness import results
+from harness.tools import status
 
 
 def row(run_id, status_="keep", val_bpb=2.0, bpw=1.73, config=None, **over):

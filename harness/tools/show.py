@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from harness import paths, results
-from harness.status import parse_config
+from harness.tools.status import parse_config
 
 LOG_TAIL_LINES = 30
 

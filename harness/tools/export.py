@@ -22,7 +22,7 @@ from torch import nn
 from harness.artifact import QUANT_SPEC, load_verified, read_declaration
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
-from harness.inspect_run import RunNotFound, find_run
+from harness.tools.show import RunNotFound, find_run
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip

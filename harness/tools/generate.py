@@ -18,7 +18,7 @@ import torch
 from harness.artifact import load_verified
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
-from harness.inspect_run import RunNotFound, find_run
+from harness.tools.show import RunNotFound, find_run
 
 NEW_TOKENS = 40
 DEFAULT_PROMPTS = ("The history of the city", "Scientists have discovered that")

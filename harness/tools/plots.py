@@ -18,8 +18,8 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state, no GU
 from matplotlib.ticker import FuncFormatter
 
 from harness import paths, results
-from harness.inspect_run import RunNotFound, find_run
-from harness.status import SCORED, annotate, pareto_front
+from harness.tools.show import RunNotFound, find_run
+from harness.tools.status import SCORED, annotate, pareto_front
 
 # loss.csv columns that are not curves of their own: the x axis and the throughput (in the title)
 LOSS_AXES = ("step", "train_seconds", "tokens_per_s")

@@ -25,17 +25,17 @@ from harness.evaluate import EVAL_TOKENS
 from harness.runner import STARTUP_LIMIT_SECONDS
 
 BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
-# viewers: subcommand -> (module with add_arguments(parser) and command(args) -> exit code, help)
-VIEWERS = {
+# the commands outside the scoring core: name -> (module with add_arguments(parser) and
+# command(args) -> exit code, help). Only the chosen one is imported: `harness run` must not pay
+# for matplotlib, optuna, openai or libtmux, nor fail without them.
+COMMANDS = {
     "status": ("harness.tools.status", "results.tsv as a table, best per track, Pareto front; --follow"),
     "plot": ("harness.tools.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
-    "show": (
-        "harness.tools.show",
-        "one run: config, row, train.py diff against its parent, log tail",
-    ),
+    "show": ("harness.tools.show", "one run: config, row, train.py diff against its parent, log tail"),
     "generate": ("harness.tools.generate", "greedy continuations: FP model vs the run's low-bit model"),
     "export": ("harness.tools.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
-}
+    "agent": ("harness.agent.cli", "autonomous experiments in tmux: LLM or Optuna proposals"),
+}  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,12 +67,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
         print(json.dumps(json.loads(out.read_text()), indent=1))
     return code
-
-
-def _agent(args: argparse.Namespace) -> int:
-    from harness import agent
-
-    return agent.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,18 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("artifact", type=Path)
     sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     sub.set_defaults(handler=_evaluate)
-    for name, (module_name, about) in VIEWERS.items():
-        module = importlib.import_module(module_name)
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    for name, (module_name, about) in COMMANDS.items():
         sub = commands.add_parser(name, help=about)
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.command)
-    from harness.agent import add_arguments as add_agent_arguments
-
-    sub = commands.add_parser(
-        "agent", help="autonomous experiments in tmux: LLM or Optuna proposals"
-    )
-    add_agent_arguments(sub)
-    sub.set_defaults(handler=_agent, train_args=train_args)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.command, train_args=train_args)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -138,6 +138,15 @@ def bwrap_command(argv: list[str], view: View, env: dict[str, str], cwd: Path) -
     return [*command, "--chdir", str(cwd), "--", *argv]
 
 
+def signal_groups(pgids: set[int], sig: int) -> None:
+    """Send `sig` to each process group that still exists (popen gives each child its own)."""
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _die_with_parent() -> None:
     """preexec_fn without a sandbox: the child gets SIGKILL when the runner dies."""
     pr_set_pdeathsig = 1

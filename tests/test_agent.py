@@ -31,7 +31,7 @@ from conftest import ROOT, default_sigint, processes_with
 
 from harness import results
 from harness.__main__ import main as harness_main
-from harness.proposers import LLMProposer
+from harness.agent.proposers import LLMProposer
 
 OTHER_SECRET = "qat-token-" + secrets.token_hex(
     8

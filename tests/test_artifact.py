@@ -18,7 +18,6 @@ from test_formats import random_layer
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from harness.tools import export as hf_export
 from harness.artifact import (
     DENSE_WEIGHTS,
     QUANT_SPEC,
@@ -38,6 +37,7 @@ from harness.formats import (
     int8_token_absmax,
     pack_codes,
 )
+from harness.tools import export as hf_export
 
 IDS = torch.arange(16)[None]
 

@@ -3,7 +3,8 @@
 import pytest
 from conftest import ROOT
 
-from harness.edits import EditRejected, apply_edits, edited_train_py, one_line, parse_reply
+from harness.agent.edits import EditRejected, apply_edits, edited_train_py, parse_reply
+from harness.text import one_line
 
 TRAIN_PY = (ROOT / "train.py").read_text()
 LR_LINE = next(line for line in TRAIN_PY.splitlines() if line.startswith("LR = "))

@@ -14,7 +14,7 @@ from agent_fixtures import TRAIN_PY, RawServer, block, raw_reply
 from conftest import ROOT
 
 from harness import results
-from harness.proposers import (
+from harness.agent.proposers import (
     CHARS_PER_TOKEN,
     LOSS_CSV_BYTES,
     RETRY_AFTER_CAP,

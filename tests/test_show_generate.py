@@ -13,8 +13,8 @@ from test_runner import EVAL_TOKENS, TINY_FLAGS
 from harness import results
 from harness.__main__ import main
 from harness.artifact import load_verified
-from harness.tools.show import RunNotFound, find_run, train_diff
 from harness.runner import RunSpec, run_experiment
+from harness.tools.show import RunNotFound, find_run, train_diff
 
 
 def git(repo, *args):

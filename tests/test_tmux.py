@@ -10,8 +10,8 @@ import time
 import pytest
 from agent_fixtures import screen_showing, tmux_environments
 
-import harness.tmux
-from harness.tmux import LOG_WINDOW, RESULTS_WINDOW, Tmux
+import harness.agent.tmux
+from harness.agent.tmux import LOG_WINDOW, RESULTS_WINDOW, Tmux
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_the_environment_reaches_the_job(tmux, tmp_path):
 
 def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        harness.tmux, "STOP_GRACE_SECONDS", 2.0
+        harness.agent.tmux, "STOP_GRACE_SECONDS", 2.0
     )  # the job ignores SIGTERM: no need to wait 20 s
     # a grandchild in its own session, as train.py is under the runner: a signal to the pane misses
     # it

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from harness import paths, results
+from harness.git import GitError, git
 from harness.tools.status import parse_config
 
 LOG_TAIL_LINES = 30
@@ -48,11 +48,9 @@ def find_run(run: str, runs_dir: Path | None = None) -> Path:
 def _git_file(revision: str, script: Path) -> str | None:
     """train.py's text at `revision` in the repo holding `script`, or None (no git, no such commit)."""
     try:
-        done = subprocess.run(["git", "show", f"{revision}:./{script.name}"], cwd=script.parent,
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+        return git(["show", f"{revision}:./{script.name}"], script.parent)
+    except GitError:
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
 def train_diff(run_dir: Path, commit: str, script: Path) -> str:

@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from harness.edits import MAX_DESCRIPTION, EditRejected, edited_train_py, one_line
+from harness.agent.edits import MAX_DESCRIPTION, EditRejected, edited_train_py
+from harness.text import one_line
 
 RESULT_COLUMNS = ("commit", "status", "val_bpb", "bpw", "steps", "description")
 RECENT_ROWS = 10

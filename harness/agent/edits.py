@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from harness.text import one_line
+
 EDITABLE = "train.py"
 MAX_DESCRIPTION = 200
 
@@ -29,11 +31,6 @@ _BLOCK = re.compile(
 )
 _FENCE = re.compile(r"^\s*```")
 _PATH_LIKE = re.compile(r"^[\w./\\-]+\.\w+$")  # one token with an extension: a file name, not prose
-# terminal escape sequences (CSI, OSC, then any other ESC sequence), removed whole so that no "[31m"
-# is left
-_ESCAPE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]"
-)
 
 
 class EditRejected(Exception):
@@ -51,15 +48,6 @@ class Edit:
 class Reply:
     description: str
     edits: tuple[Edit, ...]
-
-
-def one_line(text: str, limit: int) -> str:
-    """`text` as one printable line of at most `limit` characters, safe for a commit message, a tmux
-    window or a log: escape sequences, control and format characters (the bidi controls among them)
-    and lone surrogates dropped, any whitespace folded to single spaces."""
-    text = _ESCAPE.sub("", text)
-    kept = "".join(c if c.isprintable() else " " if c.isspace() else "" for c in text)
-    return " ".join(kept.split())[:limit].rstrip()
 
 
 def _path_before(text: str, start: int) -> str:

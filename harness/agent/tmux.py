@@ -28,7 +28,7 @@ from pathlib import Path
 import libtmux
 from libtmux.exc import LibTmuxException
 
-from harness.sandbox import SECRET_ENV
+from harness.sandbox import SECRET_ENV, signal_groups
 
 RESULTS_WINDOW = "results"
 LOG_WINDOW = "agent"
@@ -69,14 +69,6 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
-
-
-def _signal_groups(pgids: set[int], sig: int) -> None:
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -137,7 +129,7 @@ class Job:
             if not self.tmux.pane_alive(self.pane_id):
                 # the window was killed (or the server): only the pane's shell saw its terminal go,
                 # so the rest of its group hears it here, and a runner gets to write its row
-                _signal_groups({self.pane_pid}, signal.SIGHUP)
+                signal_groups({self.pane_pid}, signal.SIGHUP)
                 self._drain()
                 code = self.exit_code()
                 self._sweep()
@@ -155,7 +147,7 @@ class Job:
         """Send `sig` to the pane's process group (the shells trap it; the runner turns it into a
         row), let that group finish, then SIGKILL whatever is left and close the window."""
         self._remember_groups()
-        _signal_groups({self.pane_pid}, sig)
+        signal_groups({self.pane_pid}, sig)
         self._drain()
         self._sweep()
         self.tmux.kill_pane(self.pane_id)
@@ -170,7 +162,7 @@ class Job:
     def _sweep(self) -> None:
         """Nothing the job started outlives it: train.py sits in its own session, so a pane that
         died of SIGHUP leaves it orphaned unless its group is killed here."""
-        _signal_groups(self.groups, signal.SIGKILL)
+        signal_groups(self.groups, signal.SIGKILL)
 
 
 class Tmux:

@@ -5,7 +5,7 @@ baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest 
 evaluate ARTIFACT                                   verify and score an exported artifact
 export RUN --hf DIR                                 a run's verified model as a plain HF folder
 status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
-plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
+plot [--run RUN]                                    progress.png and pareto.png, or a loss curve
 show RUN                                            a run's config, row, train.py diff and log tail
 generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
 agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
@@ -29,13 +29,25 @@ BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
 # command(args) -> exit code, help). Only the chosen one is imported: `harness run` must not pay
 # for matplotlib, optuna, openai or libtmux, nor fail without them.
 COMMANDS = {
-    "status": ("harness.tools.status", "results.tsv as a table, best per track, Pareto front; --follow"),
+    "status": (
+        "harness.tools.status",
+        "results.tsv as a table, best per track, Pareto front; --follow",
+    ),
     "plot": ("harness.tools.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
-    "show": ("harness.tools.show", "one run: config, row, train.py diff against its parent, log tail"),
-    "generate": ("harness.tools.generate", "greedy continuations: FP model vs the run's low-bit model"),
-    "export": ("harness.tools.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
+    "show": (
+        "harness.tools.show",
+        "one run: config, row, train.py diff against its parent, log tail",
+    ),
+    "generate": (
+        "harness.tools.generate",
+        "greedy continuations: FP model vs the run's low-bit model",
+    ),
+    "export": (
+        "harness.tools.export",
+        "a run's verified low-bit model as a plain HF folder (--hf DIR)",
+    ),
     "agent": ("harness.agent.cli", "autonomous experiments in tmux: LLM or Optuna proposals"),
-}  # fmt: skip
+}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -50,9 +62,15 @@ def _run(args: argparse.Namespace) -> int:
     failed = 0
     baseline = args.command == "baseline"
     for prefix in BASELINES if baseline else [[]]:
-        spec = RunSpec(train_args=[*prefix, *args.train_args], description=args.description, budget_seconds=args.budget,
-                       eval_tokens=args.eval_tokens, baseline=baseline, sandbox=kind,
-                       startup_seconds=args.startup_limit)  # fmt: skip
+        spec = RunSpec(
+            train_args=[*prefix, *args.train_args],
+            description=args.description,
+            budget_seconds=args.budget,
+            eval_tokens=args.eval_tokens,
+            baseline=baseline,
+            sandbox=kind,
+            startup_seconds=args.startup_limit,
+        )
         failed += run_experiment(spec).status in ("crash", "invalid")
     return 1 if failed else 0
 
@@ -74,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     train_args: list[str] = []
     if "--" in argv:  # everything after -- goes to train.py untouched
         argv, train_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, about in (
         ("run", "one experiment: train.py, verify, score, log"),

@@ -66,7 +66,7 @@ class ResultsError(Exception):
 
 
 class DuplicateRun(ResultsError):
-    """The run_id already has a row: a run is recorded once, so a second row is a forgery or a bug."""
+    """The run_id already has a row: a run is recorded once, so a second is a forgery or a bug."""
 
 
 def bpw_track(bpw: float | None) -> str | None:
@@ -223,7 +223,8 @@ def read(path: Path) -> pd.DataFrame:
 
 def read_counted(path: Path) -> tuple[pd.DataFrame, int]:
     """read(), plus how many non-blank lines after the first (the header, or a foreign one) were
-    skipped, so a viewer can say so. Any bytes read: invalid UTF-8 becomes U+FFFD, never an error."""
+    skipped, so a viewer can say so. Any bytes read: invalid UTF-8 becomes U+FFFD, never an
+    error."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -159,8 +159,11 @@ class Clock:
             return (f"start-up took {self.steps[0] - self.started:.0f} s before the first step "
                     f"(limit {spec.startup_seconds:.0f} s)")  # fmt: skip
         if self.train_seconds > spec.budget_seconds + self.slack(spec.budget_seconds):
-            return (f"trained {self.train_seconds:.1f} s on the harness's clock: past the {spec.budget_seconds:.0f} s "
-                    f"budget plus {self.slack(spec.budget_seconds):.1f} s of slack")  # fmt: skip
+            return (
+                f"trained {self.train_seconds:.1f} s on the harness's clock: past the "
+                f"{spec.budget_seconds:.0f} s "
+                f"budget plus {self.slack(spec.budget_seconds):.1f} s of slack"
+            )
         after = end - (self.steps[-1] if self.steps else self.started)
         limit = spec.export_seconds + (0 if self.steps else spec.startup_seconds)
         if after > limit:
@@ -172,7 +175,8 @@ class Clock:
 
 
 def exit_reason(code: int, kind: str) -> str | None:
-    """'killed by signal 9 (SIGKILL)' for a child a signal ended (bwrap reports 128 + N), else None."""
+    """'killed by signal 9 (SIGKILL)' for a child a signal ended (bwrap reports 128 + N), else
+    None."""
     number = (
         -code if code < 0 else code - 128 if kind == sandbox.SANDBOX_BWRAP and code > 128 else 0
     )
@@ -206,7 +210,8 @@ def _stop(child: subprocess.Popen) -> None:
 
 def _tree_peak_kb(root: int, peak: int) -> int:
     """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if larger.
-    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see them."""
+    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see
+    them."""
     parents = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -273,22 +278,27 @@ def _train_view(run_dir: Path, caches: tuple[Path, ...], private: Path) -> sandb
     trimmed = private / PREPARED
     trimmed.write_text(json.dumps(record))
     train = data_dir / record["train"]
-    readable = (paths.ROOT / "harness", data_dir / record["model_dir"], train, train.with_suffix(".json"),
-                data_dir / record["token_bytes"])  # fmt: skip
+    readable = (
+        paths.ROOT / "harness",
+        data_dir / record["model_dir"],
+        train,
+        train.with_suffix(".json"),
+        data_dir / record["token_bytes"],
+    )
     return sandbox.View(
         readable=readable, writable=(run_dir, *caches), files={data_dir / PREPARED: trimmed}
     )
 
 
 def _eval_view(prepared, artifact: Path) -> sandbox.View:
-    """The evaluator sees all of the prepared data (the model may live outside it) and the artifact."""
+    """The evaluator sees all the prepared data (the model may live outside it) and the artifact."""
     return sandbox.View(
         readable=(paths.ROOT / "harness", paths.data_dir(), prepared.model_dir, artifact)
     )
 
 
 def _read_untrusted_json(path: Path) -> dict:
-    """A JSON object train.py wrote, read without following links and within a size cap; {} otherwise."""
+    """A JSON object train.py wrote, read without following links and within a size cap; else {}."""
     try:
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as handle:
             if not stat.S_ISREG(
@@ -363,9 +373,14 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
                     status, reason, verdict = _score(run)
         except KeyboardInterrupt as err:
             with interrupts.ignoring():  # a second Ctrl-C must not cost the row
-                _finish(run, status="crash", reason=f"interrupted ({interrupts.interrupted(err).how})",
-                        train_info=_read_untrusted_json(run_dir / "train.json"), verdict={},
-                        peak_gb=None)  # fmt: skip
+                _finish(
+                    run,
+                    status="crash",
+                    reason=f"interrupted ({interrupts.interrupted(err).how})",
+                    train_info=_read_untrusted_json(run_dir / "train.json"),
+                    verdict={},
+                    peak_gb=None,
+                )
             raise
         return _finish(run, status=status, reason=reason, train_info=train_info, verdict=verdict,
                        peak_gb=peak_gb)  # fmt: skip
@@ -378,16 +393,30 @@ def _train(run: _Run) -> tuple[str, str, float | None]:
     for folder in (cache, compiled):
         folder.mkdir(parents=True, exist_ok=True)
     read_end, write_end = os.pipe()
-    env = sandbox.environment({
-        RUN_DIR_ENV: str(run_dir), "HARNESS_DATA_DIR": str(paths.data_dir()), "HARNESS_CACHE_DIR": str(cache),
-        BUDGET_ENV: str(spec.budget_seconds), CLOCK_FD_ENV: str(write_end),
-        "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"), "TRITON_CACHE_DIR": str(compiled / "triton"),
-    })  # fmt: skip
+    env = sandbox.environment(
+        {
+            RUN_DIR_ENV: str(run_dir),
+            "HARNESS_DATA_DIR": str(paths.data_dir()),
+            "HARNESS_CACHE_DIR": str(cache),
+            BUDGET_ENV: str(spec.budget_seconds),
+            CLOCK_FD_ENV: str(write_end),
+            "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"),
+            "TRITON_CACHE_DIR": str(compiled / "triton"),
+        }
+    )
     argv = [sys.executable, str(run_dir / "train.py"), *spec.train_args]
     try:
-        child = sandbox.popen(run.sandbox, argv, _train_view(run_dir, (cache, compiled), run.private), env,
-                              run_dir, pass_fds=(write_end,), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        child = sandbox.popen(
+            run.sandbox,
+            argv,
+            _train_view(run_dir, (cache, compiled), run.private),
+            env,
+            run_dir,
+            pass_fds=(write_end,),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         os.close(write_end)
     clock.started = time.monotonic()
@@ -427,12 +456,31 @@ def _score(run: _Run) -> tuple[str, str, dict]:
             {},
         )
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-I", "-m", "harness.evaluate", str(artifact), "--verdict-fd", str(write_end),
-            "--eval-tokens", str(spec.eval_tokens), "--data-dir", str(data_dir)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-I",
+        "-m",
+        "harness.evaluate",
+        str(artifact),
+        "--verdict-fd",
+        str(write_end),
+        "--eval-tokens",
+        str(spec.eval_tokens),
+        "--data-dir",
+        str(data_dir),
+    ]
     try:
-        child = sandbox.popen(run.sandbox, argv, _eval_view(run.prepared, artifact), sandbox.environment({}),
-                              Path("/tmp"), pass_fds=(write_end,), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        child = sandbox.popen(
+            run.sandbox,
+            argv,
+            _eval_view(run.prepared, artifact),
+            sandbox.environment({}),
+            Path("/tmp"),
+            pass_fds=(write_end,),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
@@ -582,8 +630,10 @@ def check_ready(
     except (DataError, sandbox.SandboxUnavailable) as err:
         return str(err)
     if prepared.eval.n_tokens < eval_tokens + 1:
-        return (f"the eval split has {prepared.eval.n_tokens} tokens; scoring {eval_tokens} needs "
-                f"{eval_tokens + 1}: prepare a longer one or pass a smaller --eval-tokens")  # fmt: skip
+        return (
+            f"the eval split has {prepared.eval.n_tokens} tokens; scoring {eval_tokens} needs "
+            f"{eval_tokens + 1}: prepare a longer one or pass a smaller --eval-tokens"
+        )
     return None
 
 

@@ -1,4 +1,4 @@
-"""Untrusted text (a model's reply, train.py's output, a description) made safe to show and store."""
+"""Untrusted text (a model's reply, train.py's output, a description) made safe to show, store."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ LINE_CHARS = 300  # of that line kept
 # terminal escape sequences (CSI, OSC, then any other ESC sequence), removed whole so that no "[31m"
 # is left
 _ESCAPE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]"
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"  # CSI
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC
+    r"|\x1b[ -/]*[0-~]"
 )
 
 

@@ -13,8 +13,10 @@ HEAVY = ("matplotlib", "optuna", "openai", "libtmux")
 def imported_by(argv: list[str], tmp_path) -> tuple[int, list[str], str]:
     """(exit code, the HEAVY modules loaded, stderr) of `python -m harness ARGV`, in a fresh
     interpreter pointed at an empty data folder."""
-    probe = ("import json, sys\nfrom harness.__main__ import main\ncode = main(sys.argv[1:])\n"
-             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\nsys.exit(code)")  # fmt: skip
+    probe = (
+        "import json, sys\nfrom harness.__main__ import main\ncode = main(sys.argv[1:])\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\nsys.exit(code)"
+    )
     env = {**os.environ, "HARNESS_DATA_DIR": str(tmp_path / "data"),
            "HARNESS_RUNS_DIR": str(tmp_path / "runs"),
            "HARNESS_RESULTS": str(tmp_path / "results.tsv")}  # fmt: skip

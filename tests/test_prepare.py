@@ -4,16 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, WIKITEXT
+from conftest import ROOT, WIKITEXT, run_prepare
 
 import prepare
 from harness import integrity, models
 from harness.data import DataError, load_prepared
-
-
-def run_prepare(model_dir, data_dir, *extra):
-    return prepare.main(["--model", str(model_dir), "--train", f"file:{WIKITEXT / 'valid.txt'}",
-                         "--eval", f"file:{WIKITEXT / 'test.txt'}", "--data-dir", str(data_dir), *extra])  # fmt: skip
 
 
 def test_prepare_is_idempotent(tiny_model_dir, tmp_path, capsys):
@@ -90,7 +85,7 @@ def test_token_byte_lengths_add_up_to_the_text(tiny_data_dir):
 
 
 def refused(capsys, code) -> str:
-    """The one error line of a refused prepare.py run (exit code 2); progress bars may precede it."""
+    """The one error line of a refused prepare.py run (exit code 2), after any progress bars."""
     err = capsys.readouterr().err
     lines = [
         line

@@ -20,11 +20,14 @@ RESULTS_COMMAND = f"{shlex.quote(sys.executable)} -m harness status --follow"
 
 EPILOG = """\
 Connect a model: any OpenAI-compatible chat-completions server. The key comes from OPENAI_API_KEY
-(or --api-key, which ps shows); the agent keeps it to itself: no tmux pane, run, child or file gets it.
-  OpenAI     --base-url https://api.openai.com/v1 --model gpt-4o-mini     OPENAI_API_KEY=sk-... (your key)
-  vLLM       --base-url http://127.0.0.1:8000/v1 --model <the served model, as `vllm serve` names it>
+(or --api-key, which ps shows); the agent keeps it to itself: no tmux pane, run, child or file
+gets it.
+  OpenAI     --base-url https://api.openai.com/v1 --model gpt-4o-mini
+             key: OPENAI_API_KEY=sk-... (your key)
+  vLLM       --base-url http://127.0.0.1:8000/v1 --model <the served model, as vllm serve names it>
              key: any non-empty string (the one given to `vllm serve --api-key`, if it was)
-  llama.cpp  --base-url http://127.0.0.1:8080/v1 --model <any name>   (llama-server -m model.gguf --port 8080)
+  llama.cpp  --base-url http://127.0.0.1:8080/v1 --model <any name>
+             (llama-server -m model.gguf --port 8080)
              key: any non-empty string (the one given to `llama-server --api-key`, if it was)
   Ollama     --base-url http://127.0.0.1:11434/v1 --model <a pulled model, e.g. qwen2.5-coder:7b>
              key: any non-empty string, e.g. OPENAI_API_KEY=ollama
@@ -46,21 +49,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=time.strftime("%b%d").lower(),
         help="branch autoresearch/<tag> (default: today)",
     )
-    parser.add_argument("--max-experiments", type=int,
-                        help="stop after N proposals in this session, rejected ones included (a restart counts "
-                             "afresh; 0: only reconcile what a killed session left)")  # fmt: skip
+    parser.add_argument(
+        "--max-experiments",
+        type=int,
+        help="stop after N proposals in this session, rejected ones included (a restart counts "
+        "afresh; 0: only reconcile what a killed session left)",
+    )
     parser.add_argument(
         "--hours", type=float, help="stop starting experiments after this many hours"
     )
-    parser.add_argument("--max-crashes", type=int, default=5,
-                        help="stop after N failures in a row: crashed or invalid runs, an unreachable or failing "
-                             "proposer, proposals that cannot be applied (a rejected reply is none)")  # fmt: skip
+    parser.add_argument(
+        "--max-crashes",
+        type=int,
+        default=5,
+        help="stop after N failures in a row: crashed or invalid runs, an unreachable or failing "
+        "proposer, proposals that cannot be applied (a rejected reply is none)",
+    )
     parser.add_argument(
         "--budget", type=float, default=TIME_BUDGET_SECONDS, help="training seconds per run"
     )
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
-    parser.add_argument("--run-timeout", type=float, help="seconds before the agent stops a run with SIGTERM "
-                        "(default: the runner's limit + 20 min)")  # fmt: skip
+    parser.add_argument(
+        "--run-timeout",
+        type=float,
+        help="seconds before the agent stops a run with SIGTERM "
+        "(default: the runner's limit + 20 min)",
+    )
     parser.add_argument(
         "--track",
         choices=[name for name, _ in results.TRACKS],
@@ -94,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--context-tokens",
         type=int,
         default=32768,
-        help="the model's context window: the prompt is sized to fit it with the reply (default 32768)",
+        help="the model's context window: the prompt is sized to fit it with the reply "
+        "(default 32768)",
     )
     llm.add_argument("--request-timeout", type=float, default=300.0, help="seconds per API call")
     llm.add_argument("--retries", type=int, default=3)

@@ -11,8 +11,9 @@ which small models copy well), each optionally preceded by the file it edits:
     LR = 1e-3  # peak AdamW learning rate on the latent (full-precision) weights
     >>>>>>> REPLACE
 
-A block is applied only if its SEARCH text (whole lines or part of one) occurs exactly once in the current train.py; the
-result must compile. Every refusal raises EditRejected with a reason fit for a log line.
+A block is applied only if its SEARCH text (whole lines or part of one) occurs exactly once in the
+current train.py; the result must compile. Every refusal raises EditRejected with a reason fit
+for a log line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ EDITABLE = "train.py"
 MAX_DESCRIPTION = 200
 
 _BLOCK = re.compile(
-    r"^[ \t]*<{5,9} ?SEARCH[ \t]*\n(?P<search>.*?)^[ \t]*={5,9}[ \t]*\n(?P<replace>.*?)^[ \t]*>{5,9} ?REPLACE[ \t]*$",
+    r"^[ \t]*<{5,9} ?SEARCH[ \t]*\n(?P<search>.*?)"
+    r"^[ \t]*={5,9}[ \t]*\n(?P<replace>.*?)"
+    r"^[ \t]*>{5,9} ?REPLACE[ \t]*$",
     re.DOTALL | re.MULTILINE,
 )
 _FENCE = re.compile(r"^\s*```")
@@ -133,8 +136,10 @@ def check_encodable(source: str) -> None:
     try:
         source.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise EditRejected(f"edited train.py holds a lone surrogate (U+{ord(source[err.start]):04X}), "
-                           "which UTF-8 cannot store") from None  # fmt: skip
+        raise EditRejected(
+            f"edited train.py holds a lone surrogate (U+{ord(source[err.start]):04X}), "
+            "which UTF-8 cannot store"
+        ) from None
 
 
 def check_syntax(source: str) -> None:

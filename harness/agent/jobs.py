@@ -40,6 +40,7 @@ PASSED_ENV = re.compile(
     r"^(HARNESS_|HF_|CUDA_|TORCH|TRANSFORMERS_|OMP_|MKL_|PYTHON|PATH$|VIRTUAL_ENV$|LD_LIBRARY_PATH$)"
 )
 
+
 @dataclass
 class RunEnd:
     job: str  # the job folder's name
@@ -50,16 +51,20 @@ class RunEnd:
     stopped: str = ""  # why the agent stopped the run, when it did
     written: bool = False  # the agent wrote the row: the runner died before its own
 
+
 class RunStopped(interrupts.Interrupted):
-    """A stop signal that reached the agent during a run; `end` is that run, stopped and recorded."""
+    """A stop signal that reached the agent during a run; `end`: that run, stopped and recorded."""
+
     def __init__(self, signum: int, end: RunEnd):
         super().__init__(signum)
         self.end = end
+
 
 def _pythonpath() -> str:
     """The harness first (the run imports it from this checkout), then the user's entries."""
     entries = [str(paths.ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     return os.pathsep.join(dict.fromkeys(entry for entry in entries if entry))
+
 
 def run_environment(train_py: Path) -> dict[str, str]:
     """What a run's pane needs, explicitly: the tmux server may have been started long ago by
@@ -71,6 +76,7 @@ def run_environment(train_py: Path) -> dict[str, str]:
                PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")  # fmt: skip
     return env
 
+
 def _row_reason(row: dict) -> str:
     if row["status"] not in CRASH_STATUSES:
         return ""
@@ -79,13 +85,16 @@ def _row_reason(row: dict) -> str:
     except (ValueError, AttributeError):
         return ""
 
+
 class Jobs:
     """The jobs of one agent session under root/jobs, numbered on from the last session's."""
+
     def __init__(self, config: AgentConfig, tmux: Tmux, root: Path, train_py: Path, log: AgentLog):
         self.config, self.tmux, self.root, self.train_py, self.log = (
             config, tmux, root, train_py, log)  # fmt: skip
         self.results_path = paths.results_path()
         self.count = len(list((root / "jobs").glob("*"))) if (root / "jobs").exists() else 0
+
     def _script(self, proposal: Proposal, console: Path) -> str:
         # --description=TEXT: no description can be read as one of the runner's flags
         command = [sys.executable, "-m", "harness", "run", f"--description={proposal.description}",
@@ -103,6 +112,7 @@ class Jobs:
 
     def _console(self, job: str) -> Path:
         return self.root / "jobs" / job / "console.log"
+
     def _run_id(self, job: str) -> str | None:
         """The run the job's runner announced (`run <id>: ...`, its first line), or None."""
         try:
@@ -112,6 +122,7 @@ class Jobs:
             return None
         match = re.search(r"^run (\S+): ", head, re.MULTILINE)
         return match.group(1) if match else None
+
     def row(self, run_id: str | None) -> dict | None:
         if not run_id:
             return None
@@ -165,9 +176,11 @@ class Jobs:
         return self.ended(job, commit, proposal.description, train_args,
                           f"the run ended (exit code {end.exit_code}) without a results row: "
                           + last_line(self._console(job), "(no output)"))  # fmt: skip
+
     def _watch(self, job: str, on_named: Callable[[str], None]):
         """A poll for Job.wait: once the runner names its run, log it and pass it on."""
         named = []
+
         def poll() -> None:
             run_id = None if named else self._run_id(job)
             if run_id:

@@ -12,8 +12,9 @@ class GitError(RuntimeError):
     """git failed, could not start or did not finish; the message says which, with git's words."""
 
 
-def git(args: list[str], cwd: Path) -> str:
-    """git's output, without the newline it ends with; GitError when it does not succeed."""
+def git(args: list[str], cwd: Path, whole: bool = False) -> str:
+    """git's output (a value: without the newline it ends with; `whole`: as it is, e.g. a file's
+    text); GitError when it does not succeed."""
     try:
         done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
                               errors="replace", timeout=TIMEOUT_SECONDS)  # fmt: skip
@@ -21,4 +22,4 @@ def git(args: list[str], cwd: Path) -> str:
         raise GitError(f"git {' '.join(args)}: {err}") from None
     if done.returncode != 0:
         raise GitError(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.rstrip("\n")
+    return done.stdout if whole else done.stdout.rstrip("\n")

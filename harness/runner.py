@@ -361,8 +361,8 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
     with open(private / "run.log", "ab") as log:
         run = _Run(spec, run_id, run_dir, private, commit, kind, prepared, log)
         train_info, verdict = {}, {}
-        try:
-            with interrupts.raising((signal.SIGTERM, signal.SIGHUP)):
+        with interrupts.raising((signal.SIGTERM, signal.SIGHUP)):
+            try:
                 status, reason, peak_gb = _train(run)
                 train_info = _read_untrusted_json(run_dir / "train.json")
                 if status == "crash" and not reason:
@@ -371,17 +371,17 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
                     )
                 if status == "valid":
                     status, reason, verdict = _score(run)
-        except KeyboardInterrupt as err:
-            with interrupts.ignoring():  # a second Ctrl-C must not cost the row
-                _finish(
-                    run,
-                    status="crash",
-                    reason=f"interrupted ({interrupts.interrupted(err).how})",
-                    train_info=_read_untrusted_json(run_dir / "train.json"),
-                    verdict={},
-                    peak_gb=None,
-                )
-            raise
+            except KeyboardInterrupt as err:
+                with interrupts.ignoring():  # a second Ctrl-C must not cost the row
+                    _finish(
+                        run,
+                        status="crash",
+                        reason=f"interrupted ({interrupts.interrupted(err).how})",
+                        train_info=_read_untrusted_json(run_dir / "train.json"),
+                        verdict={},
+                        peak_gb=None,
+                    )
+                raise
         return _finish(run, status=status, reason=reason, train_info=train_info, verdict=verdict,
                        peak_gb=peak_gb)  # fmt: skip
 

@@ -136,13 +136,13 @@ def viewer_pids():
 
 
 def leftover_processes(tmp, seconds=60):
-    """This test's runner, train.py, tee and job shells still alive (found by the test's folder and
-    the hanging run's token in their command lines), once `seconds` have let them end."""
+    """This test's runner, train.py, tee and job shells still alive (found by a path under the
+    test's own folder and the hanging run's token in their command lines), once `seconds` have let
+    them end."""
     deadline = time.monotonic() + seconds
+    mine = (f"{tmp}{os.sep}", HANG_TOKEN)  # tmp/: not the folder of a test whose name extends it
     while True:
-        left = {
-            pid for token in (str(tmp), HANG_TOKEN) for pid in processes_with(token)
-        } - viewer_pids()
+        left = {pid for token in mine for pid in processes_with(token)} - viewer_pids()
         if not left or time.monotonic() > deadline:
             return sorted(left)
         time.sleep(0.5)

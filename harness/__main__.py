@@ -5,7 +5,7 @@ baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest 
 evaluate ARTIFACT                                   verify and score an exported artifact
 export RUN --hf DIR                                 a run's verified model as a plain HF folder
 status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
-plot [--run RUN]                                    progress.png and pareto.png, or a run's loss curve
+plot [--run RUN]                                    progress.png and pareto.png, or a loss curve
 show RUN                                            a run's config, row, train.py diff and log tail
 generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
 agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
@@ -25,16 +25,28 @@ from harness.evaluate import EVAL_TOKENS
 from harness.runner import STARTUP_LIMIT_SECONDS
 
 BASELINES = (["--baseline", "fp"], ["--baseline", "rtn"])
-# viewers: subcommand -> (module with add_arguments(parser) and command(args) -> exit code, help)
-VIEWERS = {
-    "status": ("harness.status", "results.tsv as a table, best per track, Pareto front; --follow"),
-    "plot": ("harness.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
+# the commands outside the scoring core: name -> (module with add_arguments(parser) and
+# command(args) -> exit code, help). Only the chosen one is imported: `harness run` must not pay
+# for matplotlib, optuna, openai or libtmux, nor fail without them.
+COMMANDS = {
+    "status": (
+        "harness.tools.status",
+        "results.tsv as a table, best per track, Pareto front; --follow",
+    ),
+    "plot": ("harness.tools.plots", "progress.png and pareto.png; --run RUN draws its loss curve"),
     "show": (
-        "harness.inspect_run",
+        "harness.tools.show",
         "one run: config, row, train.py diff against its parent, log tail",
     ),
-    "generate": ("harness.generate", "greedy continuations: FP model vs the run's low-bit model"),
-    "export": ("harness.export", "a run's verified low-bit model as a plain HF folder (--hf DIR)"),
+    "generate": (
+        "harness.tools.generate",
+        "greedy continuations: FP model vs the run's low-bit model",
+    ),
+    "export": (
+        "harness.tools.export",
+        "a run's verified low-bit model as a plain HF folder (--hf DIR)",
+    ),
+    "agent": ("harness.agent.cli", "autonomous experiments in tmux: LLM or Optuna proposals"),
 }
 
 
@@ -50,9 +62,15 @@ def _run(args: argparse.Namespace) -> int:
     failed = 0
     baseline = args.command == "baseline"
     for prefix in BASELINES if baseline else [[]]:
-        spec = RunSpec(train_args=[*prefix, *args.train_args], description=args.description, budget_seconds=args.budget,
-                       eval_tokens=args.eval_tokens, baseline=baseline, sandbox=kind,
-                       startup_seconds=args.startup_limit)  # fmt: skip
+        spec = RunSpec(
+            train_args=[*prefix, *args.train_args],
+            description=args.description,
+            budget_seconds=args.budget,
+            eval_tokens=args.eval_tokens,
+            baseline=baseline,
+            sandbox=kind,
+            startup_seconds=args.startup_limit,
+        )
         failed += run_experiment(spec).status in ("crash", "invalid")
     return 1 if failed else 0
 
@@ -69,19 +87,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return code
 
 
-def _agent(args: argparse.Namespace) -> int:
-    from harness import agent
-
-    return agent.main(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args: list[str] = []
     if "--" in argv:  # everything after -- goes to train.py untouched
         argv, train_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, about in (
         ("run", "one experiment: train.py, verify, score, log"),
@@ -109,18 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("artifact", type=Path)
     sub.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     sub.set_defaults(handler=_evaluate)
-    for name, (module_name, about) in VIEWERS.items():
-        module = importlib.import_module(module_name)
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    for name, (module_name, about) in COMMANDS.items():
         sub = commands.add_parser(name, help=about)
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.command)
-    from harness.agent import add_arguments as add_agent_arguments
-
-    sub = commands.add_parser(
-        "agent", help="autonomous experiments in tmux: LLM or Optuna proposals"
-    )
-    add_agent_arguments(sub)
-    sub.set_defaults(handler=_agent, train_args=train_args)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.command, train_args=train_args)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -2,17 +2,19 @@
 
 An artifact (format v2) is a folder of data, exactly these files:
 
-    quant.json          {"version": 2, "layers": {<module>: {"format": ..., "shape": [out, in], ...} | {"format": "dense"}}}
-    quant.safetensors   packed integer codes and per-group parameters, `<module>.codes`, `<module>.scale`, ...
-    dense.safetensors   optional: floating-point tensors by state_dict key (norms, embeddings, a dense
-                        layer's weight), only those the run changed
+    quant.json          {"version": 2, "layers": {<module>: {"format": ..., "shape": [out, in], ...}
+                                                  | {"format": "dense"}}}
+    quant.safetensors   packed integer codes and per-group parameters, `<module>.codes`,
+                        `<module>.scale`, ...
+    dense.safetensors   optional: floating-point tensors by state_dict key (norms, embeddings, a
+                        dense layer's weight), only those the run changed
 
-No config, no code, no HF weights, no pickle: the architecture and every tensor the artifact does not
-give are the prepared model's (prepare.py's plain HF folder), so train.py cannot change what the model
-computes except through the tensors it declares. `load_verified` builds the prepared model, rebuilds
-every declared matmul weight from its codes (formats.decode_layer, LoRA adapter included), loads
-dense.safetensors, installs any declared input fake-quant, checks the result is still causal and
-counts the bits actually stored. Evaluation then runs on that model, never on anything else.
+No config, no code, no HF weights, no pickle: the architecture and every tensor the artifact does
+not give are the prepared model's (prepare.py's plain HF folder), so train.py cannot change what the
+model computes except through the tensors it declares. `load_verified` builds the prepared model,
+rebuilds every declared matmul weight from its codes (formats.decode_layer, LoRA adapter included),
+loads dense.safetensors, installs any declared input fake-quant, checks the result is still causal
+and counts the bits actually stored. Evaluation then runs on that model, never on anything else.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ CAUSAL_RTOL = 1e-4
 class QuantizedLinear:
     """What train.py hands over for one Linear: codes in [0, levels) shaped like the weight, plus
     the format's parameters (e.g. {"scale": (out, n_groups) float16}, plus lora_a / lora_b with an
-    adapter) and settings (e.g. {"bits": 2, "group_size": 128, "adapter": {"rank": 8, "alpha": 16}})."""
+    adapter) and settings (e.g. {"bits": 2, "group_size": 128,
+    "adapter": {"rank": 8, "alpha": 16}})."""
 
     format: str
     codes: torch.Tensor
@@ -103,9 +106,9 @@ def save(
     dense_tensors: dict[str, torch.Tensor] | None = None,
     dense: list[str] = (),
 ) -> None:
-    """Write the artifact: `layers` as codes, `dense_tensors` (state_dict key -> the floating tensors
-    the run changed) as they are, and `dense` naming layers deliberately left in floating point.
-    quant.json goes last and any old one first: a half-written folder is no artifact."""
+    """Write the artifact: `layers` as codes, `dense_tensors` (state_dict key -> the floating
+    tensors the run changed) as they are, and `dense` naming layers deliberately left in floating
+    point. quant.json goes last and any old one first: a half-written folder is no artifact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (QUANT_SPEC, DENSE_WEIGHTS):
@@ -135,7 +138,7 @@ def save(
 
 
 def stored_bytes(model_dir: Path) -> dict[str, int]:
-    """state_dict key -> bytes of every tensor in the prepared model's weight files, from headers only."""
+    """state_dict key -> bytes of each tensor in the prepared model's weight files, from headers."""
     stored = {}
     for path in sorted(Path(model_dir).glob("model*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
@@ -174,14 +177,14 @@ def owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 
 
 def transposed(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2) stores its weight (in, out); a spec's shape is always [out, in]."""
+    """transformers' Conv1D (GPT-2) stores its weight (in, out); a spec's shape is [out, in]."""
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
 
 
 def install_weight(model: nn.Module, key: str, weight: torch.Tensor) -> None:
-    """Give the parameter `key` a Parameter of its own holding `weight` (this unties a tied head)."""
+    """Give the parameter `key` a Parameter of its own holding `weight` (unties a tied head)."""
     module, attr = owner(model, key)
     setattr(module, attr, nn.Parameter(weight.to(getattr(module, attr).dtype).contiguous()))
 
@@ -199,7 +202,7 @@ def _one_line(err: Exception) -> str:
 
 
 def check_files(artifact_dir: Path, max_weights_bytes: int) -> None:
-    """Only the artifact's own plain files, none too large; quant.json and quant.safetensors present."""
+    """Only the artifact's own plain files, none too large; quant.json and quant.safetensors in."""
     if artifact_dir.is_symlink() or not artifact_dir.is_dir():
         raise InvalidArtifact(
             f"{artifact_dir} is not a folder (a symlink or missing): not an exported artifact"
@@ -208,8 +211,10 @@ def check_files(artifact_dir: Path, max_weights_bytes: int) -> None:
         if entry.is_symlink():
             raise InvalidArtifact(f"{entry.name} is a symlink: an artifact holds plain files only")
         if entry.name not in ARTIFACT_FILES or not entry.is_file():
-            raise InvalidArtifact(f"{entry.name} in the artifact: only {', '.join(ARTIFACT_FILES[:-1])} and "
-                                  f"{ARTIFACT_FILES[-1]} are read")  # fmt: skip
+            raise InvalidArtifact(
+                f"{entry.name} in the artifact: only {', '.join(ARTIFACT_FILES[:-1])} and "
+                f"{ARTIFACT_FILES[-1]} are read"
+            )
         cap = MAX_SPEC_BYTES if entry.name == QUANT_SPEC else max_weights_bytes
         if entry.stat().st_size > cap:
             raise InvalidArtifact(
@@ -254,7 +259,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_spec(name: str, spec: dict, shape: list[int]) -> None:
-    """What decode_layer takes as given: the shape is the model's, the format known, a group fits a row."""
+    """What decode_layer takes as given: the shape is the model's, the format known, a group fits
+    a row."""
     declared = spec.get("shape")
     if (
         not isinstance(declared, list)
@@ -276,7 +282,7 @@ def check_spec(name: str, spec: dict, shape: list[int]) -> None:
 
 
 def decode_declared(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """decode_layer, with a malformed value anywhere in the spec a verdict rather than a traceback."""
+    """decode_layer, with a malformed value anywhere in the spec a verdict, not a traceback."""
     try:
         return decode_layer(name, spec, tensors)
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:
@@ -287,7 +293,8 @@ def install_quantized(
     model: nn.Module, specs: dict[str, tuple[str, dict]], quant: dict[str, torch.Tensor]
 ) -> dict[str, int]:
     """Decode each quantized layer (name -> (state_dict key, spec)) into the model, with its input
-    fake-quant; returns state_dict key -> bytes stored. Every tensor of quant.safetensors must be used."""
+    fake-quant; returns state_dict key -> bytes stored. Every tensor of quant.safetensors must be
+    used."""
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in quant.items():
         layer, _, suffix = key.rpartition(".")
@@ -305,7 +312,8 @@ def install_quantized(
         stored[key] = sum(t.numel() * t.element_size() for t in tensors.values())
     if by_layer:
         raise InvalidArtifact(
-            f"{QUANT_WEIGHTS} holds tensors for layers with no quantized format: {sorted(by_layer)[:3]}"
+            f"{QUANT_WEIGHTS} holds tensors for layers with no quantized format: "
+            f"{sorted(by_layer)[:3]}"
         )
     return stored
 
@@ -320,11 +328,13 @@ def check_dense_tensors(
             raise InvalidArtifact(f"{DENSE_WEIGHTS}: {key} is not a tensor of the model")
         if key in quantized_keys:
             raise InvalidArtifact(
-                f"{DENSE_WEIGHTS}: {key} is the weight of a quantized layer: its codes are its weight"
+                f"{DENSE_WEIGHTS}: {key} is the weight of a quantized layer: its codes are its "
+                "weight"
             )
         if tensor.shape != own[key].shape:
             raise InvalidArtifact(
-                f"{DENSE_WEIGHTS}: {key} is {tuple(tensor.shape)}, the model's is {tuple(own[key].shape)}"
+                f"{DENSE_WEIGHTS}: {key} is {tuple(tensor.shape)}, the model's is "
+                f"{tuple(own[key].shape)}"
             )
         if not tensor.is_floating_point() or not torch.isfinite(tensor.float()).all():
             raise InvalidArtifact(
@@ -358,7 +368,8 @@ def stored_size(
     given: dict[str, torch.Tensor],
     prepared: dict[str, int],
 ) -> int:
-    """Bytes one tensor (named by `keys`) is stored in: its codes, else the artifact's copy, else the prepared model's."""
+    """Bytes one tensor (named by `keys`) is stored in: its codes, else the artifact's copy, else
+    the prepared model's."""
     for key in keys:
         if key in quantized:
             return quantized[key]
@@ -379,8 +390,10 @@ def check_causal(model: nn.Module) -> None:
     before, after = (model(input_ids=x).logits[0, :half].float() for x in (ids, changed))
     gap = (after - before).abs().max()
     if gap > CAUSAL_RTOL * before.abs().max():
-        raise InvalidArtifact(f"the model is not causal: its logits at the first {half} positions move by "
-                              f"{float(gap):.3g} when later tokens change")  # fmt: skip
+        raise InvalidArtifact(
+            f"the model is not causal: its logits at the first {half} positions move by "
+            f"{float(gap):.3g} when later tokens change"
+        )
 
 
 def load_verified(
@@ -421,7 +434,8 @@ def load_verified(
     for name in decoder:
         if name not in declared:
             raise InvalidArtifact(
-                f"{name} has no format in {QUANT_SPEC}: every matmul weight is declared, quantized or dense"
+                f"{name} has no format in {QUANT_SPEC}: every matmul weight is declared, quantized "
+                "or dense"
             )
     specs = {
         name: (layers[name], spec) for name, spec in declared.items() if spec["format"] != DENSE

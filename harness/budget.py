@@ -40,7 +40,8 @@ class Budget:
 
     @property
     def elapsed(self) -> float:
-        """Training seconds charged so far (checkpoints included: the runner's clock has no pause)."""
+        """Training seconds charged so far (checkpoints included: the runner's clock never
+        pauses)."""
         return 0.0 if self._started is None else time.perf_counter() - self._started
 
     def done(self) -> bool:
@@ -56,7 +57,7 @@ class Budget:
 
     @property
     def fraction(self) -> float:
-        """Progress through the run in [0, 1], by steps when capped tighter than time, else by time."""
+        """Progress through the run in [0, 1]: by steps when capped tighter than time, else time."""
         by_time = self.elapsed / self.seconds if self.seconds > 0 else 1.0
         by_steps = self.steps / self.max_steps if self.max_steps else 0.0
         return min(1.0, max(by_time, by_steps))

@@ -3,8 +3,8 @@
 prepare.py writes each tokenized split as `<name>.bin` (a flat uint16/uint32 array, memory-mapped
 when read) beside `<name>.json`, its manifest entry: source, split, sha256 of the text and of the
 token file, token and UTF-8 byte counts, tokenizer id. `data/prepared.json` names the model, the
-train/eval files in use, the token byte lengths (with their sha256) and the eval token budget. A file
-that does not match its manifest is never used. A copy of prepared.json without "eval" is what
+train/eval files in use, the token byte lengths (with their sha256) and the eval token budget. A
+file that does not match its manifest is never used. A copy of prepared.json without "eval" is what
 untrusted code gets: it then cannot find the eval tokens through it.
 """
 
@@ -84,7 +84,8 @@ def write_token_file(path: Path, ids: np.ndarray, meta: dict) -> TokenFile:
 
 
 def check_token_file(path: Path, expect: dict | None = None, full: bool = True) -> TokenFile:
-    """Return the TokenFile if it matches its manifest (and `expect`'s fields), else raise DataError.
+    """Return the TokenFile if it matches its manifest (and `expect`'s fields), else raise
+    DataError.
 
     `full` hashes the file; without it only the size is checked (enough to catch truncation).
     """
@@ -135,7 +136,7 @@ RECORD_FIELDS = {
 
 
 def _read_record(path: Path) -> dict:
-    """prepared.json as a dict of the expected keys and types; anything else is one DataError line."""
+    """prepared.json as a dict of the expected keys and types; anything else: one DataError line."""
 
     def broken(why: str) -> DataError:
         return DataError(f"{path} is broken ({why}): run `python prepare.py` again")
@@ -172,7 +173,8 @@ def load_prepared(
     info = _read_record(record)
     if need_eval and "eval" not in info:
         raise DataError(
-            f"{record} names no eval split (a copy made for train.py?): run `python prepare.py` again"
+            f"{record} names no eval split (a copy made for train.py?): run `python prepare.py` "
+            "again"
         )
     try:
         train = check_token_file(data_dir / info["train"], full=full_check)

@@ -1,7 +1,7 @@
 """Bits per byte on held-out text, computed on a verified artifact in a process of its own.
 
     python -m harness.evaluate ARTIFACT_DIR --out eval.json [--eval-tokens N]
-    python -I -m harness.evaluate ARTIFACT_DIR --verdict-fd 3 ...   # as the runner starts it, sandboxed
+    python -I -m harness.evaluate ARTIFACT_DIR --verdict-fd 3 ...  # as the runner starts it
 
 bits/byte = sum of target-token NLL in nats / (ln 2 x UTF-8 bytes of those targets). The first
 EVAL_TOKENS tokens of the eval file are cut into non-overlapping windows of EVAL_CONTEXT targets; a

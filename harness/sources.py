@@ -183,7 +183,8 @@ def load_documents(source: str, split: str, cache_dir: Path) -> list[str]:
         SOURCES[source].needs_hub and not hub_reachable()
     ):  # `datasets` would retry for minutes first
         raise SourceError(
-            f"{source} needs the dataset hub, which is unreachable (or HF_HUB_OFFLINE is set); {OFFLINE_HINT}"
+            f"{source} needs the dataset hub, which is unreachable (or HF_HUB_OFFLINE is set); "
+            f"{OFFLINE_HINT}"
         )
     documents = SOURCES[source].load(split, cache_dir)
     if not documents:

@@ -12,18 +12,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from conftest import ROOT, TINY_GROUP
+from conftest import ROOT, TINY_RUN_FLAGS
 
-TINY_FLAGS = [
-    "--group-size",
-    str(TINY_GROUP),
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "64",
-    "--steps",
-    "2",
-]
+TINY_FLAGS = [*TINY_RUN_FLAGS, "--steps", "2"]
 TRAIN_PY = (ROOT / "train.py").read_text()
 API_KEY = "sk-qat-test-" + secrets.token_hex(
     8
@@ -61,9 +52,20 @@ def make_user_repo(path: Path, search_space: dict | None = None) -> Path:
 
 
 def completion(content: str | None) -> dict:
-    return {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": "scripted",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "scripted",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
 
 
 class ScriptedServer:
@@ -84,8 +86,14 @@ class ScriptedServer:
             def do_POST(self):
                 received = time.time()
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append({"path": self.path, "body": body, "received": received,
-                                       "authorization": self.headers.get("Authorization")})  # fmt: skip
+                owner.requests.append(
+                    {
+                        "path": self.path,
+                        "body": body,
+                        "received": received,
+                        "authorization": self.headers.get("Authorization"),
+                    }
+                )
                 code, headers, data = owner.answer(owner.script.pop(0) if owner.script else None)
                 try:
                     self.send_response(code)
@@ -126,7 +134,10 @@ class ScriptedServer:
 
 
 def block(search: str, replace: str, path: str = "train.py", description: str = "a change") -> str:
-    return f"DESCRIPTION: {description}\n{path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
+    return (
+        f"DESCRIPTION: {description}\n{path}\n"
+        f"<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n"
+    )
 
 
 def files_containing(root: Path, needle: str) -> list[Path]:
@@ -188,8 +199,11 @@ def screen_showing(socket: str, target: str, needle: str, seconds: float = 120) 
     `seconds` have passed)."""
     deadline = time.monotonic() + seconds
     while True:
-        screen = subprocess.run(["tmux", "-L", socket, "capture-pane", "-p", "-J", "-S", "-", "-t", target],
-                                capture_output=True, text=True).stdout  # fmt: skip
+        screen = subprocess.run(
+            ["tmux", "-L", socket, "capture-pane", "-p", "-J", "-S", "-", "-t", target],
+            capture_output=True,
+            text=True,
+        ).stdout
         if needle in screen or time.monotonic() > deadline:
             return screen
         time.sleep(0.2)

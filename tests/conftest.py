@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 TINY_VOCAB = 512
 TINY_GROUP = 32  # the tiny model's hidden size 48 gives one full group and one short one
+# train.py's flags for the tiny model: steps of seconds on a CPU
+TINY_RUN_FLAGS = ["--group-size", str(TINY_GROUP), "--batch-size", "2", "--seq-len", "64"]
 
 # What train.py does differently on a GPU (Triton-compiled quantizers, bf16 autocast by default,
 # fp16 with a GradScaler) is tested on "cuda" too, where a GPU is: CI has none, so run these on one.
@@ -30,7 +32,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def named(name: str):
-    """assert_close's msg that puts name before its mismatch figures (a plain string replaces them)."""
+    """assert_close's msg with name before its mismatch figures (a plain string replaces them)."""
     return lambda detail: f"{name}: {detail}"
 
 
@@ -73,13 +75,32 @@ def build_tiny_model_dir(target: Path) -> Path:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
-    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(target)
     fast.save_pretrained(target)
     return target
+
+
+def run_prepare(model_dir: Path, data_dir: Path, *extra: str) -> int:
+    """prepare.py on the tiny model: WikiText-2's valid split to train, its test split to score."""
+    import prepare
+
+    return prepare.main(["--model", str(model_dir), "--train", f"file:{WIKITEXT / 'valid.txt'}",
+                         "--eval", f"file:{WIKITEXT / 'test.txt'}", "--data-dir", str(data_dir),
+                         *extra])  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +110,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A data dir prepared by prepare.py: tiny model, WikiText-2 valid to train, test to evaluate."""
-    import prepare
-
+    """A data dir prepared by prepare.py: tiny model, WikiText-2 valid to train, test to score."""
     data_dir = tmp_path_factory.mktemp("data")
-    code = prepare.main(["--model", str(tiny_model_dir), "--train", f"file:{WIKITEXT / 'valid.txt'}",
-                         "--eval", f"file:{WIKITEXT / 'test.txt'}", "--data-dir", str(data_dir)])  # fmt: skip
+    code = run_prepare(tiny_model_dir, data_dir)
     assert code == 0
     return data_dir
 

@@ -31,7 +31,7 @@ from conftest import ROOT, default_sigint, processes_with
 
 from harness import results
 from harness.__main__ import main as harness_main
-from harness.proposers import LLMProposer
+from harness.agent.proposers import LLMProposer
 
 OTHER_SECRET = "qat-token-" + secrets.token_hex(
     8
@@ -43,10 +43,16 @@ NAN_CHECK = "        if not torch.isfinite(loss):"
 NAN_EDIT = block(
     NAN_CHECK, "        loss = loss * float('nan')\n" + NAN_CHECK, description="nan loss"
 )
-KEY_PROBE_EDIT = block("    cfg = parse_flags(argv)", "    raise RuntimeError(os.environ.get('OPENAI_API_KEY', 'no key'))",
-                       description="crash, showing the API key if the run could see it")  # fmt: skip
-INVALID_EDIT = block("            layers[name], plain = linear.export()", "            _, plain = linear.export()",
-                     description="export without codes")  # fmt: skip
+KEY_PROBE_EDIT = block(
+    "    cfg = parse_flags(argv)",
+    "    raise RuntimeError(os.environ.get('OPENAI_API_KEY', 'no key'))",
+    description="crash, showing the API key if the run could see it",
+)
+INVALID_EDIT = block(
+    "            layers[name], plain = linear.export()",
+    "            _, plain = linear.export()",
+    description="export without codes",
+)
 HANG_EDIT = block("    cfg = parse_flags(argv)", "    time.sleep(600)\n    cfg = parse_flags(argv)",
                   description=f"hang {HANG_TOKEN}")  # fmt: skip
 SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
@@ -65,35 +71,78 @@ def user_repo(harness_env, monkeypatch):
 
 
 def agent_args(*extra, tag="t1"):
-    return ["agent", "--tag", tag, "--socket", os.environ["QAT_TEST_SOCKET"], "--results-command", "sleep 600",
-            "--budget", "60", "--eval-tokens", "4096", *extra]  # fmt: skip
+    return [
+        "agent",
+        "--tag",
+        tag,
+        "--socket",
+        os.environ["QAT_TEST_SOCKET"],
+        "--results-command",
+        "sleep 600",
+        "--budget",
+        "60",
+        "--eval-tokens",
+        "4096",
+        *extra,
+    ]
 
 
 def llm_args(server, *extra, tag="t1"):
-    return agent_args("--proposer", "llm", "--base-url", server.base_url, "--model", "scripted", "--retries", "1",
-                      "--backoff", "0.05", "--request-timeout", "3", *extra, tag=tag)  # fmt: skip
+    return agent_args(
+        "--proposer",
+        "llm",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "scripted",
+        "--retries",
+        "1",
+        "--backoff",
+        "0.05",
+        "--request-timeout",
+        "3",
+        *extra,
+        tag=tag,
+    )
 
 
 def start_agent(server, *extra):
-    return subprocess.Popen([sys.executable, "-m", "harness", *llm_args(server, *extra), "--", *TINY_FLAGS], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *llm_args(server, *extra), "--", *TINY_FLAGS],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=default_sigint,
+    )
 
 
 def viewer_pids():
     """The session's viewer panes (results, agent log): they stay until the session goes."""
-    listed = subprocess.run(["tmux", "-L", os.environ["QAT_TEST_SOCKET"], "list-panes", "-a", "-F",
-                             "#{window_name} #{pane_pid}"], capture_output=True, text=True).stdout.split("\n")  # fmt: skip
+    listed = subprocess.run(
+        [
+            "tmux",
+            "-L",
+            os.environ["QAT_TEST_SOCKET"],
+            "list-panes",
+            "-a",
+            "-F",
+            "#{window_name} #{pane_pid}",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
     return {int(line.split()[1]) for line in listed if line.split()[:1] in (["results"], ["agent"])}
 
 
 def leftover_processes(tmp, seconds=60):
-    """This test's runner, train.py, tee and job shells still alive (found by the test's folder and
-    the hanging run's token in their command lines), once `seconds` have let them end."""
+    """This test's runner, train.py, tee and job shells still alive (found by a path under the
+    test's own folder and the hanging run's token in their command lines), once `seconds` have let
+    them end."""
     deadline = time.monotonic() + seconds
+    mine = (f"{tmp}{os.sep}", HANG_TOKEN)  # tmp/: not the folder of a test whose name extends it
     while True:
-        left = {
-            pid for token in (str(tmp), HANG_TOKEN) for pid in processes_with(token)
-        } - viewer_pids()
+        left = {pid for token in mine for pid in processes_with(token)} - viewer_pids()
         if not left or time.monotonic() > deadline:
             return sorted(left)
         time.sleep(0.5)
@@ -181,10 +230,18 @@ def test_every_kind_of_reply_is_applied_and_run_or_rejected_with_a_reason(user_r
     events = agent_events(tmp / "runs", "t1")
     rejected = [e["reason"] for e in events if e["event"] == "rejected"]
     assert len(rejected) == 7
-    for reason, expected in zip(rejected, ["targets 'harness/evaluate.py'", "does not match train.py",
-                                           "syntax error in edited train.py line", "no SEARCH/REPLACE block",
-                                           "empty reply", "API unavailable after 2 attempts: InternalServerError",
-                                           "no SEARCH/REPLACE block"]):  # fmt: skip
+    for reason, expected in zip(
+        rejected,
+        [
+            "targets 'harness/evaluate.py'",
+            "does not match train.py",
+            "syntax error in edited train.py line",
+            "no SEARCH/REPLACE block",
+            "empty reply",
+            "API unavailable after 2 attempts: InternalServerError",
+            "no SEARCH/REPLACE block",
+        ],
+    ):
         assert expected in reason, reason
     assert any(e["event"] == "api_error" and "Timeout" in e["error"] for e in events)
 
@@ -439,8 +496,16 @@ def test_uncommitted_train_py_is_warned_about_and_from_checkout_starts_from_it(u
         assert git(user_repo, "rev-parse", "autoresearch/t1") == git(user_repo, "rev-parse", "main")
 
         for _ in range(2):  # the second time the branch exists: it keeps its kept commit
-            assert harness_main([*llm_args(server, "--max-experiments", "0", "--from-checkout", tag="t2"), "--",
-                                 *TINY_FLAGS]) == 0  # fmt: skip
+            assert (
+                harness_main(
+                    [
+                        *llm_args(server, "--max-experiments", "0", "--from-checkout", tag="t2"),
+                        "--",
+                        *TINY_FLAGS,
+                    ]
+                )
+                == 0
+            )
     events = agent_events(user_repo.parent / "runs", "t2")
     assert [e["event"] for e in events].count("from_checkout") == 1
     assert (
@@ -467,9 +532,23 @@ def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
     tmp = user_repo.parent
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(2):  # the second invocation resumes the same study
-        done = subprocess.run([sys.executable, "-m", "harness", *agent_args("--proposer", "optuna", "--seed", "1",
-                               "--max-experiments", "1", tag="opt"), "--", *TINY_FLAGS],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "harness",
+                *agent_args(
+                    "--proposer", "optuna", "--seed", "1", "--max-experiments", "1", tag="opt"
+                ),
+                "--",
+                *TINY_FLAGS,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     frame = results.read(tmp / "results.tsv")
     assert len(frame) == 2 and set(frame["status"]) <= {"keep", "discard"}

@@ -18,7 +18,6 @@ from test_formats import random_layer
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from harness import export as hf_export
 from harness.artifact import (
     DENSE_WEIGHTS,
     QUANT_SPEC,
@@ -38,6 +37,7 @@ from harness.formats import (
     int8_token_absmax,
     pack_codes,
 )
+from harness.tools import export as hf_export
 
 IDS = torch.arange(16)[None]
 
@@ -47,7 +47,8 @@ def tiny(model_dir) -> nn.Module:
 
 
 def quantize(model: nn.Module, spec: dict, names: list[str]) -> dict[str, QuantizedLinear]:
-    """Give each named layer honest random codes for `spec`; the model computes with their decode."""
+    """Give each named layer honest random codes for `spec`; the model computes with their
+    decode."""
     layers = {}
     for seed, name in enumerate(names):
         module, _ = owner(model, f"{name}.weight")
@@ -169,7 +170,8 @@ def test_a_plain_hf_save_is_not_an_artifact(tiny_model_dir, tmp_path):
     "extra", ["config.json", "pytorch_model.bin", "model.safetensors", "modeling_llama.py"]
 )
 def test_any_other_file_in_the_artifact_is_refused(tiny_model_dir, tmp_path, extra):
-    """A config could change the architecture (is_causal, attention), a .bin is a pickle, .py is code."""
+    """A config could change the architecture (is_causal, attention), a .bin is a pickle, .py is
+    code."""
     out, _ = export(tiny_model_dir, tmp_path / "a", TERNARY)
     (out / extra).write_text(json.dumps({"is_causal": False}))
     with pytest.raises(InvalidArtifact, match=rf"{extra} in the artifact: only quant.json"):
@@ -363,7 +365,8 @@ def test_codes_of_a_dense_layer_are_refused(tiny_model_dir, tmp_path):
 
 
 def test_a_blended_weight_smuggled_in_dense_tensors_is_refused(tiny_model_dir, tmp_path):
-    """Saving w_q + (1 - lambda)(w - w_q) beside the codes: the codes are low-bit, the model would not be."""
+    """Saving w_q + (1 - lambda)(w - w_q) beside the codes: the codes are low-bit, the model would
+    not be."""
     out, model = export(tiny_model_dir, tmp_path / "blend", TERNARY)
     original = tiny(tiny_model_dir).model.layers[0].mlp.up_proj.weight
     blended = 0.9 * model.model.layers[0].mlp.up_proj.weight + 0.1 * original
@@ -379,7 +382,7 @@ def test_a_blended_weight_smuggled_in_dense_tensors_is_refused(tiny_model_dir, t
 
 @pytest.fixture(scope="module")
 def gpt2_model_dir(tmp_path_factory):
-    """A tiny GPT-2 from a config: its attention and MLP are transformers' Conv1D, weight (in, out)."""
+    """A tiny GPT-2 from a config: attention and MLP are transformers' Conv1D, weight (in, out)."""
     config = GPT2Config(
         vocab_size=512,
         n_positions=64,
@@ -410,8 +413,11 @@ def test_conv1d_layers_verify_with_their_transposed_weights(gpt2_model_dir, tmp_
         {"format": "int", "bits": 4, "symmetric": True, "group_size": 32},
     )
     model, report = load_verified(out, gpt2_model_dir)
-    assert sorted(decoder_weights(model)) == [f"transformer.h.{i}.{m}" for i in (0, 1)
-                                              for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]  # fmt: skip
+    assert sorted(decoder_weights(model)) == [
+        f"transformer.h.{i}.{m}"
+        for i in (0, 1)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert report.formats == {"int": 8} and report.bpw == pytest.approx(4 + 16 / 32)
     assert model.transformer.h[0].attn.c_attn.weight.shape == (
         32,
@@ -659,7 +665,8 @@ def test_an_undeclared_untied_head_stays_as_stored_in_other_mb(untied_model_dir,
 
 @pytest.fixture(scope="module")
 def bidirectional_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with `is_causal: false`, which transformers honours with a bidirectional mask."""
+    """The tiny model with `is_causal: false`, which transformers honours with a bidirectional
+    mask."""
     target = tmp_path_factory.mktemp("bidirectional") / "tiny-bidirectional"
     shutil.copytree(tiny_model_dir, target)
     config = json.loads((target / "config.json").read_text())

@@ -23,7 +23,7 @@ def test_clock_starts_after_the_first_step_and_stops_training():
         time.sleep(0.05)
         budget.step_done()
         steps += 1
-    assert 0.2 <= budget.elapsed < 1.0 and steps >= 3
+    assert budget.elapsed >= 0.2 and steps >= 2 and budget.fraction == 1.0
 
 
 def test_each_step_is_announced_on_the_clock_pipe(monkeypatch):

@@ -1,9 +1,10 @@
-"""Edit blocks against the real train.py: applied only when exact, refused with a reason otherwise."""
+"""Edit blocks against the real train.py: applied only when exact, else refused with a reason."""
 
 import pytest
 from conftest import ROOT
 
-from harness.edits import EditRejected, apply_edits, edited_train_py, one_line, parse_reply
+from harness.agent.edits import EditRejected, apply_edits, edited_train_py, parse_reply
+from harness.text import one_line
 
 TRAIN_PY = (ROOT / "train.py").read_text()
 LR_LINE = next(line for line in TRAIN_PY.splitlines() if line.startswith("LR = "))
@@ -74,7 +75,8 @@ def test_empty_replies_are_refused(reply):
         edited_train_py(TRAIN_PY, reply)
 
 
-@pytest.mark.parametrize("reply", ["Sure! I think the learning rate is too low.", "\x00\x01garbage{{{",
+@pytest.mark.parametrize("reply", ["Sure! I think the learning rate is too low.",
+                                   "\x00\x01garbage{{{",
                                    "<<<<<<< SEARCH\nLR = 5e-4\n=======\nLR = 1e-3\n"])  # fmt: skip
 def test_replies_without_a_complete_block_are_refused(reply):
     with pytest.raises(EditRejected, match="no SEARCH/REPLACE block"):
@@ -87,7 +89,10 @@ def test_an_edit_that_changes_nothing_is_refused():
 
 
 def test_the_description_is_one_printable_line_whatever_the_reply_held():
-    reply = "DESCRIPTION: **\x1b[1mwarm\x1b[0m-up \u2067x\u2069\u200f 5\ud83d\x1b]0;title\x07 steps\u0085**\n"
+    reply = (
+        "DESCRIPTION: **\x1b[1mwarm\x1b[0m-up \u2067x\u2069\u200f 5\ud83d\x1b]0;title\x07 "
+        "steps\u0085**\n"
+    )
     description = parse_reply(reply + block("WARMUP_STEPS = 10", "WARMUP_STEPS = 5")).description
     assert description == "warm-up x 5 steps" and description.isprintable()
 

@@ -40,8 +40,23 @@ def llama_server(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(tmp_path / "llama-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf()), "--host", "127.0.0.1",
-                               "--port", str(port), "--n_ctx", "4096"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
     while True:
@@ -66,11 +81,41 @@ def test_the_llm_proposer_runs_against_a_real_llama_cpp_server(
     monkeypatch.setenv("HARNESS_TRAIN_SCRIPT", str(repo / "train.py"))
     socket_name = f"qat-llm-{time.monotonic_ns()}"
     try:
-        code = harness_main(["agent", "--proposer", "llm", "--base-url", llama_server, "--model", "smollm2",
-                             "--tag", "llm", "--socket", socket_name, "--results-command", "sleep 600",
-                             "--max-experiments", str(ITERATIONS), "--max-crashes", str(ITERATIONS + 1),
-                             "--retries", "0", "--request-timeout", "900", "--max-tokens", "256",
-                             "--train-chars", "2500", "--budget", "60", "--eval-tokens", "4096", "--", *TINY_FLAGS])  # fmt: skip
+        code = harness_main(
+            [
+                "agent",
+                "--proposer",
+                "llm",
+                "--base-url",
+                llama_server,
+                "--model",
+                "smollm2",
+                "--tag",
+                "llm",
+                "--socket",
+                socket_name,
+                "--results-command",
+                "sleep 600",
+                "--max-experiments",
+                str(ITERATIONS),
+                "--max-crashes",
+                str(ITERATIONS + 1),
+                "--retries",
+                "0",
+                "--request-timeout",
+                "900",
+                "--max-tokens",
+                "256",
+                "--train-chars",
+                "2500",
+                "--budget",
+                "60",
+                "--eval-tokens",
+                "4096",
+                "--",
+                *TINY_FLAGS,
+            ]
+        )
     finally:
         subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True)
     assert code == 0, capsys.readouterr().out[-3000:]

@@ -5,7 +5,7 @@ from test_status import ledger  # noqa: F401 - the crafted ledger fixture
 
 from harness import results
 from harness.__main__ import main
-from harness.plots import PlotError, loss_curve, pareto, progress
+from harness.tools.plots import PlotError, loss_curve, pareto, progress
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

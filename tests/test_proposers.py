@@ -14,7 +14,7 @@ from agent_fixtures import TRAIN_PY, RawServer, block, raw_reply
 from conftest import ROOT
 
 from harness import results
-from harness.proposers import (
+from harness.agent.proposers import (
     CHARS_PER_TOKEN,
     LOSS_CSV_BYTES,
     RETRY_AFTER_CAP,
@@ -42,14 +42,26 @@ COMPLETE, FAIL, RUNNING = TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNI
 
 
 def real_context(**fields) -> Context:
-    values = {"train_py": TRAIN_PY, "program": (ROOT / "program.md").read_text(), "recent": pd.DataFrame(),
-              "crash_log": "", **fields}  # fmt: skip
+    values = {
+        "train_py": TRAIN_PY,
+        "program": (ROOT / "program.md").read_text(),
+        "recent": pd.DataFrame(),
+        "crash_log": "",
+        **fields,
+    }
     return Context(**values)
 
 
 def llm(server, **overrides) -> LLMProposer:
-    settings = {"model": "scripted", "base_url": server.base_url, "api_key": "test", "timeout": 5, "retries": 1,
-                "backoff": 0.01, **overrides}  # fmt: skip
+    settings = {
+        "model": "scripted",
+        "base_url": server.base_url,
+        "api_key": "test",
+        "timeout": 5,
+        "retries": 1,
+        "backoff": 0.01,
+        **overrides,
+    }
     return LLMProposer(LLMConfig(**settings))
 
 
@@ -84,8 +96,10 @@ def test_a_bad_search_space_is_refused_with_the_reason(tmp_path, declared, messa
 
 # --- Optuna across sessions ---
 
-SMALL_SPACE = {"--warmup-steps": optuna.distributions.IntDistribution(0, 4),
-               "--quant": optuna.distributions.CategoricalDistribution(["ternary", "int"])}  # fmt: skip
+SMALL_SPACE = {
+    "--warmup-steps": optuna.distributions.IntDistribution(0, 4),
+    "--quant": optuna.distributions.CategoricalDistribution(["ternary", "int"]),
+}
 
 
 def test_a_trial_left_running_by_an_interrupted_sweep_is_failed_and_the_study_goes_on(tmp_path):
@@ -183,8 +197,18 @@ def code_block(user: str) -> str:
 
 
 def test_the_prompt_carries_program_train_py_results_dynamics_and_the_crash():
-    recent = pd.DataFrame([{"commit": "abc1234", "status": "keep", "val_bpb": 2.5, "bpw": 1.7, "steps": 9,
-                            "description": "first try"}])  # fmt: skip
+    recent = pd.DataFrame(
+        [
+            {
+                "commit": "abc1234",
+                "status": "keep",
+                "val_bpb": 2.5,
+                "bpw": 1.7,
+                "steps": 9,
+                "description": "first try",
+            }
+        ]
+    )
     context = real_context(
         recent=recent, crash_log="Traceback: boom", dynamics="r1: 9 steps, loss 5 4 3 2 1"
     )
@@ -253,7 +277,10 @@ def test_the_request_the_server_gets_fits_the_context_and_the_proposal_is_applie
 
 
 def test_a_description_becomes_one_clean_printable_line():
-    dirty = "\x1b[31mraise\x1b[0m the \u202eLR\u202c\ud800 to\x85 1e-3\x9b2J \u2066now\u2069\x7f\x00\tplease"
+    dirty = (
+        "\x1b[31mraise\x1b[0m the \u202eLR\u202c\ud800 to\x85 1e-3\x9b2J "
+        "\u2066now\u2069\x7f\x00\tplease"
+    )
     reply = GOOD_REPLY.replace("raise the learning rate", dirty)
     with RawServer([(200, JSON, json.dumps(completion_of(reply)).encode())]) as server:
         proposal = llm(server).propose(real_context())
@@ -273,7 +300,8 @@ def test_a_description_is_capped_kept_when_it_starts_with_a_dash_and_never_empty
 @pytest.mark.parametrize("headers, body, expected", [
     (JSON, b'{"choices": [{"message": {"content": "caf\xe9 \xff"}}]}', "the body is not UTF-8"),
     (JSON, b"upstream connect error or disconnect/reset before headers", "the body is not JSON"),
-    ({"Content-Type": "text/html"}, b"<html><body><h1>Welcome to nginx!</h1></body></html>", "the body is not JSON"),
+    ({"Content-Type": "text/html"}, b"<html><body><h1>Welcome to nginx!</h1></body></html>",
+     "the body is not JSON"),
     (JSON, json.dumps({"error": {"message": "model scripted is not loaded", "code": 404}}).encode(),
      "API error in an HTTP 200 reply: model scripted is not loaded"),
     (JSON, b'{"object": "list", "data": []}', "no choices[0].message.content"),
@@ -326,8 +354,8 @@ def test_503_waits_until_the_http_date_in_retry_after():
 
 
 @pytest.mark.parametrize("value, seconds", [
-    ("4", 4.0), ("0.5", 0.5), ("-3", 0.0), ("86400", RETRY_AFTER_CAP), ("soon", None), ("nan", None), ("", None),
-    (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ("4", 4.0), ("0.5", 0.5), ("-3", 0.0), ("86400", RETRY_AFTER_CAP), ("soon", None),
+    ("nan", None), ("", None), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
     (email.utils.formatdate(time.time() + 86400, usegmt=True), RETRY_AFTER_CAP),
 ])  # fmt: skip
 def test_retry_after_reads_seconds_or_a_date_and_is_capped(value, seconds):
@@ -351,9 +379,13 @@ def loss_csv(run_dir, text: str | bytes) -> None:
 
 
 def logged_rows(steps) -> str:
-    """Rows as train.py writes them: loss falls from 10 by 1 per 20 steps, lambda rises to 1, 4 bits then 2."""
-    return "".join(f"{s},{10 - s / 20:.6f},{10 - s / 20:.6f},0.0005,{s / 100:.4f},{4 if s < 50 else 2},1000.0,{s}\n"
-                   for s in steps)  # fmt: skip
+    """Rows as train.py writes them: loss falls from 10 by 1 per 20 steps, lambda rises to 1, 4 bits
+    then 2."""
+    return "".join(
+        f"{s},{10 - s / 20:.6f},{10 - s / 20:.6f},0.0005,{s / 100:.4f},{4 if s < 50 else 2},"
+        f"1000.0,{s}\n"
+        for s in steps
+    )
 
 
 def test_the_dynamics_summary_shows_each_runs_curve_speed_and_schedules(tmp_path):
@@ -363,15 +395,29 @@ def test_the_dynamics_summary_shows_each_runs_curve_speed_and_schedules(tmp_path
         LOSS_HEADER + "".join(f"{s},3.0,3.0,0.0005,1.0000,-,500.0,{s}\n" for s in (1, 10)),
     )
     assert dynamics_summary([tmp_path / "run-a", tmp_path / "run-b"]) == (
-        "run-a: 100 steps, loss 9.95 8.5 7.5 6 5, 1,000 tok/s, lambda 0.01 0.3 0.5 0.8 1, bits 4,2\n"
-        "run-b: 10 steps, loss 3 3 3 3 3, 500 tok/s")  # fmt: skip
+        "run-a: 100 steps, loss 9.95 8.5 7.5 6 5, 1,000 tok/s, lambda 0.01 0.3 0.5 0.8 1, "
+        "bits 4,2\n"
+        "run-b: 10 steps, loss 3 3 3 3 3, 500 tok/s"
+    )
 
 
 def test_the_dynamics_summary_skips_garbled_lines_and_unreadable_files(tmp_path):
-    garbage = (LOSS_HEADER.encode() + b"\x00\x00\xff\xfe\n" + b"1,9.0,9.0,0.1,0,2,10,1\n" + b"2,nan,1,1,1,2,1,1\n"
-               + b"3,inf,1,1,1,2,1,1\n" + b"-4,1.0,1,1,1,2,1,1\n" + b"5.5,1.0,1,1,1,2,1,1\n" + b"6,1.0,1\n"
-               + b"7,1.0,1,1,1,2,1,1,extra\n" + b"8,\x1b[31m1.0,1,1,1,2,1,1\n" + b"x" * 100_000 + b"\n"
-               + b"10,8.0,8.0,0.1,0,2,30,2\n" + b"11,7.0,7.0,0.1,0,\x1b]0;pwned\x07,20,3")  # fmt: skip
+    garbage = (
+        LOSS_HEADER.encode()
+        + b"\x00\x00\xff\xfe\n"
+        + b"1,9.0,9.0,0.1,0,2,10,1\n"
+        + b"2,nan,1,1,1,2,1,1\n"
+        + b"3,inf,1,1,1,2,1,1\n"
+        + b"-4,1.0,1,1,1,2,1,1\n"
+        + b"5.5,1.0,1,1,1,2,1,1\n"
+        + b"6,1.0,1\n"
+        + b"7,1.0,1,1,1,2,1,1,extra\n"
+        + b"8,\x1b[31m1.0,1,1,1,2,1,1\n"
+        + b"x" * 100_000
+        + b"\n"
+        + b"10,8.0,8.0,0.1,0,2,30,2\n"
+        + b"11,7.0,7.0,0.1,0,\x1b]0;pwned\x07,20,3"
+    )
     loss_csv(tmp_path / "garbled", garbage)
     loss_csv(tmp_path / "no-header", logged_rows([1, 10]))
     loss_csv(tmp_path / "binary", os.urandom(4096))

@@ -8,10 +8,24 @@ from harness import results
 
 
 def row(i=0, **over):
-    base = {"commit": "abc1234", "run_id": f"r{i}", "timestamp": "2026-01-01T00:00:00", "status": "keep",
-            "val_bpb": 1.5 + i / 1000, "val_ppl": 20.0, "bpw": 1.73, "size_mb": 50.0, "steps": 10,
-            "train_tokens": 5120, "train_seconds": 3.0, "peak_mem_gb": 1.0, "eval_set": "e", "model": "m",
-            "description": "tab\there and\nnewline", "config": {"lr": 1e-3, "note": "a\tb"}}  # fmt: skip
+    base = {
+        "commit": "abc1234",
+        "run_id": f"r{i}",
+        "timestamp": "2026-01-01T00:00:00",
+        "status": "keep",
+        "val_bpb": 1.5 + i / 1000,
+        "val_ppl": 20.0,
+        "bpw": 1.73,
+        "size_mb": 50.0,
+        "steps": 10,
+        "train_tokens": 5120,
+        "train_seconds": 3.0,
+        "peak_mem_gb": 1.0,
+        "eval_set": "e",
+        "model": "m",
+        "description": "tab\there and\nnewline",
+        "config": {"lr": 1e-3, "note": "a\tb"},
+    }
     return {**base, **over}
 
 
@@ -95,7 +109,8 @@ def _bytes_ledger(path, junk: bytes):
     (b"\t" * 20 + b"keep\n", 1),  # too many tabs
     (b"abc\tr9\t2026\tkeep\n", 1),  # too few tabs
     (b"\r\n\n  \n", 0),  # blank lines are not counted
-], ids=["ff", "nul", "bad-utf8", "bad-utf8-tabs", "header-again", "many-tabs", "few-tabs", "blank"])  # fmt: skip
+], ids=["ff", "nul", "bad-utf8", "bad-utf8-tabs", "header-again", "many-tabs", "few-tabs",
+       "blank"])  # fmt: skip
 def test_any_bytes_in_the_middle_cost_only_their_line(tmp_path, junk, skipped):
     path = tmp_path / "results.tsv"
     _bytes_ledger(path, junk)
@@ -182,12 +197,15 @@ def test_when_even_the_side_file_fails_the_error_carries_the_row(tmp_path):
 
 def test_terminal_controls_are_stripped_from_cells(tmp_path):
     path = tmp_path / "results.tsv"
-    nasty = "\x1b[2J\x1b[31mred\x1b[0m \u202egnp.exe\u202c \u2066iso\u2069 \u200e\u200f\u061c\x7f\x9b\x00 sur\ud800rogate"
+    nasty = (
+        "\x1b[2J\x1b[31mred\x1b[0m \u202egnp.exe\u202c \u2066iso\u2069 "
+        "\u200e\u200f\u061c\x7f\x9b\x00 sur\ud800rogate"
+    )
     results.append(row(0, description=nasty, model="m\x07\x08"), path)
     cells = path.read_text().splitlines()[1].split("\t")
-    assert cells[results.COLUMNS.index("description")] == "[2J[31mred[0m gnp.exe iso sur?rogate"
+    assert cells[results.COLUMNS.index("description")] == "red gnp.exe iso surrogate"
     assert cells[results.COLUMNS.index("model")] == "m"
-    assert results.read(path).loc[0, "description"] == "[2J[31mred[0m gnp.exe iso sur?rogate"
+    assert results.read(path).loc[0, "description"] == "red gnp.exe iso surrogate"
 
 
 def test_truncation_is_survived(tmp_path):

@@ -6,21 +6,12 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_GROUP, wait_until_gone
+from conftest import ROOT, TINY_GROUP, TINY_RUN_FLAGS, wait_until_gone
 
 from harness import results
 from harness.runner import RunSpec, run_experiment
 
-TINY_FLAGS = [
-    "--group-size",
-    str(TINY_GROUP),
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "64",
-    "--log-every",
-    "1",
-]
+TINY_FLAGS = [*TINY_RUN_FLAGS, "--log-every", "1"]
 EVAL_TOKENS = 4096
 
 
@@ -96,9 +87,11 @@ def test_a_hung_run_is_killed_and_recorded(harness_env):
         f"hung-child-{harness_env.name}"  # the script's own child, not any sleeper on the machine
     )
     script = harness_env / "hang.py"
-    script.write_text("import subprocess, sys, time\n"
-                      f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {token!r}])\n"
-                      "time.sleep(300)\n")  # fmt: skip
+    script.write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {token!r}])\n"
+        "time.sleep(300)\n"
+    )
     outcome = run(harness_env, [], script=script, startup_seconds=1, export_seconds=1)
     assert outcome.status == "invalid" and outcome.reason.startswith(
         "killed after 2 s: no training step"
@@ -117,8 +110,14 @@ def test_an_unverifiable_export_is_invalid_not_scored(harness_env):
 def test_python_train_py_by_hand_goes_through_the_harness(harness_env):
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_RUN_DIR"}
     env["HARNESS_BUDGET_SECONDS"] = "30"
-    done = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--steps", "2", "--description", "by hand"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "train.py", *TINY_FLAGS, "--steps", "2", "--description", "by hand"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "\n---\nval_bpb:" in done.stdout
     row = only_row(harness_env)
@@ -127,8 +126,14 @@ def test_python_train_py_by_hand_goes_through_the_harness(harness_env):
 
 def test_an_unprepared_checkout_gets_one_line_and_no_row(harness_env, monkeypatch):
     monkeypatch.setenv("HARNESS_DATA_DIR", str(harness_env / "nothing-here"))
-    done = subprocess.run([sys.executable, "train.py", "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "HARNESS_RUN_DIR"}, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "train.py", "--steps", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "HARNESS_RUN_DIR"},
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: no ") and "python prepare.py" in done.stderr
     assert not (harness_env / "results.tsv").exists()

@@ -13,8 +13,8 @@ from test_runner import EVAL_TOKENS, TINY_FLAGS
 from harness import results
 from harness.__main__ import main
 from harness.artifact import load_verified
-from harness.inspect_run import RunNotFound, find_run, train_diff
 from harness.runner import RunSpec, run_experiment
+from harness.tools.show import RunNotFound, find_run, train_diff
 
 
 def git(repo, *args):
@@ -52,8 +52,17 @@ def crafted_run(tmp_path, run_id, ran, commit):
     (run_dir / "run.log").write_text(
         "".join(f"step {i}\n" for i in range(100)) + "---\nval_bpb:          2.5\n"
     )
-    results.append({"commit": commit, "run_id": run_id, "status": "keep", "val_bpb": 2.5, "bpw": 1.73,
-                    "config": {"quant": "ternary", "lr": 1e-3}}, tmp_path / "results.tsv")  # fmt: skip
+    results.append(
+        {
+            "commit": commit,
+            "run_id": run_id,
+            "status": "keep",
+            "val_bpb": 2.5,
+            "bpw": 1.73,
+            "config": {"quant": "ternary", "lr": 1e-3},
+        },
+        tmp_path / "results.tsv",
+    )
     return run_dir
 
 
@@ -127,9 +136,17 @@ def tiny_run(tiny_data_dir, tmp_path_factory):
         patch.setenv(
             "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         )
-        outcome = run_experiment(RunSpec(train_args=[*TINY_FLAGS, "--steps", "3"], budget_seconds=60, echo=False,
-                                         eval_tokens=EVAL_TOKENS, train_script=ROOT / "train.py",
-                                         results_path=home / "results.tsv", runs_dir=home / "runs"))  # fmt: skip
+        outcome = run_experiment(
+            RunSpec(
+                train_args=[*TINY_FLAGS, "--steps", "3"],
+                budget_seconds=60,
+                echo=False,
+                eval_tokens=EVAL_TOKENS,
+                train_script=ROOT / "train.py",
+                results_path=home / "results.tsv",
+                runs_dir=home / "runs",
+            )
+        )
         assert outcome.status == "keep", outcome.reason
         yield outcome
 

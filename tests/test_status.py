@@ -11,13 +11,23 @@ import time
 import pytest
 from conftest import ROOT, default_sigint
 
-from harness import results, status
+from harness import results
+from harness.tools import status
 
 
 def row(run_id, status_="keep", val_bpb=2.0, bpw=1.73, config=None, **over):
-    base = {"commit": "abc1234", "run_id": run_id, "timestamp": "2026-01-01T03:00:00", "status": status_,
-            "val_bpb": val_bpb, "bpw": bpw, "eval_set": "sotu:eval", "model": "m", "description": run_id,
-            "config": config or {"quant": "ternary"}}  # fmt: skip
+    base = {
+        "commit": "abc1234",
+        "run_id": run_id,
+        "timestamp": "2026-01-01T03:00:00",
+        "status": status_,
+        "val_bpb": val_bpb,
+        "bpw": bpw,
+        "eval_set": "sotu:eval",
+        "model": "m",
+        "description": run_id,
+        "config": config or {"quant": "ternary"},
+    }
     return {**base, **over}
 
 
@@ -57,8 +67,12 @@ def test_table_best_and_pareto_on_a_crafted_ledger(ledger):
 
     best = {(r.eval_set, r.track): r.run_id for r in view.best.itertuples()}
     # t3 beats the RTN baseline in the ternary track; discarded c2 never counts as best
-    assert best == {("sotu:eval", "ternary"): "t3", ("sotu:eval", "4bit"): "i4", ("sotu:eval", "fp"): "fp",
-                    ("wikitext:test", "ternary"): "other"}  # fmt: skip
+    assert best == {
+        ("sotu:eval", "ternary"): "t3",
+        ("sotu:eval", "4bit"): "i4",
+        ("sotu:eval", "fp"): "fp",
+        ("wikitext:test", "ternary"): "other",
+    }
     front = view.front
     assert list(front[front["eval_set"] == "sotu:eval"]["run_id"]) == [
         "rtn",
@@ -133,8 +147,15 @@ def test_status_follow_redraws_in_place_and_stops_cleanly_on_ctrl_c(tmp_path):
     path = tmp_path / "results.tsv"
     results.append(row("first"), path)
     env = {**os.environ, "HARNESS_RESULTS": str(path), "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "harness", "status", "--follow", "--interval", "0.05"], cwd=ROOT,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-m", "harness", "status", "--follow", "--interval", "0.05"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     seen, drawn = [], threading.Event()
 
     def read_output() -> None:

@@ -10,8 +10,8 @@ import time
 import pytest
 from agent_fixtures import screen_showing, tmux_environments
 
-import harness.tmux
-from harness.tmux import LOG_WINDOW, RESULTS_WINDOW, Tmux
+import harness.agent.tmux
+from harness.agent.tmux import LOG_WINDOW, RESULTS_WINDOW, Tmux
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_the_environment_reaches_the_job(tmux, tmp_path):
 
 def test_an_overrunning_job_is_stopped_with_every_process_group(tmux, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        harness.tmux, "STOP_GRACE_SECONDS", 2.0
+        harness.agent.tmux, "STOP_GRACE_SECONDS", 2.0
     )  # the job ignores SIGTERM: no need to wait 20 s
     # a grandchild in its own session, as train.py is under the runner: a signal to the pane misses
     # it
@@ -92,8 +92,11 @@ def test_a_stopped_job_finishes_what_its_signal_started_and_its_exit_code_is_kep
     """What the runner does on SIGTERM: take a moment to write its row, then exit. The pane's shells
     wait for it, so no hangup cuts it short."""
     handler = "sleep 1; echo row > row.txt; exit 3"
-    job = tmux.start("runner", f"bash -c 'trap \"{handler}\" TERM; touch ready; while :; do sleep 0.1; done'",
-                     tmp_path / "job")  # fmt: skip
+    job = tmux.start(
+        "runner",
+        f"bash -c 'trap \"{handler}\" TERM; touch ready; while :; do sleep 0.1; done'",
+        tmp_path / "job",
+    )
     while not (tmp_path / "job" / "ready").exists():
         time.sleep(0.1)
     job.stop(signal.SIGTERM)
@@ -175,8 +178,12 @@ def test_a_server_someone_else_started_with_secrets_gives_none_to_the_panes(tmp_
             socket_name=socket,
             log_file=tmp_path / "log",
         )
-        job = box.start("env", 'echo "${QAT_PROBE_TOKEN-absent} ${QAT_PROBE_SECRET-absent} $QAT_PLAIN" > probe.txt\n'
-                        "sleep 300", tmp_path / "job")  # fmt: skip
+        job = box.start(
+            "env",
+            'echo "${QAT_PROBE_TOKEN-absent} ${QAT_PROBE_SECRET-absent} $QAT_PLAIN" > probe.txt\n'
+            "sleep 300",
+            tmp_path / "job",
+        )
         probe = tmp_path / "job" / "probe.txt"
         while not probe.exists() or not probe.read_text():
             time.sleep(0.1)

@@ -78,7 +78,8 @@ def test_train_py_cannot_touch_the_data_and_never_sees_the_eval_split(harness_en
     attack = f"""
 import json, os
 import numpy as np
-seen = {{"eval_visible": os.path.exists({str(eval_tokens)!r}), "wikitext_test_visible": os.path.exists({str(ROOT.parent / "shared")!r})}}
+seen = {{"eval_visible": os.path.exists({str(eval_tokens)!r}),
+        "wikitext_test_visible": os.path.exists({str(ROOT.parent / "shared")!r})}}
 try:
     np.save({str(token_bytes)!r}, np.load({str(token_bytes)!r}) * 100)
     seen["token_bytes"] = "scaled"
@@ -150,8 +151,26 @@ def test_train_py_cannot_forge_truncate_or_corrupt_results(harness_env):
     ledger = harness_env / "results.tsv"
     first = run(harness_env, [*FAST, "--baseline", "fp"])
     before = ledger.read_bytes()
-    forged = "\t".join(["x", "forged", "t", "keep", "0.01", "1", "1.5", "1", "1", "1", "1", "1", first.row["eval_set"],
-                        first.row["model"], "forged", "{}"])  # fmt: skip
+    forged = "\t".join(
+        [
+            "x",
+            "forged",
+            "t",
+            "keep",
+            "0.01",
+            "1",
+            "1.5",
+            "1",
+            "1",
+            "1",
+            "1",
+            "1",
+            first.row["eval_set"],
+            first.row["model"],
+            "forged",
+            "{}",
+        ]
+    )
     attack = f"""
 import json
 seen = {{}}
@@ -174,8 +193,8 @@ def test_what_train_py_claims_about_itself_is_not_recorded(harness_env):
     attack = """
 import atexit, json, os
 def lie():
-    info = {"steps": 9999, "train_tokens": 10**9, "train_seconds": 1.0, "model": "gpt-5", "baseline": True,
-            "config": {"lr": 1}}
+    info = {"steps": 9999, "train_tokens": 10**9, "train_seconds": 1.0, "model": "gpt-5",
+            "baseline": True, "config": {"lr": 1}}
     with open(os.path.join(os.environ["HARNESS_RUN_DIR"], "train.json"), "w") as handle:
         json.dump(info, handle)
 atexit.register(lie)
@@ -194,7 +213,8 @@ code = '''
 import json, os, sys, time
 time.sleep(4)
 run_dir = os.environ["HARNESS_RUN_DIR"]
-json.dump({{"status": "valid", "val_bpb": 0.0123, "bpw": 1.0}}, open(os.path.join(run_dir, "eval.json"), "w"))
+json.dump({{"status": "valid", "val_bpb": 0.0123, "bpw": 1.0}},
+          open(os.path.join(run_dir, "eval.json"), "w"))
 '''
 subprocess.Popen(["setsid", sys.executable, "-c", code, {token!r}], start_new_session=True)
 """
@@ -227,7 +247,8 @@ def test_an_artifact_that_links_elsewhere_is_refused(harness_env):
     good = run(harness_env, [*FAST, "--steps", "1"])
     attack = f"""
 import os, sys
-os.symlink({str(good.run_dir / "artifact")!r}, os.path.join(os.environ["HARNESS_RUN_DIR"], "artifact"))
+os.symlink({str(good.run_dir / "artifact")!r},
+           os.path.join(os.environ["HARNESS_RUN_DIR"], "artifact"))
 sys.exit(0)
 """
     outcome = run(harness_env, [], script=hostile(harness_env, attack))
@@ -255,8 +276,10 @@ def test_work_before_the_first_step_is_capped(harness_env):
 
 def test_peak_memory_is_measured_from_outside_the_sandbox(harness_env):
     script = harness_env / "hog.py"
-    script.write_text("import time\nheld = bytearray(400 * 2**20)\nheld[::4096] = b'x' * len(held[::4096])\n"
-                      "time.sleep(1.5)\n")  # fmt: skip
+    script.write_text(
+        "import time\nheld = bytearray(400 * 2**20)\nheld[::4096] = b'x' * len(held[::4096])\n"
+        "time.sleep(1.5)\n"
+    )
     outcome = run(harness_env, [], script=script)
     assert outcome.status == "crash" and outcome.row["peak_mem_gb"] > 0.39  # its pages, not bwrap's
 
@@ -273,7 +296,8 @@ def test_endless_output_and_garbage_on_the_clock_pipe_cost_the_runner_nothing(
     monkeypatch.setattr(runner, "LOG_BYTES", 100_000)
     attack = """
 import os
-os.write(int(os.environ["HARNESS_CLOCK_FD"]), b"step " + b"9" * 5_000_000 + b"x" * 5_000_000 + b"\\nstep -3\\nnonsense\\n")
+os.write(int(os.environ["HARNESS_CLOCK_FD"]),
+         b"step " + b"9" * 5_000_000 + b"x" * 5_000_000 + b"\\nstep -3\\nnonsense\\n")
 for _ in range(200):
     print("x" * 10_000)
 """
@@ -302,8 +326,8 @@ def test_no_secret_no_network_no_home_inside_the_sandbox(harness_env, monkeypatc
     attack = f"""
 import glob, json, os, socket
 seen = {{"env": sorted(os.environ)}}
-seen["key_in_proc"] = any({key!r}.encode() in open(p, "rb").read() for p in glob.glob("/proc/*/environ")
-                          if os.access(p, os.R_OK))
+seen["key_in_proc"] = any({key!r}.encode() in open(p, "rb").read()
+                          for p in glob.glob("/proc/*/environ") if os.access(p, os.R_OK))
 try:
     socket.create_connection(("127.0.0.1", {port}), timeout=2)
     seen["network"] = "connected"
@@ -329,8 +353,11 @@ print("ATTACK " + json.dumps(seen), flush=True)
 
 
 def _start_runner(harness_env: Path, script: Path) -> subprocess.Popen:
-    code = (f"from harness.runner import RunSpec, run_experiment\nfrom pathlib import Path\n"
-            f"run_experiment(RunSpec(train_script=Path({str(script)!r}), budget_seconds=600, eval_tokens={EVAL_TOKENS}))")  # fmt: skip
+    code = (
+        f"from harness.runner import RunSpec, run_experiment\nfrom pathlib import Path\n"
+        f"run_experiment(RunSpec(train_script=Path({str(script)!r}), budget_seconds=600,\n"
+        f"                       eval_tokens={EVAL_TOKENS}))"
+    )
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, preexec_fn=default_sigint,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
@@ -346,9 +373,12 @@ def _wait_for(token: str, seconds: float = 60) -> None:
 def test_a_stopped_runner_takes_train_py_with_it(harness_env, how):
     token = f"sleeper-{harness_env.name}-{how.replace(' ', '')}"
     script = harness_env / "sleeper.py"
-    script.write_text("import subprocess, sys, time\n"
-                      f"subprocess.Popen(['setsid', sys.executable, '-c', 'import time; time.sleep(600)', {token!r}])\n"
-                      "time.sleep(600)\n")  # fmt: skip
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "subprocess.Popen(['setsid', sys.executable, '-c', 'import time; time.sleep(600)',\n"
+        f"                  {token!r}])\n"
+        "time.sleep(600)\n"
+    )
     child = _start_runner(harness_env, script)
     _wait_for(token)
     if how == "SIGINT twice":

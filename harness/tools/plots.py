@@ -1,7 +1,7 @@
 """`python -m harness plot`: pictures of the ledger and of one run.
 
-    python -m harness plot [--out-dir DIR]     progress.png and pareto.png (beside results.tsv by default)
-    python -m harness plot --run RUN           runs/RUN/loss.png: loss (and lr, lambda, bits, ... if logged)
+    python -m harness plot [--out-dir DIR]  progress.png, pareto.png (beside results.tsv by default)
+    python -m harness plot --run RUN        runs/RUN/loss.png: loss (lr, lambda, bits... if logged)
 
 One panel per eval set and model: rows scored on different text or models are not comparable.
 Every plotting function returns its Figure, so the drawn data can be checked without pixels.
@@ -18,8 +18,8 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state, no GU
 from matplotlib.ticker import FuncFormatter
 
 from harness import paths, results
-from harness.inspect_run import RunNotFound, find_run
-from harness.status import SCORED, annotate, pareto_front
+from harness.tools.show import RunNotFound, find_run
+from harness.tools.status import SCORED, annotate, pareto_front
 
 # loss.csv columns that are not curves of their own: the x axis and the throughput (in the title)
 LOSS_AXES = ("step", "train_seconds", "tokens_per_s")
@@ -69,16 +69,28 @@ def progress(frame: pd.DataFrame, out: Path) -> Figure:
             ax.step([*kept["experiment"], len(frame)], [*best, best.iloc[-1]], where="post",
                     color=dots.get_facecolor()[0], label=f"best {track}")  # fmt: skip
         for _, baseline in rows[rows["status"] == "baseline"].iterrows():
-            ax.axhline(baseline["val_bpb"], linestyle=":", color="black", alpha=0.6,
-                       label=f"{baseline['method']} baseline {baseline['val_bpb']:.3f} @ {baseline['bpw']:.2f} bpw")  # fmt: skip
+            ax.axhline(
+                baseline["val_bpb"],
+                linestyle=":",
+                color="black",
+                alpha=0.6,
+                label=f"{baseline['method']} baseline {baseline['val_bpb']:.3f} "
+                f"@ {baseline['bpw']:.2f} bpw",
+            )
         experiments = rows[rows["status"] != "baseline"]["val_bpb"]
         if len(experiments):  # baselines far off (RTN can be 10x worse) must not squash the runs
             low, high = experiments.min(), experiments.max()
             pad = 0.1 * (high - low) or 0.05 * abs(high) or 0.1
             ax.set_ylim(low - pad, high + pad)
         if len(failed):  # x in data, y in axes coordinates: pinned to the bottom whatever the scale
-            ax.scatter(failed["experiment"], [0.03] * len(failed), transform=ax.get_xaxis_transform(),
-                       marker="x", color="red", label="crash / invalid")  # fmt: skip
+            ax.scatter(
+                failed["experiment"],
+                [0.03] * len(failed),
+                transform=ax.get_xaxis_transform(),
+                marker="x",
+                color="red",
+                label="crash / invalid",
+            )
         ax.set_xlim(0.5, len(frame) + 0.5)
         ax.set(
             title=f"{model} on {eval_set}", xlabel="experiment", ylabel="val_bpb (lower is better)"
@@ -103,8 +115,15 @@ def pareto(frame: pd.DataFrame, out: Path) -> Figure:
             alpha = points["status"].map({"keep": 1.0, "discard": 0.3}).to_numpy()
             ax.scatter(points["bpw"], points["val_bpb"], alpha=alpha, s=28, zorder=3, label=method)
         for method, points in rows[rows["status"] == "baseline"].groupby("method", sort=True):
-            ax.scatter(points["bpw"], points["val_bpb"], marker=BASELINE_MARKERS.get(method, "D"), s=140,
-                       color="black", zorder=4, label=f"{method} baseline")  # fmt: skip
+            ax.scatter(
+                points["bpw"],
+                points["val_bpb"],
+                marker=BASELINE_MARKERS.get(method, "D"),
+                s=140,
+                color="black",
+                zorder=4,
+                label=f"{method} baseline",
+            )
         front = pareto_front(rows)
         ax.step(
             front["bpw"],

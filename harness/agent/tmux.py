@@ -28,7 +28,7 @@ from pathlib import Path
 import libtmux
 from libtmux.exc import LibTmuxException
 
-from harness.sandbox import SECRET_ENV
+from harness.sandbox import SECRET_ENV, signal_groups
 
 RESULTS_WINDOW = "results"
 LOG_WINDOW = "agent"
@@ -69,14 +69,6 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
-
-
-def _signal_groups(pgids: set[int], sig: int) -> None:
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -137,7 +129,7 @@ class Job:
             if not self.tmux.pane_alive(self.pane_id):
                 # the window was killed (or the server): only the pane's shell saw its terminal go,
                 # so the rest of its group hears it here, and a runner gets to write its row
-                _signal_groups({self.pane_pid}, signal.SIGHUP)
+                signal_groups({self.pane_pid}, signal.SIGHUP)
                 self._drain()
                 code = self.exit_code()
                 self._sweep()
@@ -155,13 +147,14 @@ class Job:
         """Send `sig` to the pane's process group (the shells trap it; the runner turns it into a
         row), let that group finish, then SIGKILL whatever is left and close the window."""
         self._remember_groups()
-        _signal_groups({self.pane_pid}, sig)
+        signal_groups({self.pane_pid}, sig)
         self._drain()
         self._sweep()
         self.tmux.kill_pane(self.pane_id)
 
     def _drain(self) -> None:
-        """Wait up to STOP_GRACE_SECONDS for the pane's process group to end or record its exit code."""
+        """Wait up to STOP_GRACE_SECONDS for the pane's process group to end or write its exit
+        code."""
         ends = time.monotonic() + STOP_GRACE_SECONDS
         while time.monotonic() < ends and self.exit_code() is None and _group_alive(self.pane_pid):
             self._remember_groups()
@@ -170,7 +163,7 @@ class Job:
     def _sweep(self) -> None:
         """Nothing the job started outlives it: train.py sits in its own session, so a pane that
         died of SIGHUP leaves it orphaned unless its group is killed here."""
-        _signal_groups(self.groups, signal.SIGKILL)
+        signal_groups(self.groups, signal.SIGKILL)
 
 
 class Tmux:
@@ -207,8 +200,17 @@ class Tmux:
         found = self._find()
         if found is None:
             # a placeholder first window: the panes are made once the secrets are hidden
-            self.server.cmd("new-session", "-d", "-s", self.session_name, "-n", RESULTS_WINDOW, "-c", str(self.cwd),
-                            "sleep 600")  # fmt: skip
+            self.server.cmd(
+                "new-session",
+                "-d",
+                "-s",
+                self.session_name,
+                "-n",
+                RESULTS_WINDOW,
+                "-c",
+                str(self.cwd),
+                "sleep 600",
+            )
             found = self._find()
             self._ready = False
         if found is None:
@@ -220,7 +222,7 @@ class Tmux:
         return found
 
     def _hide_secrets(self) -> None:
-        """Mark every secret-looking variable the server or session holds as removed for new panes."""
+        """Mark each secret-looking variable of the server or session as removed for new panes."""
         listed = [*self.server.cmd("show-environment", "-g").stdout,
                   *self.server.cmd("show-environment", "-t", self.session_name).stdout]  # fmt: skip
         names = {line.split("=", 1)[0].lstrip("-") for line in listed}
@@ -257,9 +259,25 @@ class Tmux:
         (job_dir / "job.sh").write_text(f"#!/usr/bin/env bash\n{TRAPPED}\n{script}\n")
         target = self.session().session_name + ":"
         # one tmux call that prints the pane's id and pid: a quick job may be gone a moment later
-        made = self.server.cmd("new-window", "-d", "-P", "-F", "#{pane_id} #{pane_pid}", "-t", target, "-n", window_name,
-                               "-c", str(job_dir), *self._env_flags(environment),
-                               "bash", "-c", WRAPPER, str(job_dir / "job.sh"), str(exit_file))  # fmt: skip
+        made = self.server.cmd(
+            "new-window",
+            "-d",
+            "-P",
+            "-F",
+            "#{pane_id} #{pane_pid}",
+            "-t",
+            target,
+            "-n",
+            window_name,
+            "-c",
+            str(job_dir),
+            *self._env_flags(environment),
+            "bash",
+            "-c",
+            WRAPPER,
+            str(job_dir / "job.sh"),
+            str(exit_file),
+        )
         if made.returncode != 0 or not made.stdout:
             raise RuntimeError(f"tmux new-window failed: {' '.join(made.stderr)}")
         pane_id, pane_pid = made.stdout[0].split()
@@ -269,8 +287,14 @@ class Tmux:
         """The job of `job_dir` if it still runs in this session (started by a driver that is gone:
         its pane's command names job_dir/job.sh), or None."""
         script = str(job_dir / "job.sh")
-        listed = self.server.cmd("list-panes", "-s", "-t", self.session_name, "-F",
-                                 "#{window_name}\t#{pane_id}\t#{pane_pid}\t#{pane_dead}\t#{pane_start_command}").stdout  # fmt: skip
+        listed = self.server.cmd(
+            "list-panes",
+            "-s",
+            "-t",
+            self.session_name,
+            "-F",
+            "#{window_name}\t#{pane_id}\t#{pane_pid}\t#{pane_dead}\t#{pane_start_command}",
+        ).stdout
         for line in listed:
             name, pane_id, pane_pid, dead, command = line.split("\t", 4)
             if dead == "0" and script in command:

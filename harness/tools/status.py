@@ -60,7 +60,7 @@ def method_of(config_json: str) -> str:
 
 
 def annotate(frame: pd.DataFrame) -> pd.DataFrame:
-    """results.read()'s frame plus `track`, `method` and `note` (the crash reason where there is one)."""
+    """results.read()'s frame plus `track`, `method` and `note` (the crash reason, if any)."""
     frame = frame.copy()
     frame["track"] = frame["bpw"].map(
         lambda bpw: results.bpw_track(None if pd.isna(bpw) else float(bpw))
@@ -74,7 +74,7 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def since_cutoff(since: str, now: float | None = None) -> pd.Timestamp:
-    """The earliest timestamp `--since` admits. Row timestamps are local time, like time.strftime."""
+    """The earliest timestamp `--since` admits. Row timestamps are local time (time.strftime)."""
     match = _DURATION.match(since.strip())
     if match:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
@@ -186,14 +186,40 @@ def render(path: Path, filters: Filters | None = None, last: int | None = None) 
     if status.rows.empty:
         return "\n".join([*lines, "no rows yet" if not path.exists() else "no rows match"]) + "\n"
     shown = status.rows.tail(last) if last else status.rows
-    lines += ["", _table(shown, ["run_id", "timestamp", "status", "val_bpb", "bpw", "track", "method", "steps",
-                                 "train_seconds", "note"])]  # fmt: skip
+    lines += [
+        "",
+        _table(
+            shown,
+            [
+                "run_id",
+                "timestamp",
+                "status",
+                "val_bpb",
+                "bpw",
+                "track",
+                "method",
+                "steps",
+                "train_seconds",
+                "note",
+            ],
+        ),
+    ]
     if not status.best.empty:
-        lines += ["", "best so far (keep or baseline) per eval set / model / track:",
-                  _table(status.best, ["eval_set", "model", "track", "val_bpb", "bpw", "method", "run_id"])]  # fmt: skip
+        lines += [
+            "",
+            "best so far (keep or baseline) per eval set / model / track:",
+            _table(
+                status.best, ["eval_set", "model", "track", "val_bpb", "bpw", "method", "run_id"]
+            ),
+        ]
     if not status.front.empty:
-        lines += ["", "Pareto front, val_bpb vs bits per weight:",
-                  _table(status.front, ["eval_set", "model", "bpw", "val_bpb", "method", "status", "run_id"])]  # fmt: skip
+        lines += [
+            "",
+            "Pareto front, val_bpb vs bits per weight:",
+            _table(
+                status.front, ["eval_set", "model", "bpw", "val_bpb", "method", "status", "run_id"]
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

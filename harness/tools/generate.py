@@ -18,7 +18,7 @@ import torch
 from harness.artifact import load_verified
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
-from harness.inspect_run import RunNotFound, find_run
+from harness.tools.show import RunNotFound, find_run
 
 NEW_TOKENS = 40
 DEFAULT_PROMPTS = ("The history of the city", "Scientists have discovered that")
@@ -101,9 +101,8 @@ def format_side_by_side(run_id: str, result: SideBySide) -> str:
             f"prompt: {item.prompt}",
             f"  full precision | {_one_line(item.full_precision)}",
         ]
-        lines.append(
-            f"  low-bit        | {_one_line(item.low_bit) if item.low_bit is not None else '(no valid artifact)'}"
-        )
+        low_bit = "(no valid artifact)" if item.low_bit is None else _one_line(item.low_bit)
+        lines.append(f"  low-bit        | {low_bit}")
     return "\n".join(lines) + "\n"
 
 

@@ -23,13 +23,15 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from harness.edits import MAX_DESCRIPTION, EditRejected, edited_train_py, one_line
+from harness.agent.edits import MAX_DESCRIPTION, EditRejected, edited_train_py
+from harness.text import one_line
 
 RESULT_COLUMNS = ("commit", "status", "val_bpb", "bpw", "steps", "description")
 RECENT_ROWS = 10
 CRASH_LOG_LINES = 30
 
-EDIT_FORMAT = """Reply with one line `DESCRIPTION: <what you changed, one line>`, then one or more edit blocks:
+EDIT_FORMAT = """Reply with one line `DESCRIPTION: <what you changed, one line>`, then one or more \
+edit blocks:
 
 train.py
 <<<<<<< SEARCH
@@ -59,7 +61,8 @@ def worked_example(train_py: str) -> str:
     line = match.group(0)
     changed = f"{match.group(1)} = {new}{match.group(3) or ''}"
     return (
-        f"\nFor example, a complete reply that doubles {match.group(1)}:\n\nDESCRIPTION: double {match.group(1)}\n"
+        f"\nFor example, a complete reply that doubles {match.group(1)}:\n\n"
+        f"DESCRIPTION: double {match.group(1)}\n"
         f"train.py\n<<<<<<< SEARCH\n{line}\n=======\n{changed}\n>>>>>>> REPLACE\n"
     )
 
@@ -161,9 +164,15 @@ def loss_rows(path: Path) -> list[dict]:
         if step is None or step < 0 or step != int(step) or loss is None:
             continue
         bits = cells.get("bits", "").strip()
-        rows.append({"step": int(step), "loss": loss, "tokens_per_s": _finite(cells.get("tokens_per_s", "")),
-                     "lambda": _finite(cells.get("lambda", "")),
-                     "bits": bits if _BITS.match(bits) else None})  # fmt: skip
+        rows.append(
+            {
+                "step": int(step),
+                "loss": loss,
+                "tokens_per_s": _finite(cells.get("tokens_per_s", "")),
+                "lambda": _finite(cells.get("lambda", "")),
+                "bits": bits if _BITS.match(bits) else None,
+            }
+        )
     return sorted(rows, key=lambda row: row["step"])
 
 
@@ -252,8 +261,12 @@ def sections(lines: list[str]) -> list[Section]:
     try:
         body = ast.parse("".join(lines)).body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return [Section(i, i + 1, line.split("=")[0].strip()[:30], bool(_SETTING.match(line.rstrip("\n"))))
-                for i, line in enumerate(lines)]  # fmt: skip
+        return [
+            Section(
+                i, i + 1, line.split("=")[0].strip()[:30], bool(_SETTING.match(line.rstrip("\n")))
+            )
+            for i, line in enumerate(lines)
+        ]
     found, start = [], 0
     for node in body:
         if node.end_lineno > start:  # a second statement on one line belongs to the first
@@ -313,14 +326,23 @@ def _results_table(frame: pd.DataFrame) -> str:
 
 
 def _train_block(view: str, whole: bool) -> str:
-    intro = "Current train.py:" if whole else (
-        "Current train.py, in part to fit the model's context: each `# ... not shown` line stands for "
-        "top-level code left out. Copy SEARCH text only from the lines shown.")  # fmt: skip
+    intro = (
+        "Current train.py:"
+        if whole
+        else (
+            "Current train.py, in part to fit the model's context: each `# ... not shown` line "
+            "stands for top-level code left out. Copy SEARCH text only from the lines shown."
+        )
+    )
     return f"{intro}\n```python\n{view}```\n"
 
 
-def build_messages(context: Context, context_tokens: int = DEFAULT_CONTEXT_TOKENS, max_tokens: int = 2048,
-                   train_chars: int | None = None) -> list[dict]:  # fmt: skip
+def build_messages(
+    context: Context,
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+    max_tokens: int = 2048,
+    train_chars: int | None = None,
+) -> list[dict]:
     """program.md as the system message; train.py, recent results, the training dynamics and the
     last crash as the user's, sized to fit `context_tokens` with room for a `max_tokens` reply.
     program.md and train.py's settings are always there (Rejected when they alone do not fit);
@@ -334,24 +356,34 @@ def build_messages(context: Context, context_tokens: int = DEFAULT_CONTEXT_TOKEN
     settings = train_view(context.train_py, 0)
     if fixed + len(settings) > budget:
         needed = (fixed + len(settings)) // CHARS_PER_TOKEN + max_tokens + MESSAGE_OVERHEAD_TOKENS
-        raise Rejected(f"the prompt cannot fit: program.md and train.py's settings alone need about {needed} tokens "
-                       f"with the {max_tokens}-token reply; --context-tokens is {context_tokens}: raise it (or "
-                       "shorten program.md)", failure=True)  # fmt: skip
+        raise Rejected(
+            f"the prompt cannot fit: program.md and train.py's settings alone need about {needed} "
+            f"tokens with the {max_tokens}-token reply; --context-tokens is {context_tokens}: "
+            "raise it (or "
+            "shorten program.md)",
+            failure=True,
+        )
     crash = context.crash_log[-CRASH_LOG_CHARS:]
     extras = [
         f"Recent results (lower val_bpb is better):\n{_results_table(context.recent)}\n",
-        f"\nTraining dynamics of recent runs (loss at 0/25/50/75/100% of each run's steps):\n{context.dynamics}\n"
-        if context.dynamics else "",
+        "\nTraining dynamics of recent runs (loss at 0/25/50/75/100% of each run's steps):\n"
+        f"{context.dynamics}\n"
+        if context.dynamics
+        else "",
         f"\nThe last run crashed; the end of its log:\n```\n{crash}\n```\n" if crash else "",
-    ]  # fmt: skip
+    ]
     room = budget - fixed
     for number, extra in enumerate(extras):
         if len(extra) > room - len(settings):
             extras[number] = ""
         room -= len(extras[number])
     limit = room if train_chars is None else min(room, train_chars)
-    user = _train_block(train_view(context.train_py, limit), whole=len(context.train_py) <= limit) + "\n" + \
-        "".join(extras) + closing  # fmt: skip
+    user = (
+        _train_block(train_view(context.train_py, limit), whole=len(context.train_py) <= limit)
+        + "\n"
+        + "".join(extras)
+        + closing
+    )
     return [{"role": "system", "content": context.program}, {"role": "user", "content": user}]
 
 
@@ -394,22 +426,31 @@ def reply_content(status: int, body: bytes) -> str | None:
     try:
         data = json.loads(body.decode("utf-8-sig"))
     except UnicodeDecodeError:
-        raise Rejected(f"API reply unusable: HTTP {status}, the body is not UTF-8: {_preview(body)}",
-                       failure=True) from None  # fmt: skip
+        raise Rejected(
+            f"API reply unusable: HTTP {status}, the body is not UTF-8: {_preview(body)}",
+            failure=True,
+        ) from None
     except (ValueError, RecursionError):
         raise Rejected(f"API reply unusable: HTTP {status}, the body is not JSON: {_preview(body)}",
                        failure=True) from None  # fmt: skip
     if isinstance(data, dict) and "error" in data:
-        raise Rejected(f"API error in an HTTP {status} reply: {_error_message(data['error'])} (body {_preview(body)})",
-                       failure=True)  # fmt: skip
+        raise Rejected(
+            f"API error in an HTTP {status} reply: {_error_message(data['error'])} "
+            f"(body {_preview(body)})",
+            failure=True,
+        )
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise Rejected(f"API reply unusable: HTTP {status}, no choices[0].message.content in {_preview(body)}",
-                       failure=True) from None  # fmt: skip
+        raise Rejected(
+            f"API reply unusable: HTTP {status}, no choices[0].message.content in {_preview(body)}",
+            failure=True,
+        ) from None
     if content is not None and not isinstance(content, str):
-        raise Rejected(f"API reply unusable: HTTP {status}, the message content is not text: {_preview(body)}",
-                       failure=True)  # fmt: skip
+        raise Rejected(
+            f"API reply unusable: HTTP {status}, the message content is not text: {_preview(body)}",
+            failure=True,
+        )
     return content
 
 
@@ -441,8 +482,12 @@ class LLMProposer:
 
         self.config = config
         self.log = log
-        self.client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key or "not-needed",
-                                    timeout=config.timeout, max_retries=0)  # fmt: skip
+        self.client = openai.OpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key or "not-needed",
+            timeout=config.timeout,
+            max_retries=0,
+        )
 
     def _request(self, messages: list[dict]) -> str | None:
         """One request, its body parsed here: the client itself raises its decoding errors or hands
@@ -457,8 +502,11 @@ class LLMProposer:
         except openai.APIStatusError as err:
             if err.status_code == 429 or err.status_code >= 500:
                 raise
-            raise Rejected(f"API error: {type(err).__name__}: HTTP {err.status_code}: {_preview(err.response.content)}",
-                           failure=True) from None  # fmt: skip
+            raise Rejected(
+                f"API error: {type(err).__name__}: HTTP {err.status_code}: "
+                f"{_preview(err.response.content)}",
+                failure=True,
+            ) from None
         return reply_content(raw.http_response.status_code, raw.http_response.content)
 
     def _complete(self, messages: list[dict]) -> str | None:
@@ -470,7 +518,8 @@ class LLMProposer:
             try:
                 return self._request(messages)
             except openai.APIStatusError as err:
-                error = f"{type(err).__name__}: HTTP {err.status_code}: {_preview(err.response.content)}"
+                body = _preview(err.response.content)
+                error = f"{type(err).__name__}: HTTP {err.status_code}: {body}"
                 asked = retry_after(err.response.headers.get("retry-after"))
                 if err.status_code in RETRY_AFTER_STATUSES and asked is not None:
                     wait = asked
@@ -596,8 +645,12 @@ class OptunaProposer:
         self.space = space
         self.log = log
         storage.parent.mkdir(parents=True, exist_ok=True)
-        self.study = optuna.create_study(study_name=study_name, storage=f"sqlite:///{storage}", direction="minimize",
-                                         load_if_exists=True)  # fmt: skip
+        self.study = optuna.create_study(
+            study_name=study_name,
+            storage=f"sqlite:///{storage}",
+            direction="minimize",
+            load_if_exists=True,
+        )
         # a sampler seeded as in the last session would propose that session's trials again
         self.study.sampler = optuna.samplers.TPESampler(
             seed=None if seed is None else seed + len(self.study.trials)
@@ -630,15 +683,18 @@ class OptunaProposer:
             self.study.tell(trial, state=TrialState.FAIL)
             self.log("optuna_repeat_skipped", trial=trial.number, repeat_of=earlier)
         else:
-            raise Rejected(f"optuna: {MAX_RESAMPLES} samples in a row repeated parameters that already ran; the search "
-                           "space looks exhausted", failure=True)  # fmt: skip
+            raise Rejected(
+                f"optuna: {MAX_RESAMPLES} samples in a row repeated parameters that already ran; "
+                "the search space looks exhausted",
+                failure=True,
+            )
         self.pending[trial.number] = trial
         args = _train_args(trial.params)
         description = f"optuna trial {trial.number}: {' '.join(args)}"
         return Proposal(description=description, train_args=args, trial=trial.number)
 
     def started(self, proposal: Proposal, run_id: str) -> None:
-        """The proposal's run has an id: kept on its trial, so that a later session can find its row."""
+        """The proposal's run has an id: kept on its trial, so a later session can find its row."""
         if proposal.trial in self.pending:
             self.pending[proposal.trial].set_user_attr("run_id", run_id)
 
@@ -688,8 +744,14 @@ class OptunaProposer:
             elif (trial.state == TrialState.FAIL and run_id in scores and run_id not in settled
                   and "outcome" not in trial.user_attrs):  # fmt: skip
                 attrs = {**trial.user_attrs, "reconciled_from": trial.number}
-                self.study.add_trial(create_trial(params=trial.params, distributions=trial.distributions,
-                                                  value=scores[run_id], user_attrs=attrs))  # fmt: skip
+                self.study.add_trial(
+                    create_trial(
+                        params=trial.params,
+                        distributions=trial.distributions,
+                        value=scores[run_id],
+                        user_attrs=attrs,
+                    )
+                )
                 self.log(
                     "optuna_trial_reconciled",
                     trial=trial.number,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from harness import paths, results
-from harness.status import parse_config
+from harness.git import GitError, git
+from harness.tools.status import parse_config
 
 LOG_TAIL_LINES = 30
 
@@ -46,17 +46,15 @@ def find_run(run: str, runs_dir: Path | None = None) -> Path:
 
 
 def _git_file(revision: str, script: Path) -> str | None:
-    """train.py's text at `revision` in the repo holding `script`, or None (no git, no such commit)."""
+    """train.py's text at `revision` in the repo holding `script`, or None (no git, no commit)."""
     try:
-        done = subprocess.run(["git", "show", f"{revision}:./{script.name}"], cwd=script.parent,
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+        return git(["show", f"{revision}:./{script.name}"], script.parent, whole=True)
+    except GitError:
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
 def train_diff(run_dir: Path, commit: str, script: Path) -> str:
-    """Unified diff of the train.py that ran against its parent's, or a line saying why there is none."""
+    """Unified diff of the train.py that ran against its parent's, or a line saying why not."""
     snapshot = run_dir / "train.py"
     if not snapshot.exists():
         return f"no diff: {snapshot} is missing"
@@ -77,8 +75,12 @@ def train_diff(run_dir: Path, commit: str, script: Path) -> str:
         before = _git_file(parent, script)
         if before is None:
             return f"no diff: train.py is exactly {base}'s, which has no parent holding train.py"
-    lines = difflib.unified_diff(before.splitlines(keepends=True), ran.splitlines(keepends=True),
-                                 fromfile=f"train.py @ {parent}", tofile=f"{run_dir.name}/train.py")  # fmt: skip
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        ran.splitlines(keepends=True),
+        fromfile=f"train.py @ {parent}",
+        tofile=f"{run_dir.name}/train.py",
+    )
     return "".join(lines) or f"train.py is identical to {parent}'s"
 
 
@@ -112,11 +114,15 @@ def show(run_dir: Path, tail: int = LOG_TAIL_LINES) -> str:
     ]
     if row is None:
         sections += [
-            "summary: no results.tsv row (still running, or it died before the harness could record it)"
+            "summary: no results.tsv row (still running, or it died before the harness could "
+            "record it)"
         ]
     else:
-        sections += ["summary:"] + [f"  {column:14s} {row[column]}" for column in results.COLUMNS
-                                    if column != "config" and str(row[column]) not in ("", "nan")]  # fmt: skip
+        sections += ["summary:"] + [
+            f"  {column:14s} {row[column]}"
+            for column in results.COLUMNS
+            if column != "config" and str(row[column]) not in ("", "nan")
+        ]
     commit = "" if row is None else str(row["commit"])
     sections += [
         "",

@@ -11,8 +11,9 @@ which small models copy well), each optionally preceded by the file it edits:
     LR = 1e-3  # peak AdamW learning rate on the latent (full-precision) weights
     >>>>>>> REPLACE
 
-A block is applied only if its SEARCH text (whole lines or part of one) occurs exactly once in the current train.py; the
-result must compile. Every refusal raises EditRejected with a reason fit for a log line.
+A block is applied only if its SEARCH text (whole lines or part of one) occurs exactly once in the
+current train.py; the result must compile. Every refusal raises EditRejected with a reason fit
+for a log line.
 """
 
 from __future__ import annotations
@@ -20,20 +21,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from harness.text import one_line
+
 EDITABLE = "train.py"
 MAX_DESCRIPTION = 200
 
 _BLOCK = re.compile(
-    r"^[ \t]*<{5,9} ?SEARCH[ \t]*\n(?P<search>.*?)^[ \t]*={5,9}[ \t]*\n(?P<replace>.*?)^[ \t]*>{5,9} ?REPLACE[ \t]*$",
+    r"^[ \t]*<{5,9} ?SEARCH[ \t]*\n(?P<search>.*?)"
+    r"^[ \t]*={5,9}[ \t]*\n(?P<replace>.*?)"
+    r"^[ \t]*>{5,9} ?REPLACE[ \t]*$",
     re.DOTALL | re.MULTILINE,
 )
 _FENCE = re.compile(r"^\s*```")
 _PATH_LIKE = re.compile(r"^[\w./\\-]+\.\w+$")  # one token with an extension: a file name, not prose
-# terminal escape sequences (CSI, OSC, then any other ESC sequence), removed whole so that no "[31m"
-# is left
-_ESCAPE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]"
-)
 
 
 class EditRejected(Exception):
@@ -51,15 +51,6 @@ class Edit:
 class Reply:
     description: str
     edits: tuple[Edit, ...]
-
-
-def one_line(text: str, limit: int) -> str:
-    """`text` as one printable line of at most `limit` characters, safe for a commit message, a tmux
-    window or a log: escape sequences, control and format characters (the bidi controls among them)
-    and lone surrogates dropped, any whitespace folded to single spaces."""
-    text = _ESCAPE.sub("", text)
-    kept = "".join(c if c.isprintable() else " " if c.isspace() else "" for c in text)
-    return " ".join(kept.split())[:limit].rstrip()
 
 
 def _path_before(text: str, start: int) -> str:
@@ -145,8 +136,10 @@ def check_encodable(source: str) -> None:
     try:
         source.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise EditRejected(f"edited train.py holds a lone surrogate (U+{ord(source[err.start]):04X}), "
-                           "which UTF-8 cannot store") from None  # fmt: skip
+        raise EditRejected(
+            f"edited train.py holds a lone surrogate (U+{ord(source[err.start]):04X}), "
+            "which UTF-8 cannot store"
+        ) from None
 
 
 def check_syntax(source: str) -> None:

@@ -22,10 +22,17 @@ from torch import nn
 from harness.artifact import QUANT_SPEC, load_verified, read_declaration
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
-from harness.inspect_run import RunNotFound, find_run
+from harness.tools.show import RunNotFound, find_run
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 
 class ExportError(Exception):
@@ -67,7 +74,7 @@ def check_written(folder: Path, model: nn.Module) -> None:
 
 
 def export_hf(run_dir: Path, target: Path, force: bool = False) -> str:
-    """Verify the run's artifact and write it to `target` as a plain HF folder; returns what was written."""
+    """Verify the run's artifact, write it to `target` as a plain HF folder -> what was written."""
     check_target(target, force)
     model_dir = load_prepared().model_dir
     model, report = load_verified(run_dir / "artifact", model_dir)

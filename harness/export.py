@@ -23,9 +23,11 @@ from harness.artifact import QUANT_SPEC, load_verified, read_declaration
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
 from harness.inspect_run import RunNotFound, find_run
+from harness.tools import gguf
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt",
+                   "tokenizer.model")  # fmt: skip
 
 
 class ExportError(Exception):
@@ -67,7 +69,7 @@ def check_written(folder: Path, model: nn.Module) -> None:
 
 
 def export_hf(run_dir: Path, target: Path, force: bool = False) -> str:
-    """Verify the run's artifact and write it to `target` as a plain HF folder; returns what was written."""
+    """Verify the run's artifact, write it to `target` as a plain HF folder; says what it wrote."""
     check_target(target, force)
     model_dir = load_prepared().model_dir
     model, report = load_verified(run_dir / "artifact", model_dir)
@@ -100,22 +102,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run", help="run id (or a unique prefix of one) under runs/, or a path to a run folder"
     )
-    parser.add_argument(
-        "--hf", type=Path, required=True, help="the plain Hugging Face folder to write"
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--hf", type=Path, help="the plain Hugging Face folder to write")
+    target.add_argument(
+        "--gguf", type=Path, help="a GGUF file for llama.cpp (Llama models, exact types)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace DIR if it exists (a model folder only)"
+        "--force",
+        action="store_true",
+        help="replace the target if it exists (a model folder or GGUF)",
     )
+    gguf.add_arguments(parser)
 
 
 def command(args: argparse.Namespace) -> int:
     try:
-        print(export_hf(run_folder(args.run), args.hf, args.force))
+        if args.gguf:
+            print(gguf.export_gguf(run_folder(args.run), args.gguf, args.force, args.check,
+                                   args.lossy, args.eval_tokens))  # fmt: skip
+        else:
+            print(export_hf(run_folder(args.run), args.hf, args.force))
     except (
         RunNotFound,
         DataError,
         InvalidArtifact,
         ExportError,
+        gguf.GGUFError,
         OSError,
         RuntimeError,
         ValueError,

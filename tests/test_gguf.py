@@ -103,6 +103,8 @@ EXACT = [
     ({"format": "int", "bits": 8, "symmetric": True, "group_size": 32}, "Q8_0", False),
     ({"format": "int", "bits": 3, "symmetric": True, "group_size": 32}, "Q4_0", False),
     ({"format": "codebook", "bits": 2, "group_size": 64}, "Q4_0", False),
+    ({"format": "log", "bits": 3, "group_size": 32}, "Q4_0", False),
+    ({"format": "log", "bits": 4, "group_size": 32}, "Q8_0", False),
     ({"format": "mxfp4"}, "MXFP4", True),
 ]
 
@@ -178,7 +180,7 @@ def test_gguf_metadata_is_llama_with_the_prepared_tokenizer(env, llama_data_dir)
 
 REFUSED = [
     ({"format": "lut", "bits": 2, "group_size": 32}, "lut has no exact GGUF type"),
-    ({"format": "log", "bits": 4, "group_size": 32}, "log has no exact GGUF type"),
+    ({"format": "log", "bits": 5, "group_size": 32}, "log has no exact GGUF type"),
     ({"format": "mxfp8"}, "mxfp8 has no exact GGUF type"),
     ({"format": "int", "bits": 4, "symmetric": True, "group_size": 16}, "do not split into 32"),
     (
@@ -210,7 +212,7 @@ def test_a_format_with_no_exact_type_is_refused_in_one_line_and_leaves_no_file(
 def test_lossy_quantizes_what_has_no_exact_type_and_reports_the_files_own_bpb(
     env, llama_data_dir, capsys
 ):
-    run = make_run(llama_data_dir, env / "run", {"format": "log", "bits": 4, "group_size": 32})
+    run = make_run(llama_data_dir, env / "run", {"format": "lut", "bits": 2, "group_size": 32})
     out = env / "model.gguf"
     argv = [str(run), "--gguf", str(out), "--lossy", "q8_0", "--eval-tokens", str(EVAL_TOKENS)]
     assert export(argv) == 0

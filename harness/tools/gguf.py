@@ -7,8 +7,10 @@ that holds them without loss, and floating tensors are written as stored:
     codebook (k <= 3 bits)  Q4_0, d = s/2 (levels 2c - (2^k - 1) are odd integers); to 7 bits Q8_0
     int symmetric           Q4_0 up to 4 bits, Q8_0 up to 8 (q = c - 2^(k-1), d = s)
     int affine              Q4_1 (d = s, m = -z s) where m is exact in fp16, else Q8_0 (q = c - z)
+    log (k <= 4 bits)       Q4_0 to 3 bits, Q8_0 at 4 (q = ±2^(m-1), d = s / 2^(2^(k-1) - 2))
     mxfp4                   MXFP4 (the same E2M1 codes and E8M0 exponents)
-    lut, log, mxfp8, LoRA   no exact type: refused, or --lossy TYPE quantizes the decoded weight
+    lut, mxfp8, LoRA, log   no exact type (log from 5 bits): refused, or --lossy TYPE quantizes
+                            the decoded weight
 
 Block types hold one scale per 32 weights (TQ2_0: 256), so a group must be a multiple of the block
 (its scale is repeated). Each candidate is dequantized back with gguf.quants and kept only if it
@@ -166,6 +168,12 @@ def candidates(spec: dict, codes: torch.Tensor, params: dict[str, torch.Tensor])
         if torch.equal(zero, zero.round()):
             per_weight = zero.repeat_interleave(group, 1)[:, :in_features].long()
             yield from integer_candidates(codes - per_weight, scale, in_features, group)
+    elif fmt.name == "log":
+        half = levels // 2  # ±2^(m - (half - 1)) s = ±2^(m - 1) x s / 2^(half - 2), m = 0 is 0
+        m = codes % half
+        magnitude = torch.where(m == 0, 0, 2 ** (m - 1).clamp_min(0))
+        q = torch.where(codes >= half, -magnitude, magnitude)
+        yield from integer_candidates(q, scale / 2 ** (half - 2), in_features, group)
     elif fmt.name == "mxfp4":
         exponent = params["exponent"]
         yield Q.MXFP4, lambda: mxfp4(codes.numpy(), per_block(exponent, in_features, group, 32))

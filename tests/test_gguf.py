@@ -178,21 +178,14 @@ def test_gguf_metadata_is_llama_with_the_prepared_tokenizer(env, llama_data_dir)
     assert export([str(run), "--gguf", str(out), "--force"]) == 0  # a GGUF file is replaced
 
 
+INT4 = {"format": "int", "bits": 4, "symmetric": True, "group_size": 32}
 REFUSED = [
     ({"format": "lut", "bits": 2, "group_size": 32}, "lut has no exact GGUF type"),
     ({"format": "log", "bits": 5, "group_size": 32}, "log has no exact GGUF type"),
     ({"format": "mxfp8"}, "mxfp8 has no exact GGUF type"),
-    ({"format": "int", "bits": 4, "symmetric": True, "group_size": 16}, "do not split into 32"),
-    (
-        {
-            "format": "int",
-            "bits": 2,
-            "symmetric": True,
-            "group_size": 32,
-            "adapter": {"rank": 2, "alpha": 4},
-        },
-        "LoRA adapter",
-    ),  # fmt: skip
+    ({**INT4, "group_size": 16}, "do not split into 32"),
+    ({**INT4, "input_quant": {"format": "int8_token_absmax"}}, "input fake-quant has no place"),
+    ({**INT4, "adapter": {"rank": 2, "alpha": 4}}, "LoRA adapter"),
 ]
 
 

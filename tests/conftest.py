@@ -30,7 +30,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def named(name: str):
-    """assert_close's msg that puts name before its mismatch figures (a plain string replaces them)."""
+    """assert_close's msg: the name, then its mismatch figures (a plain string replaces them)."""
     return lambda detail: f"{name}: {detail}"
 
 
@@ -76,7 +76,8 @@ def build_tiny_model_dir(target: Path, hidden_size: int = 48, intermediate_size:
     config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden_size,
                          intermediate_size=intermediate_size, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)  # fmt: skip
+                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0,
+                         bos_token_id=0)  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(target)
     fast.save_pretrained(target)
@@ -90,12 +91,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A data dir prepared by prepare.py: tiny model, WikiText-2 valid to train, test to evaluate."""
+    """A data dir prepared by prepare.py: tiny model, WikiText-2 valid to train, test to score."""
     import prepare
 
     data_dir = tmp_path_factory.mktemp("data")
-    code = prepare.main(["--model", str(tiny_model_dir), "--train", f"file:{WIKITEXT / 'valid.txt'}",
-                         "--eval", f"file:{WIKITEXT / 'test.txt'}", "--data-dir", str(data_dir)])  # fmt: skip
+    code = prepare.main(["--model", str(tiny_model_dir),
+                         "--train", f"file:{WIKITEXT / 'valid.txt'}",
+                         "--eval", f"file:{WIKITEXT / 'test.txt'}",
+                         "--data-dir", str(data_dir)])  # fmt: skip
     assert code == 0
     return data_dir
 

@@ -62,7 +62,7 @@ def wait_until_gone(token: str, seconds: float = 30) -> list[int]:
     return processes_with(token)
 
 
-def build_tiny_model_dir(target: Path) -> Path:
+def build_tiny_model_dir(target: Path, hidden_size: int = 48, intermediate_size: int = 96) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -77,8 +77,8 @@ def build_tiny_model_dir(target: Path) -> Path:
     )
     config = LlamaConfig(
         vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

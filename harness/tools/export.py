@@ -22,6 +22,7 @@ from torch import nn
 from harness.artifact import QUANT_SPEC, load_verified, read_declaration
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
+from harness.tools import gguf
 from harness.tools.show import RunNotFound, find_run
 
 TOKENIZER_FILES = (
@@ -107,18 +108,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run", help="run id (or a unique prefix of one) under runs/, or a path to a run folder"
     )
-    parser.add_argument(
-        "--hf", type=Path, required=True, help="the plain Hugging Face folder to write"
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--hf", type=Path, help="the plain Hugging Face folder to write")
+    target.add_argument(
+        "--gguf", type=Path, help="a GGUF file for llama.cpp (Llama models, exact types)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace DIR if it exists (a model folder only)"
+        "--force",
+        action="store_true",
+        help="replace the target if it exists (a model folder or GGUF)",
     )
+    gguf.add_arguments(parser)
 
 
 def command(args: argparse.Namespace) -> int:
     try:
-        print(export_hf(run_folder(args.run), args.hf, args.force))
+        if args.gguf:
+            print(gguf.export_gguf(run_folder(args.run), args.gguf, args.force, args.check,
+                                   args.lossy, args.eval_tokens))  # fmt: skip
+        else:
+            print(export_hf(run_folder(args.run), args.hf, args.force))
     except (
+        gguf.GGUFError,
         RunNotFound,
         DataError,
         InvalidArtifact,

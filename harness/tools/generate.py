@@ -18,6 +18,7 @@ import torch
 from harness.artifact import load_verified
 from harness.data import DataError, load_prepared
 from harness.formats import InvalidArtifact
+from harness.tools import gguf
 from harness.tools.show import RunNotFound, find_run
 
 NEW_TOKENS = 40
@@ -117,14 +118,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens", type=int, default=NEW_TOKENS, help="new tokens per continuation"
     )
+    parser.add_argument(
+        "--gguf", type=Path, help="also continue with llama.cpp from this file (export --gguf)"
+    )
 
 
 def command(args: argparse.Namespace) -> int:
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
     try:
         run_dir = find_run(args.run)
-        result = compare(run_dir, args.prompt or list(DEFAULT_PROMPTS), args.tokens)
-    except (RunNotFound, DataError) as err:
+        result = compare(run_dir, prompts, args.tokens)
+        text = format_side_by_side(run_dir.name, result)
+        if args.gguf:
+            text += gguf.format_continuations(args.gguf, prompts, args.tokens)
+    except (RunNotFound, DataError, gguf.GGUFError) as err:
         print(err, file=sys.stderr)
         return 1
-    sys.stdout.write(format_side_by_side(run_dir.name, result))
+    sys.stdout.write(text)
     return 0 if all(item.low_bit is not None for item in result.comparisons) else 1

@@ -568,3 +568,13 @@ def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
             args[len(TINY_FLAGS) :]
         )
     assert_clean(user_repo, "opt", kept_commits=0)
+
+
+def test_the_log_masks_a_key_but_not_a_placeholder_short_enough_to_be_a_word(tmp_path):
+    from harness.agent.log import AgentLog
+
+    AgentLog(tmp_path, secrets=[API_KEY])("api_error", error=f"bad key {API_KEY} for tokens")
+    AgentLog(tmp_path, secrets=["k"])("prompt", tokens_estimate=6078, context_tokens=8192)
+    text = (tmp_path / "agent.log").read_text() + (tmp_path / "agent.jsonl").read_text()
+    assert API_KEY not in text and "bad key *** for tokens" in text
+    assert "tokens_estimate=6078 context_tokens=8192" in text

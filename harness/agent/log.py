@@ -14,12 +14,14 @@ from harness.text import one_line, printable
 LONG_FIELDS = ("text", "train_py", "diff")  # agent.jsonl only (a diff also goes below its line)
 DIFF_LINES = 60  # of a proposal's diff, in agent.log
 SHOWN_CHARS = 400  # of an event's line on stdout
+# shorter "keys" are placeholders local servers accept ("x", "ollama"); masking them garbles words
+MIN_SECRET_CHARS = 8
 
 
 class AgentLog:
     def __init__(self, root: Path, secrets: list[str]):
         self.path, self.human = root / "agent.jsonl", root / "agent.log"
-        self.secrets = [s for s in secrets if s]
+        self.secrets = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
 
     def _mask(self, text: str) -> str:
         for secret in self.secrets:

@@ -1,8 +1,8 @@
 """The wall-clock training budget, as train.py sees it, and the steps it announces to the runner.
 
-train.py asks `budget.done()` before each step and calls `budget.step_done(tokens)` after it. The
-clock starts when the first step ends, so model loading and the first step's one-off costs
-(compilation, allocation) are not charged. Each step_done also writes one line to the runner's
+train.py asks `budget.done()` before each step (stop when the next step would end past the budget)
+and calls `budget.step_done(tokens)` after it. The clock starts when the first step ends, so model
+loading and the first step's one-off costs (compilation, allocation) are not charged. Each step_done also writes one line to the runner's
 clock pipe (CLOCK_FD_ENV); the runner timestamps those lines itself and its figures are the ones
 recorded: train.py's own clock only tells it when to stop.
 """
@@ -45,9 +45,13 @@ class Budget:
         return 0.0 if self._started is None else time.perf_counter() - self._started
 
     def done(self) -> bool:
+        """True when the step cap is reached, or when one more step at the pace so far would end
+        past the budget: a run stops inside it instead of overrunning by its last step."""
         if self.max_steps is not None and self.steps >= self.max_steps:
             return True
-        return self.elapsed >= self.seconds
+        timed = self.steps - 1  # the clock started when the first step ended
+        pace = self.elapsed / timed if timed > 0 else 0.0
+        return self.elapsed + pace >= self.seconds
 
     def step_done(self, tokens: int = 0) -> None:
         self.steps += 1

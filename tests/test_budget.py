@@ -13,17 +13,32 @@ def test_step_cap_stops_training():
     assert steps == 3
 
 
-def test_clock_starts_after_the_first_step_and_stops_training():
-    budget = Budget(seconds=0.2)
-    time.sleep(0.3)  # model loading and the first step are free
+class FakeClock:
+    """time.perf_counter for the budget: a step lasts exactly what the test says."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_clock_starts_after_the_first_step_and_stops_before_the_step_that_would_overrun(
+    monkeypatch,
+):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    budget = Budget(seconds=10.5)
+    clock.now += 60  # model loading and the first step are free
     assert budget.elapsed == 0 and not budget.done()
     budget.step_done()
     steps = 1
     while not budget.done():
-        time.sleep(0.05)
+        clock.now += 1.0
         budget.step_done()
         steps += 1
-    assert budget.elapsed >= 0.2 and steps >= 2 and budget.fraction == 1.0
+    # 1-second steps: the eleventh timed one would end at 11 s, past the 10.5 s budget
+    assert budget.elapsed == 10.0 and steps == 11
 
 
 def test_each_step_is_announced_on_the_clock_pipe(monkeypatch):

@@ -2,9 +2,9 @@
 
 train.py asks `budget.done()` before each step (stop when the next step would end past the budget)
 and calls `budget.step_done(tokens)` after it. The clock starts when the first step ends, so model
-loading and the first step's one-off costs (compilation, allocation) are not charged. Each step_done also writes one line to the runner's
-clock pipe (CLOCK_FD_ENV); the runner timestamps those lines itself and its figures are the ones
-recorded: train.py's own clock only tells it when to stop.
+loading and the first step's one-off costs (compilation, allocation) are not charged. Each step_done
+also writes one line to the runner's clock pipe (CLOCK_FD_ENV); the runner timestamps those lines
+itself and its figures are the ones recorded: train.py's own clock only tells it when to stop.
 """
 
 from __future__ import annotations

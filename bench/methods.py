@@ -1,4 +1,4 @@
-"""Every train.py method at the default budget, one harness run each, and the README's table.
+"""Every train.py method at the default budget, one harness run each (docs/benchmarks.md's table).
 
     python bench/methods.py                     # runs what results.tsv lacks, then prints the table
     python bench/methods.py --only int4,mxfp4   # a subset, run in this order

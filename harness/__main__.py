@@ -3,11 +3,11 @@
 run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, sandboxed, scored and logged
 baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest rows
 evaluate ARTIFACT                                   verify and score an exported artifact
-export RUN --hf DIR                                 a run's verified model as a plain HF folder
+export RUN --hf DIR | --gguf FILE                   a run's verified model: HF folder or GGUF
 status [--follow] [--since 8h] [--track T]          the results table, best rows, Pareto front
 plot [--run RUN]                                    progress.png and pareto.png, or a loss curve
 show RUN                                            a run's config, row, train.py diff and log tail
-generate --run RUN [--prompt P]                     FP vs low-bit greedy continuations
+generate --run RUN [--prompt P] [--gguf FILE]       FP vs low-bit greedy continuations
 agent [--proposer llm|optuna] [-- TRAIN_ARGS]       propose, run in tmux, keep or reset (program.md)
 """
 
@@ -44,7 +44,7 @@ COMMANDS = {
     ),
     "export": (
         "harness.tools.export",
-        "a run's verified low-bit model as a plain HF folder (--hf DIR)",
+        "a run's verified low-bit model: a plain HF folder (--hf) or a GGUF (--gguf)",
     ),
     "agent": ("harness.agent.cli", "autonomous experiments in tmux: LLM or Optuna proposals"),
 }

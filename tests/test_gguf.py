@@ -16,10 +16,10 @@ from conftest import ROOT, WIKITEXT, build_tiny_model_dir
 from test_artifact import quantize, tiny
 from transformers import GPT2Config
 
-from harness import export as hf_export
 from harness.artifact import decoder_weights, load_verified, save
 from harness.data import load_prepared
 from harness.runner import RunSpec, run_experiment
+from harness.tools import export as hf_export
 from harness.tools.gguf import (
     PARITY_RTOL,
     GGUFError,

@@ -653,7 +653,7 @@ def score_against_harness(path: Path, run_dir: Path, model: nn.Module, prepared,
 
 
 def add_arguments(parser) -> None:
-    """--check, --lossy and --eval-tokens, beside harness.export's --gguf."""
+    """--check, --lossy and --eval-tokens, beside harness.tools.export's --gguf."""
     parser.add_argument(
         "--check",
         action="store_true",

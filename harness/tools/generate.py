@@ -87,7 +87,7 @@ def compare(run_dir: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> 
     return SideBySide(prepared.model_name, about, comparisons)
 
 
-def _one_line(text: str) -> str:
+def _breaks_marked(text: str) -> str:
     return text.replace("\n", " ⏎ ")  # one line per model keeps the two aligned for the eye
 
 
@@ -100,9 +100,9 @@ def format_side_by_side(run_id: str, result: SideBySide) -> str:
         lines += [
             "",
             f"prompt: {item.prompt}",
-            f"  full precision | {_one_line(item.full_precision)}",
+            f"  full precision | {_breaks_marked(item.full_precision)}",
         ]
-        low_bit = "(no valid artifact)" if item.low_bit is None else _one_line(item.low_bit)
+        low_bit = "(no valid artifact)" if item.low_bit is None else _breaks_marked(item.low_bit)
         lines.append(f"  low-bit        | {low_bit}")
     return "\n".join(lines) + "\n"
 

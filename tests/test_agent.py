@@ -196,6 +196,7 @@ def assert_no_secret_in_tmux(tmp):
         assert files_containing(tmp / "runs", secret) == []
 
 
+@pytest.mark.slow  # minutes of real runs; .ci/run runs it after make test
 def test_every_kind_of_reply_is_applied_and_run_or_rejected_with_a_reason(user_repo):
     tmp = user_repo.parent
     script = [
@@ -276,6 +277,7 @@ def test_every_kind_of_reply_is_applied_and_run_or_rejected_with_a_reason(user_r
     assert "WARMUP_STEPS = 1  #" in kept and "SEED = 0  # same seed" not in kept
 
 
+@pytest.mark.slow  # minutes of real runs; .ci/run runs it after make test
 def test_odd_descriptions_are_recorded_and_a_proposal_that_cannot_be_committed_is_a_rejection(
     user_repo, monkeypatch
 ):
@@ -526,6 +528,7 @@ def test_uncommitted_train_py_is_warned_about_and_from_checkout_starts_from_it(u
     ) == ""
 
 
+@pytest.mark.slow  # minutes of real runs; .ci/run runs it after make test
 def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
     import optuna
 

@@ -254,7 +254,7 @@ def test_llama_cpp_greedy_picks_what_the_verified_model_ranks_first(env, llama_d
 
 
 def test_generate_adds_llama_cpp_continuations_of_the_file(env, llama_data_dir, capsys):
-    from harness import generate
+    from harness.tools import generate
 
     spec = {"format": "int", "bits": 8, "symmetric": True, "group_size": 32}
     make_run(llama_data_dir, env / "runs" / "r1", spec)

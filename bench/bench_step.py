@@ -9,8 +9,9 @@ are interleaved round-robin in one process, so that drift and other load on the 
 method alike, each round starting one method later so that none always follows the same one. A
 method's ratio is the median over rounds of its step time divided by FP's in the same round (with
 a bootstrap 95% interval), so that drift between rounds cancels. Round 0 is the warm-up (it
-compiles the fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess (peak RSS
-only grows within a process; on CUDA, the peak allocated) over MEMORY_STEPS steps and divided by FP's.
+compiles the fake-quant) and is not timed. Peak memory is measured per method in a fresh subprocess
+(peak RSS only grows within a process; on CUDA, the peak allocated) over MEMORY_STEPS steps and
+divided by FP's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from rss import peak_rss_gb  # noqa: E402
 
 import train  # noqa: E402
 from harness.data import load_prepared  # noqa: E402
@@ -96,24 +99,15 @@ class Method:
         return elapsed
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss carries the parent's
-    peak across fork and exec, so a small probe started by a big process would report the parent."""
-    status = Path("/proc/self/status").read_text()
-    return (
-        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-        / 1024**2
-    )
-
-
 def peak_memory(
     method: str, steps: int, batch_size: int, seq_len: int, device: torch.device
 ) -> float:
     """Peak memory in GB (RSS; on CUDA, allocated on the GPU) of a fresh process that builds
     `method` and trains `steps` steps."""
-    done = subprocess.run([sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
-                           "--device", str(device), "--batch-size", str(batch_size), "--seq-len", str(seq_len)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    command = [sys.executable, __file__, "--memory-probe", method, "--rounds", str(steps),
+               "--device", str(device), "--batch-size", str(batch_size),
+               "--seq-len", str(seq_len)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 

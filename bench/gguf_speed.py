@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.files:
         files[str(path)] = measure(path, prompt, args.gen_tokens, args.rounds)
         print(json.dumps({str(path): files[str(path)]}), flush=True)
-    reference = files[str(args.files[0])]
+    reference = dict(files[str(args.files[0])])
     for figures in files.values():
         figures["vs_reference"] = {key: figures[key] / reference[key] for key in reference}
     report = {

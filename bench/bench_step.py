@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rss import peak_rss_gb  # noqa: E402
+
 import train  # noqa: E402
 from harness.data import load_prepared  # noqa: E402
 
@@ -95,16 +97,6 @@ class Method:
         elapsed = time.perf_counter() - started
         self.optimizer.zero_grad(set_to_none=True)  # grads of idle models need no memory
         return elapsed
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss carries the parent's
-    peak across fork and exec, so a small probe started by a big process would report the parent."""
-    status = Path("/proc/self/status").read_text()
-    return (
-        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-        / 1024**2
-    )
 
 
 def peak_memory(

@@ -160,6 +160,9 @@ def test_gguf_metadata_is_llama_with_the_prepared_tokenizer(env, llama_data_dir)
     run = make_run(llama_data_dir, env / "run", {"format": "ternary", "group_size": 32})
     out = env / "model.gguf"
     assert export([str(run), "--gguf", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
     fields = gguf.GGUFReader(out).fields
     value = {k: f.contents() for k, f in fields.items() if k != "tokenizer.ggml.merges"}
     config = json.loads((model_dir_of(llama_data_dir) / "config.json").read_text())

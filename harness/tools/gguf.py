@@ -620,6 +620,9 @@ def export_gguf(run_dir: Path, target: Path, force: bool = False, check: bool = 
     )
     os.close(handle)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the user's model unreadable to others
     try:
         write_gguf(tmp, model, prepared.model_dir, written)
         check_written(tmp, written)

@@ -544,11 +544,9 @@ def llama_cpp_continuations(path: Path, prompts: list[str], new_tokens: int) -> 
 
 def harness_bpb(run_dir: Path, model: nn.Module, prepared, n_tokens: int) -> float:
     """The run's recorded val_bpb when it was scored on these tokens, else evaluate() afresh."""
-    verdict_path = run_dir / "eval.json"
-    if verdict_path.exists():
-        verdict = json.loads(verdict_path.read_text())
-        if verdict.get("eval_tokens") == n_tokens and verdict.get("status") == "valid":
-            return float(verdict["val_bpb"])
+    verdict = recorded_verdict(run_dir)
+    if verdict.get("eval_tokens") == n_tokens and verdict.get("status") == "valid":
+        return float(verdict["val_bpb"])
     tokens = prepared.eval.tokens()
     return evaluate(model, tokens, prepared.token_bytes, n_tokens, progress=False).val_bpb
 
@@ -582,15 +580,19 @@ def check_target(target: Path, force: bool) -> None:
         raise GGUFError(f"{target} is not a GGUF file: refusing to replace it")
 
 
-def check_run(run_dir: Path) -> None:
+def recorded_verdict(run_dir: Path) -> dict:
+    """The runner's eval.json for the run, {} when it has none."""
     verdict_path = run_dir / "eval.json"
-    if verdict_path.exists():
-        verdict = json.loads(verdict_path.read_text())
-        if verdict.get("status") != "valid":
-            reason = str(verdict.get("reason", "")).splitlines()[0] if verdict.get("reason") else ""
-            raise GGUFError(
-                f"{run_dir.name} was scored {verdict.get('status')}: {reason or 'no model'}"
-            )
+    return json.loads(verdict_path.read_text()) if verdict_path.exists() else {}
+
+
+def check_run(run_dir: Path) -> None:
+    verdict = recorded_verdict(run_dir)
+    if verdict and verdict.get("status") != "valid":
+        reason = str(verdict.get("reason", "")).splitlines()[0] if verdict.get("reason") else ""
+        raise GGUFError(
+            f"{run_dir.name} was scored {verdict.get('status')}: {reason or 'no model'}"
+        )
 
 
 def export_gguf(run_dir: Path, target: Path, force: bool = False, check: bool = False,

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,13 +163,15 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write(path: Path, line: str, checked: bool) -> None:
-    """Append one line under the lock, header first. `checked` (results.tsv itself) refuses a
-    foreign first line and a run_id that already has a row; the side file takes anything."""
+def _write(path: Path, line_for: Callable[[bytes], str], checked: bool) -> None:
+    """Append line_for(what the file holds) under the lock, header first. `checked` (results.tsv
+    itself) refuses a foreign first line and a run_id that already has a row; the side file takes
+    anything."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path), open(path, "a+b") as handle:
         handle.seek(0)
         data = handle.read()
+        line = line_for(data)
         if _HEADER_BYTES.startswith(data):  # empty, truncated, or torn while its header was written
             handle.write(_HEADER_BYTES[len(data) :])
         else:
@@ -189,13 +192,21 @@ def _write(path: Path, line: str, checked: bool) -> None:
         os.fsync(handle.fileno())
 
 
-def append(row: dict, path: Path) -> None:
+def append(row: dict, path: Path, decided_here: bool = False) -> None:
     """Append one row under an exclusive lock. When results.tsv cannot take it safely (another
     header, its run_id already recorded, the lock held too long, an OSError) the row goes to
-    unrecorded_path(path) and ResultsError (DuplicateRun for a run_id) says so: nothing is lost."""
-    line = format_row(row)
+    unrecorded_path(path) and ResultsError (DuplicateRun for a run_id) says so: nothing is lost.
+    `decided_here`: row["status"] (keep or discard) is decided under the lock against the rows
+    already there, so two runs ending together cannot both be kept over the same best."""
+
+    def line_for(data: bytes) -> str:
+        if decided_here:
+            frame = _frame(_parse(data.decode(errors="replace"))[0])
+            row["status"] = decide(row["val_bpb"], row["bpw"], row["eval_set"], row["model"], frame)
+        return format_row(row)
+
     try:
-        _write(path, line, checked=True)
+        _write(path, line_for, checked=True)
         return
     except (ResultsError, OSError) as err:
         failure = err
@@ -207,10 +218,10 @@ def append(row: dict, path: Path) -> None:
     )
     side = unrecorded_path(path)
     try:
-        _write(side, line, checked=False)
+        _write(side, lambda _: line_for(_read_bytes(path)), checked=False)
     except (ResultsError, OSError) as err:
         raise kind(
-            f"{reason}; nor could {side} ({err}): the row, unrecorded: {line.rstrip()}"
+            f"{reason}; nor could {side} ({err}): the row, unrecorded: {format_row(row).rstrip()}"
         ) from failure
     raise kind(f"{reason}; the row went to {side}", side) from failure
 
@@ -225,15 +236,22 @@ def read_counted(path: Path) -> tuple[pd.DataFrame, int]:
     """read(), plus how many non-blank lines after the first (the header, or a foreign one) were
     skipped, so a viewer can say so. Any bytes read: invalid UTF-8 becomes U+FFFD, never an
     error."""
+    rows, skipped, _ = _parse(_read_bytes(path).decode(errors="replace"))
+    return _frame(rows), skipped
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    rows, skipped, _ = _parse(data.decode(errors="replace"))
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _frame(rows: list[list[str]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
     for column in NUMERIC:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
-    return frame, skipped
+    return frame
 
 
 def best_in_track(

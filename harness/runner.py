@@ -519,13 +519,9 @@ def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: d
     spec, prepared, clock = run.spec, run.prepared, run.clock
     model = prepared.model_name
     eval_set = eval_set_name(prepared.eval.name, spec.eval_tokens) if prepared.eval else ""
-    if status == "valid":
-        if spec.baseline:
-            status = "baseline"
-        else:
-            status = results.decide(
-                verdict["val_bpb"], verdict["bpw"], eval_set, model, results.read(spec.results_path)
-            )
+    decided_here = status == "valid" and not spec.baseline  # keep or discard, under the lock
+    if status == "valid" and spec.baseline:
+        status = "baseline"
     claimed = train_info.get("config") if isinstance(train_info.get("config"), dict) else {}
     config = {
         **claimed,
@@ -555,9 +551,10 @@ def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: d
         "config": config,
     }
     try:
-        results.append(row, spec.results_path)
+        results.append(row, spec.results_path, decided_here=decided_here)
     except results.ResultsError as err:
         print(f"warning: {err}", file=sys.stderr, flush=True)
+    status = row["status"]
     summary = format_summary(row, reason, time.time() - run.started)
     print(summary, flush=True)
     run.log.write(summary.encode() + b"\n")

@@ -249,3 +249,24 @@ def test_tracks_and_keep_rule(tmp_path):
     assert results.decide(2.5, 1.73, "e", "m", frame) == "keep"
     assert results.decide(2.9995, 1.73, "e", "m", frame) == "discard"  # inside the noise margin
     assert results.decide(2.5, 1.73, "other-eval", "m", frame) == "keep"
+
+
+def _decided_writer(path, worker, start):
+    start.wait()
+    results.append(row(worker, status="valid", val_bpb=1.5), path, decided_here=True)
+
+
+def test_runs_ending_together_are_decided_under_the_lock(tmp_path):
+    """Eight equally good runs recorded at once: the lock decides, so exactly one beats the best."""
+    path = tmp_path / "results.tsv"
+    start = multiprocessing.Event()
+    writers = [
+        multiprocessing.Process(target=_decided_writer, args=(path, w, start)) for w in range(8)
+    ]
+    for w in writers:
+        w.start()
+    start.set()
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert sorted(results.read(path)["status"]) == ["discard"] * 7 + ["keep"]

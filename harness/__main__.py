@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -55,6 +56,9 @@ def _run(args: argparse.Namespace) -> int:
     from harness.sandbox import SANDBOX_BWRAP, SANDBOX_NONE
 
     kind = SANDBOX_NONE if args.no_sandbox else SANDBOX_BWRAP
+    if args.cpus:  # the runner, train.py and the evaluator inherit the cores and the thread count
+        os.sched_setaffinity(0, args.cpus)
+        os.environ["OMP_NUM_THREADS"] = str(len(args.cpus))
     problem = check_ready(args.eval_tokens, kind)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -75,6 +79,20 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cpu_list(text: str) -> list[int]:
+    """`0-3,8` -> [0, 1, 2, 3, 8], as taskset and cpuset files write them."""
+    cores = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cores += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a core list like 0-3,8: {text!r}") from None
+    if not cores:
+        raise argparse.ArgumentTypeError("no cores")
+    return cores
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from harness import evaluate
 
@@ -89,7 +107,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    train_args: list[str] = []
+    whole, train_args = list(argv), []
     if "--" in argv:  # everything after -- goes to train.py untouched
         argv, train_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     parser = argparse.ArgumentParser(
@@ -119,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             action="store_true",
             help="run train.py without bubblewrap (recorded in the row): only where it cannot run",
         )
+        sub.add_argument(
+            "--cpus",
+            type=cpu_list,
+            help="run on these cores only, e.g. 0-3,8 (the agent's workers divide the machine so)",
+        )
         sub.set_defaults(handler=_run, train_args=train_args)
     sub = commands.add_parser("evaluate", help="verify and score an artifact folder")
     sub.add_argument("artifact", type=Path)
@@ -130,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
-            sub.set_defaults(handler=module.command, train_args=train_args)
+            sub.set_defaults(handler=module.command, train_args=train_args, argv=whole)
     args = parser.parse_args(argv)
     return args.handler(args)
 

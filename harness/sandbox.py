@@ -190,11 +190,11 @@ def signal_groups(pgids: set[int], sig: int) -> None:
             pass
 
 
-def _die_with_parent() -> None:
-    """preexec_fn without a sandbox: the child gets SIGKILL when the runner dies."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """preexec_fn: the child gets `sig` when its parent dies (without a sandbox: the runner)."""
     pr_set_pdeathsig = 1
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
     except (OSError, AttributeError):  # not Linux/glibc: nothing to arrange
         pass
 
@@ -208,4 +208,4 @@ def popen(
                                 start_new_session=True, **kwargs)  # fmt: skip
     Path(env.get("HOME", SCRATCH_HOME)).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(argv, cwd=cwd, env=env, pass_fds=pass_fds, start_new_session=True,
-                            preexec_fn=_die_with_parent, **kwargs)  # fmt: skip
+                            preexec_fn=die_with_parent, **kwargs)  # fmt: skip

@@ -31,7 +31,7 @@ from conftest import ROOT, default_sigint, processes_with
 
 from harness import results
 from harness.__main__ import main as harness_main
-from harness.agent.proposers import LLMProposer
+from harness.agent.proposers import LLMProposer, optuna_storage
 
 OTHER_SECRET = "qat-token-" + secrets.token_hex(
     8
@@ -118,7 +118,7 @@ def start_agent(server, *extra):
 
 
 def viewer_pids():
-    """The session's viewer panes (results, agent log): they stay until the session goes."""
+    """The session's viewer panes (results, the agents' logs): they stay until the session goes."""
     listed = subprocess.run(
         [
             "tmux",
@@ -132,7 +132,8 @@ def viewer_pids():
         capture_output=True,
         text=True,
     ).stdout.split("\n")
-    return {int(line.split()[1]) for line in listed if line.split()[:1] in (["results"], ["agent"])}
+    viewers = ("results", "agent", "w1-agent", "w2-agent")  # a lone agent's and two workers'
+    return {int(line.split()[1]) for line in listed if line.split()[:1] in [[v] for v in viewers]}
 
 
 def leftover_processes(tmp, seconds=60):
@@ -555,9 +556,8 @@ def test_optuna_runs_trials_as_rows_and_resumes_its_study(user_repo):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     frame = results.read(tmp / "results.tsv")
     assert len(frame) == 2 and set(frame["status"]) <= {"keep", "discard"}
-    study = optuna.load_study(
-        study_name="opt", storage=f"sqlite:///{tmp / 'runs' / 'agent-opt' / 'optuna.db'}"
-    )
+    journal = str(tmp / "runs" / "agent-opt" / "optuna.journal")
+    study = optuna.load_study(study_name="opt", storage=optuna_storage(journal))
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert [t.number for t in trials] == [0, 1]
     for trial, (_, row) in zip(trials, frame.iterrows()):
@@ -581,3 +581,82 @@ def test_the_log_masks_a_key_but_not_a_placeholder_short_enough_to_be_a_word(tmp
     text = (tmp_path / "agent.log").read_text() + (tmp_path / "agent.jsonl").read_text()
     assert API_KEY not in text and "bad key *** for tokens" in text
     assert "tokens_estimate=6078 context_tokens=8192" in text
+
+
+def workers_args(*extra, tag):
+    return [sys.executable, "-m", "harness",
+            *agent_args("--proposer", "optuna", "--workers", "2", *extra, tag=tag)]  # fmt: skip
+
+
+@pytest.mark.slow  # minutes of real runs; .ci/run runs it after make test
+def test_two_workers_run_distinct_trials_each_on_its_own_branch_and_cores(user_repo):
+    import optuna
+
+    from harness.agent.log import agent_logs
+    from harness.agent.workers import Worker
+
+    tmp = user_repo.parent
+    done = subprocess.run(
+        [*workers_args("--max-experiments", "4", tag="par"), "--", *TINY_FLAGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    frame = results.read(tmp / "results.tsv")
+    assert len(frame) == 4 and set(frame["status"]) <= {"keep", "discard"}
+    logs = agent_logs(tmp / "runs")
+    ran = {name: log.run_ids() for name, log in logs.items()}
+    assert sorted(ran) == ["par-1", "par-2"] and [len(ids) for ids in ran.values()] == [2, 2]
+    assert sorted(ran["par-1"] + ran["par-2"]) == sorted(frame["run_id"])
+    flags = {tuple(json.loads(config)["train_args"]) for config in frame["config"]}
+    assert len(flags) == 4  # no parameter set twice, across the workers
+    study = optuna.load_study(
+        study_name="par", storage=optuna_storage(str(tmp / "runs" / "agent-par" / "optuna.journal"))
+    )
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert {t.user_attrs["owner"].split(":")[1] for t in complete} == {"par-1", "par-2"}
+    for k in (1, 2):
+        worktree = tmp / "runs" / "agent-par" / f"w{k}" / "worktree"
+        assert git(worktree, "status", "--porcelain", "--untracked-files=all") == ""
+        assert git(worktree, "rev-parse", "HEAD") == git(
+            user_repo, "rev-parse", f"autoresearch/par-{k}"
+        )
+        cores = ",".join(map(str, Worker("par", k, 2).cpus()))
+        for job in (tmp / "runs" / "agent-par" / f"w{k}" / "jobs").iterdir():
+            assert f"--cpus {cores} " in (job / "job.sh").read_text()
+    assert git(user_repo, "status", "--porcelain") == ""
+    windows = subprocess.run(
+        ["tmux", "-L", os.environ["QAT_TEST_SOCKET"], "list-windows", "-a", "-F", "#{window_name}"],
+        capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert {"results", "w1-agent", "w2-agent"} <= set(windows)
+
+
+@pytest.mark.slow  # minutes of real runs; .ci/run runs it after make test
+def test_a_signal_to_the_workers_supervisor_stops_and_records_every_workers_run(user_repo):
+    from harness.agent.log import agent_logs
+
+    tmp = user_repo.parent
+    supervisor = subprocess.Popen(
+        # no --steps: each run trains for the whole 60 s budget, so the signal finds both running
+        [*workers_args("--max-experiments", "2", tag="sig"), "--", *TINY_FLAGS[:-2]],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=default_sigint,
+    )  # fmt: skip
+
+    def both_training():
+        logs = agent_logs(tmp / "runs")
+        named = [e for log in logs.values() for e in log.events() if e.get("event") == "running"]
+        return len(named) == 2 and len(list((tmp / "runs").glob("*/loss.csv"))) == 2
+
+    wait_for(both_training, supervisor)
+    supervisor.send_signal(signal.SIGTERM)
+    output = supervisor.communicate(timeout=120)[0]
+    assert supervisor.returncode == 128 + signal.SIGTERM, output[-3000:]
+    frame = results.read(tmp / "results.tsv")
+    assert len(frame) == 2 and set(frame["status"]) == {"crash"}
+    assert {json.loads(c)["reason"] for c in frame["config"]} == {"interrupted (SIGTERM)"}
+    for name, log in agent_logs(tmp / "runs").items():
+        stop = log.events()[-1]
+        assert stop["event"] == "stop" and stop["exit_code"] == 143 and stop["clean"], name
+    assert leftover_processes(tmp) == []

@@ -3,6 +3,7 @@ training dynamics, and every way a chat server can answer, through the real open
 
 import email.utils
 import json
+import multiprocessing
 import os
 import re
 import time
@@ -28,6 +29,7 @@ from harness.agent.proposers import (
     build_messages,
     dynamics_summary,
     load_search_space,  # fmt: skip
+    optuna_storage,
     retry_after,
 )
 
@@ -104,11 +106,11 @@ SMALL_SPACE = {
 
 def test_a_trial_left_running_by_an_interrupted_sweep_is_failed_and_the_study_goes_on(tmp_path):
     space = {"--lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
-    first = OptunaProposer(space, tmp_path / "study.db", "s", seed=0)
+    first = OptunaProposer(space, str(tmp_path / "study.journal"), "s", seed=0)
     done = first.propose(None)
     first.tell(done, Result("keep", 1.5))
     first.propose(None)  # the session dies here: this trial stays RUNNING in the database
-    resumed = OptunaProposer(space, tmp_path / "study.db", "s", seed=0)
+    resumed = OptunaProposer(space, str(tmp_path / "study.journal"), "s", seed=0)
     resumed.reconcile(results.read(tmp_path / "results.tsv"))  # no rows at all
     assert [t.state for t in resumed.study.trials] == [COMPLETE, FAIL]
     nxt = resumed.propose(None)
@@ -125,11 +127,11 @@ def test_a_trial_left_running_by_an_interrupted_sweep_is_failed_and_the_study_go
 def test_a_seeded_study_killed_and_restarted_never_runs_a_parameter_set_twice(tmp_path):
     proposed = []
     for _ in range(2):  # each session proposes, then dies without telling the study anything
-        session = OptunaProposer(SMALL_SPACE, tmp_path / "study.db", "s", seed=7)
+        session = OptunaProposer(SMALL_SPACE, str(tmp_path / "study.journal"), "s", seed=7)
         proposed += [tuple(session.propose(None).train_args) for _ in range(4)]
         del session
     assert len(set(proposed)) == 8  # of the 10 sets there are
-    last = OptunaProposer(SMALL_SPACE, tmp_path / "study.db", "s", seed=7)
+    last = OptunaProposer(SMALL_SPACE, str(tmp_path / "study.journal"), "s", seed=7)
     proposed += [tuple(last.propose(None).train_args) for _ in range(2)]
     assert len(set(proposed)) == 10
     assert any(
@@ -151,7 +153,7 @@ def scored_results(tmp_path, rows: list[tuple[str, str, float | None]]) -> pd.Da
 
 def test_reconcile_gives_a_killed_sessions_trials_their_rows_and_fails_the_rest(tmp_path):
     space = {"--lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
-    first = OptunaProposer(space, tmp_path / "study.db", "s", seed=0)
+    first = OptunaProposer(space, str(tmp_path / "study.journal"), "s", seed=0)
     told = first.propose(None)
     first.started(told, "run-told")
     first.tell(told, Result("discard", None))  # e.g. outside --track: the agent's word stands
@@ -162,7 +164,7 @@ def test_reconcile_gives_a_killed_sessions_trials_their_rows_and_fails_the_rest(
     del first  # SIGKILL: three trials RUNNING, one of them never started a run
     frame = scored_results(tmp_path, [("run-told", "keep", 1.4), ("run-scored", "discard", 1.7),
                                       ("run-crashed", "crash", None)])  # fmt: skip
-    resumed = OptunaProposer(space, tmp_path / "study.db", "s", seed=0)
+    resumed = OptunaProposer(space, str(tmp_path / "study.journal"), "s", seed=0)
     assert [t.state for t in resumed.study.trials] == [FAIL, RUNNING, RUNNING, RUNNING]
     resumed.reconcile(frame)
     trials = resumed.study.trials
@@ -174,10 +176,10 @@ def test_reconcile_gives_a_killed_sessions_trials_their_rows_and_fails_the_rest(
 
 def test_a_run_that_outlived_its_agent_is_scored_when_its_row_comes(tmp_path):
     space = {"--lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
-    first = OptunaProposer(space, tmp_path / "study.db", "s", seed=0)
+    first = OptunaProposer(space, str(tmp_path / "study.journal"), "s", seed=0)
     first.started(first.propose(None), "run-late")
     del first
-    resumed = OptunaProposer(space, tmp_path / "study.db", "s", seed=0)
+    resumed = OptunaProposer(space, str(tmp_path / "study.journal"), "s", seed=0)
     resumed.reconcile(scored_results(tmp_path, []))  # the run still goes on in its tmux window
     assert [t.state for t in resumed.study.trials] == [FAIL]
     resumed.reconcile(scored_results(tmp_path, [("run-late", "keep", 1.25)]))
@@ -444,3 +446,54 @@ def test_the_dynamics_of_a_huge_loss_csv_come_from_its_start_and_its_end(tmp_pat
     assert line.startswith("long: 200000 steps, loss 9.95 ") and line.split(", ")[1].endswith(
         " -9990"
     )
+
+
+# --- Optuna shared by workers ---
+
+
+def _worker_proposes(journal, owner, start, count, out):
+    proposer = OptunaProposer(SMALL_SPACE, journal, "s", owner=owner)
+    start.wait()
+    for _ in range(count):
+        try:
+            out.put(tuple(proposer.propose(None).train_args))
+        except Rejected:
+            return
+
+
+def test_workers_sharing_one_journal_never_run_a_parameter_set_twice(tmp_path):
+    """Two processes drawing from 10 sets at once, unseeded: what they run is distinct, even when
+    both draw one set at the same moment."""
+    journal = str(tmp_path / "optuna.journal")
+    start, out = multiprocessing.Event(), multiprocessing.Queue()
+    workers = [
+        multiprocessing.Process(target=_worker_proposes, args=(journal, owner, start, 6, out))
+        for owner in ("host:a-1", "host:a-2")
+    ]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    ran = []
+    while not out.empty():
+        ran.append(out.get())
+    assert len(ran) >= 8 and len(set(ran)) == len(ran)
+    study = optuna.load_study(study_name="s", storage=optuna_storage(journal))
+    owners = {t.user_attrs["owner"] for t in study.trials if t.state == RUNNING}
+    assert owners == {"host:a-1", "host:a-2"}
+
+
+def test_a_worker_reconciles_only_its_own_trials(tmp_path):
+    """A worker (re)starting leaves alone what another worker runs now, and settles its own."""
+    space = {"--lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    journal = str(tmp_path / "optuna.journal")
+    other = OptunaProposer(space, journal, "s", owner="host:t-2", seed=0)
+    other.started(other.propose(None), "run-other")  # running now, its row not written yet
+    killed = OptunaProposer(space, journal, "s", owner="host:t-1", seed=1)
+    killed.started(killed.propose(None), "run-mine")
+    del killed
+    restarted = OptunaProposer(space, journal, "s", owner="host:t-1", seed=1)
+    restarted.reconcile(scored_results(tmp_path, [("run-mine", "discard", 1.6)]))
+    assert [t.state for t in restarted.study.trials] == [RUNNING, COMPLETE]

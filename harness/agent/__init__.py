@@ -4,7 +4,9 @@
     runs/agent-<tag>/agent.jsonl   every event: proposals, rejections with reasons, runs, decisions
     runs/agent-<tag>/agent.log     the same as lines to read (the tmux window "agent" follows it)
     runs/agent-<tag>/jobs/<n>/     the tmux job: job.sh, console.log, exit_code
-    runs/agent-<tag>/optuna.db     the Optuna study (resumed when the agent restarts)
+    runs/agent-<tag>/optuna.journal  the Optuna study (resumed when the agent restarts)
+    runs/agent-<tag>/w<k>/         with --workers N: worker k's worktree (branch
+                                   autoresearch/<tag>-<k>), logs and jobs; the study is shared
 
 Each candidate train.py is a commit on the branch; a kept run leaves it there, anything else
 (discard, crash, invalid, a rejected reply, a proposal that could not be applied) resets the
@@ -30,4 +32,5 @@ nor a run inherits one, and the logs mask it.
     proposers.py  the LLM and Optuna proposers
     edits.py      SEARCH/REPLACE blocks from a model's reply, applied exactly or refused
     tmux.py       the tmux session, its viewer windows and jobs
+    workers.py    --workers N: each worker's folder, branch, cores or device; their supervisor
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -86,6 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a new branch from train.py as it is in your checkout, uncommitted changes "
         "included (committed on the agent's branch only; your checkout and index are untouched)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run N experiments at once, each in its own worktree and branch "
+        "autoresearch/<tag>-<k> (on CPU each gets an equal share of the cores)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=lambda text: [part for part in text.split(",") if part],
+        default=[],
+        help="cuda:0,cuda:1,...: worker k runs on the k-th (round robin)",
+    )
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # a supervisor's
     parser.add_argument("--session", default="autoresearch", help="tmux session name")
     parser.add_argument("--socket", help="tmux socket name (tmux -L); default: the default server")
     parser.add_argument(
@@ -125,6 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--search-space", type=Path, help="default: search_space.json next to train.py"
     )
     opt.add_argument("--seed", type=int, default=None)
+    opt.add_argument(
+        "--storage",
+        help="the study's Optuna storage, shared by every worker that names it: a journal file "
+        "(default runs/agent-<tag>/optuna.journal) or a database URL (postgresql://..., "
+        "mysql://...) for workers on several machines",
+    )
 
 
 @contextmanager
@@ -141,10 +162,34 @@ def environment_without_secrets():
 def command(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     with environment_without_secrets():
+        if args.workers > 1 and not args.worker:
+            return _supervise(args, api_key)
         return _main(args, api_key)
 
 
-def _proposer(args: argparse.Namespace, api_key: str | None, log, workspace, root: Path):
+def _supervise(args: argparse.Namespace, api_key: str | None) -> int:
+    from harness.agent.workers import supervise
+
+    if _not_ready(args):
+        return 2
+    socket_flag = f"-L {args.socket} " if args.socket else ""
+    print(f"[agent] {args.workers} workers; watch them: tmux {socket_flag}attach -t {args.session} "
+          "(windows: results, w<k>-agent: worker k's log, w<k>-exp<N>: its runs)")  # fmt: skip
+    return supervise(args.argv, args.workers, api_key)
+
+
+def _not_ready(args: argparse.Namespace) -> bool:
+    """Said once, before any worker or proposal: the data or the sandbox is not ready."""
+    from harness.runner import check_ready
+    from harness.sandbox import SANDBOX_BWRAP, SANDBOX_NONE
+
+    problem = check_ready(args.eval_tokens, SANDBOX_NONE if args.no_sandbox else SANDBOX_BWRAP)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    return problem is not None
+
+
+def _proposer(args: argparse.Namespace, api_key: str | None, log, workspace, worker):
     from harness.agent.proposers import (
         SEARCH_SPACE_FILE,
         LLMConfig,
@@ -164,9 +209,12 @@ def _proposer(args: argparse.Namespace, api_key: str | None, log, workspace, roo
             context_tokens=args.context_tokens)  # fmt: skip
         return proposer
     space_file = args.search_space or workspace.train_py.parent / SEARCH_SPACE_FILE
-    proposer = OptunaProposer(load_search_space(space_file), root / "optuna.db",
-                              study_name=args.tag, seed=args.seed, log=log)  # fmt: skip
-    log("proposer", kind="optuna", search_space=str(space_file),
+    storage = args.storage or str(worker.group_root / "optuna.journal")
+    seed = None if args.seed is None else args.seed + 1000 * worker.index  # workers differ
+    proposer = OptunaProposer(load_search_space(space_file), storage, study_name=args.tag,
+                              owner=f"{socket.gethostname()}:{worker.name}", seed=seed,
+                              log=log)  # fmt: skip
+    log("proposer", kind="optuna", search_space=str(space_file), storage=storage,
         trials_so_far=len(proposer.study.trials))  # fmt: skip
     return proposer
 
@@ -175,15 +223,13 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
     from harness.agent.jobs import Jobs, run_environment
     from harness.agent.log import AgentLog
     from harness.agent.loop import Agent, AgentConfig
-    from harness.agent.tmux import Tmux
+    from harness.agent.tmux import LOG_WINDOW, Tmux
+    from harness.agent.workers import Worker, in_turn
     from harness.agent.workspace import Workspace, start_point
-    from harness.runner import check_ready
-    from harness.sandbox import SANDBOX_BWRAP, SANDBOX_NONE
 
-    problem = check_ready(args.eval_tokens, SANDBOX_NONE if args.no_sandbox else SANDBOX_BWRAP)
-    if problem:  # one line now, not a failed run per proposal
-        print(f"error: {problem}", file=sys.stderr)
+    if not args.worker and _not_ready(args):  # one line now, not a failed run per proposal
         return 2
+    worker = Worker(args.tag, args.worker, args.workers)
     script = paths.train_script()
     try:
         repo = Path(git(["rev-parse", "--show-toplevel"], script.parent))
@@ -194,25 +240,30 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
         )
         return 2
     train_rel = script.resolve().relative_to(repo.resolve())
-    root = paths.runs_dir() / f"agent-{args.tag}"
+    root = worker.root
     root.mkdir(parents=True, exist_ok=True)
-    log = AgentLog(root, secrets=[api_key] if api_key else [])
+    log = AgentLog(
+        root, secrets=[api_key] if api_key else [], name=worker.name if worker.index else None
+    )
     uncommitted = git(["status", "--porcelain", "--", str(train_rel)], repo) != ""
-    workspace = Workspace(repo, train_rel, root, f"autoresearch/{args.tag}")
-    proposer = _proposer(args, api_key, log, workspace, root)
+    with in_turn(worker):
+        workspace = Workspace(repo, train_rel, root, worker.branch)
+    proposer = _proposer(args, api_key, log, workspace, worker)
     start_point(workspace, script, train_rel, uncommitted, args.from_checkout, log)
-    config = AgentConfig(tag=args.tag, max_experiments=args.max_experiments, hours=args.hours,
-                         max_crashes=args.max_crashes, budget_seconds=args.budget,
-                         eval_tokens=args.eval_tokens, run_timeout=args.run_timeout,
-                         train_args=args.train_args, track=args.track,
-                         no_sandbox=args.no_sandbox)  # fmt: skip
+    config = AgentConfig(tag=worker.name, max_experiments=worker.share(args.max_experiments),
+                         hours=args.hours, max_crashes=args.max_crashes,
+                         budget_seconds=args.budget, eval_tokens=args.eval_tokens,
+                         run_timeout=args.run_timeout, train_args=args.train_args,
+                         track=args.track, no_sandbox=args.no_sandbox, cpus=worker.cpus(),
+                         device=worker.device(args.devices))  # fmt: skip
     tmux = Tmux(args.results_command, cwd=paths.ROOT, session_name=args.session,
                 socket_name=args.socket, environment=run_environment(workspace.train_py),
-                log_file=log.human)  # fmt: skip
+                log_file=log.human, log_window=worker.window(LOG_WINDOW))  # fmt: skip
     tmux.session()
-    socket = f"-L {args.socket} " if args.socket else ""
-    print(f"[agent] watch it: tmux {socket}attach -t {args.session} "
-          "(windows: results, agent: this log, exp<N>: runs)")  # fmt: skip
-    jobs = Jobs(config, tmux, root, workspace.train_py, log)
+    if not worker.index:
+        socket_flag = f"-L {args.socket} " if args.socket else ""
+        print(f"[agent] watch it: tmux {socket_flag}attach -t {args.session} "
+              "(windows: results, agent: this log, exp<N>: runs)")  # fmt: skip
+    jobs = Jobs(config, tmux, root, workspace.train_py, log, window=worker.window)
     with interrupts.raising():
-        return Agent(config, proposer, log, workspace, jobs).loop()
+        return Agent(config, proposer, log, workspace, jobs, peers=worker.peers()).loop()

@@ -77,6 +77,14 @@ def run_environment(train_py: Path) -> dict[str, str]:
     return env
 
 
+def device_environment(device: str | None) -> dict[str, str]:
+    """What a run on `device` (--devices) needs: that CUDA device is the only one its process
+    sees, so train.py's DEVICE=auto picks it. None or cpu: nothing."""
+    if device and device.startswith("cuda"):
+        return {"CUDA_VISIBLE_DEVICES": device.partition(":")[2] or "0"}
+    return {}
+
+
 def _row_reason(row: dict) -> str:
     if row["status"] not in CRASH_STATUSES:
         return ""
@@ -89,9 +97,11 @@ def _row_reason(row: dict) -> str:
 class Jobs:
     """The jobs of one agent session under root/jobs, numbered on from the last session's."""
 
-    def __init__(self, config: AgentConfig, tmux: Tmux, root: Path, train_py: Path, log: AgentLog):
+    def __init__(self, config: AgentConfig, tmux: Tmux, root: Path, train_py: Path, log: AgentLog,
+                 window: Callable[[str], str] = str):  # fmt: skip
         self.config, self.tmux, self.root, self.train_py, self.log = (
             config, tmux, root, train_py, log)  # fmt: skip
+        self.window = window  # a job's window name: a worker's are prefixed with its number
         self.results_path = paths.results_path()
         self.count = len(list((root / "jobs").glob("*"))) if (root / "jobs").exists() else 0
 
@@ -101,6 +111,7 @@ class Jobs:
                    "--budget", str(self.config.budget_seconds),
                    "--eval-tokens", str(self.config.eval_tokens),
                    *(["--no-sandbox"] if self.config.no_sandbox else []),
+                   *(["--cpus", ",".join(map(str, self.config.cpus))] if self.config.cpus else []),
                    "--", *self.config.train_args, *proposal.train_args]  # fmt: skip
         # tee ignores the stop signals: it outlives the runner and logs its last lines
         tee = f"(trap '' INT TERM HUP; exec tee {shlex.quote(str(console))})"
@@ -138,7 +149,7 @@ class Jobs:
         """Run the proposal at `commit` to its end; `on_named(run_id)` once the runner names its
         run. A stop signal stops the run with that signal and raises RunStopped once recorded."""
         self.count += 1
-        window, job = f"exp{self.count}", f"{self.count:04d}"
+        window, job = self.window(f"exp{self.count}"), f"{self.count:04d}"
         timeout = (
             self.config.run_timeout
             or time_limit(self.config.budget_seconds) + EVAL_ALLOWANCE_SECONDS
@@ -150,7 +161,8 @@ class Jobs:
             with interrupts.held():
                 running = self.tmux.start(window, self._script(proposal, self._console(job)),
                                           self.root / "jobs" / job,
-                                          run_environment(self.train_py))  # fmt: skip
+                                          {**run_environment(self.train_py),
+                                           **device_environment(self.config.device)})  # fmt: skip
                 self.log("started", job=job, window=window, commit=commit, args=train_args,
                          description=proposal.description)  # fmt: skip
             end = running.wait(timeout, poll=self._watch(job, on_named))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,9 +20,10 @@ MIN_SECRET_CHARS = 8
 
 
 class AgentLog:
-    def __init__(self, root: Path, secrets: list[str]):
+    def __init__(self, root: Path, secrets: list[str], name: str | None = None):
         self.path, self.human = root / "agent.jsonl", root / "agent.log"
         self.secrets = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
+        self.prefix = f"[agent {name}]" if name else "[agent]"  # a worker's lines, told apart
 
     def _mask(self, text: str) -> str:
         for secret in self.secrets:
@@ -42,7 +44,7 @@ class AgentLog:
         with open(self.human, "a", encoding="utf-8") as sink:
             sink.write(f"{stamp[11:]} {line}\n" + "".join(below))
         try:
-            print(f"[agent] {line}"[:SHOWN_CHARS], flush=True)
+            print(f"{self.prefix} {line}"[:SHOWN_CHARS], flush=True)
         except OSError:  # the terminal went away (SIGHUP): the files have it
             pass
 
@@ -62,10 +64,19 @@ class AgentLog:
     def run_ids(self) -> list[str]:
         return [e["run_id"] for e in self.events() if e.get("event") == "run" and e.get("run_id")]
 
-    def unfinished(self) -> dict | None:
+    def running(self) -> dict | None:
+        """The "started" event of the job a live session runs now; None when no session runs
+        (the last one stopped, or its process is gone) or it is between jobs."""
+        events = self.events()
+        starts = [e for e in events if e.get("event") == "start"]
+        if not starts or events[-1].get("event") == "stop" or not _alive(starts[-1].get("pid")):
+            return None
+        return self.unfinished(events)
+
+    def unfinished(self, events: list[dict] | None = None) -> dict | None:
         """The last job started that no "run" event ended: what a killed session left behind."""
         pending = None
-        for record in self.events():
+        for record in self.events() if events is None else events:
             if record.get("event") == "started":
                 pending = record
             elif record.get("event") == "run":
@@ -82,3 +93,24 @@ def diff_lines(before: str, after: str) -> str:
     )[2:]
     more = [f"... {len(lines) - DIFF_LINES} more lines"] if len(lines) > DIFF_LINES else []
     return "\n".join(lines[:DIFF_LINES] + more)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's: alive
+        pass
+    return True
+
+
+def agent_logs(runs_dir: Path) -> dict[str, AgentLog]:
+    """Every agent's log under runs_dir by its name: a lone agent's tag, a worker's <tag>-<k>."""
+    found = {}
+    for events in sorted(runs_dir.glob("agent-*/agent.jsonl")):
+        found[events.parent.name.removeprefix("agent-")] = AgentLog(events.parent, [])
+    for events in sorted(runs_dir.glob("agent-*/w*/agent.jsonl")):
+        tag = events.parent.parent.name.removeprefix("agent-")
+        found[f"{tag}-{events.parent.name[1:]}"] = AgentLog(events.parent, [])
+    return found

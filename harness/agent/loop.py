@@ -7,9 +7,11 @@ count. Before the first proposal, what a killed session left is reconciled: neve
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from harness import interrupts, paths, results
 from harness.agent.jobs import CRASH_STATUSES, Jobs, RunEnd, RunStopped
@@ -25,6 +27,7 @@ from harness.agent.proposers import (
 from harness.agent.workspace import Workspace
 from harness.budget import TIME_BUDGET_SECONDS
 from harness.evaluate import EVAL_TOKENS
+from harness.text import one_line
 
 PROGRAM_FILE = "program.md"
 KILLED = "interrupted (agent killed)"
@@ -42,13 +45,17 @@ class AgentConfig:
     train_args: list[str] = field(default_factory=list)  # appended to every candidate's flags
     track: str | None = None  # keep only rows in this bpw track (results.TRACKS); None: any
     no_sandbox: bool = False  # passed to every `harness run`: only where bubblewrap cannot run
+    cpus: list[int] | None = None  # `harness run --cpus`: a worker's share of the machine
+    device: str | None = None  # a worker's --devices entry (cuda:K); None: train.py's choice
 
 
 class Agent:
     def __init__(self, config: AgentConfig, proposer, log: AgentLog, workspace: Workspace,
-                 jobs: Jobs):  # fmt: skip
+                 jobs: Jobs, peers: list[Path] = ()):  # fmt: skip
         self.config, self.proposer, self.log, self.workspace, self.jobs = (
             config, proposer, log, workspace, jobs)  # fmt: skip
+        # the other workers' folders: their rows and running experiments are in the context
+        self.peers = [AgentLog(root, []) for root in peers if root != jobs.root]
         self.results_path = paths.results_path()
         self.runs_dir = paths.runs_dir()
         self.run_ids = log.run_ids()
@@ -57,13 +64,22 @@ class Agent:
         self.last_failure = ""
 
     def context(self) -> Context:
+        """What the proposer sees: train.py, program.md, every worker's rows in the order they
+        ran, the dynamics of those runs, the last crash here, what the other workers run now."""
         program = self.workspace.path / PROGRAM_FILE
         frame = results.read(self.results_path)
-        dynamics = dynamics_summary([self.runs_dir / run_id for run_id in self.run_ids])
+        run_ids = {*self.run_ids, *(run_id for peer in self.peers for run_id in peer.run_ids())}
+        recent = frame[frame["run_id"].isin(run_ids)]
+        dynamics = dynamics_summary([self.runs_dir / run_id for run_id in recent["run_id"]])
+        running = [
+            one_line(f"{started.get('description', '')} {' '.join(started.get('args', []))}")
+            for peer in self.peers
+            if (started := peer.running())
+        ]
         return Context(train_py=self.workspace.train_py.read_text(),
                        program=program.read_text() if program.exists() else "",
-                       recent=frame[frame["run_id"].isin(self.run_ids)], crash_log=self.crash_log,
-                       dynamics=dynamics)  # fmt: skip
+                       recent=recent, crash_log=self.crash_log, dynamics=dynamics,
+                       running=running)  # fmt: skip
 
     def decide(self, end: RunEnd) -> Result:
         row = end.row
@@ -82,7 +98,7 @@ class Agent:
         cfg = self.config
         deadline = time.monotonic() + cfg.hours * 3600 if cfg.hours is not None else None
         crashes, done = 0, 0
-        self.log("start", tag=cfg.tag, branch=self.workspace.branch,
+        self.log("start", tag=cfg.tag, pid=os.getpid(), branch=self.workspace.branch,
                  worktree=str(self.workspace.path), kept=self.workspace.kept[:7],
                  session=self.jobs.tmux.session_name)  # fmt: skip
         try:

@@ -81,9 +81,10 @@ class Rejected(Exception):
 class Context:
     train_py: str
     program: str  # program.md
-    recent: pd.DataFrame  # recent results rows of this agent's branch
+    recent: pd.DataFrame  # recent results rows of this agent's (and its fellow workers') runs
     crash_log: str  # tail of the last crashed run's log, or ""
     dynamics: str = ""  # dynamics_summary() of recent runs, or ""
+    running: list[str] = field(default_factory=list)  # what the other workers run now
 
 
 @dataclass
@@ -371,6 +372,10 @@ def build_messages(
         if context.dynamics
         else "",
         f"\nThe last run crashed; the end of its log:\n```\n{crash}\n```\n" if crash else "",
+        "\nRunning now on other workers (propose something else):\n"
+        + "".join(f"- {line}\n" for line in context.running)
+        if context.running
+        else "",
     ]
     room = budget - fixed
     for number, extra in enumerate(extras):
@@ -632,22 +637,34 @@ def scored_runs(frame: pd.DataFrame) -> dict[str, float]:
     }
 
 
-class OptunaProposer:
-    """TPE over train.py's flags. The study lives in SQLite, so an interrupted sweep resumes: each
-    trial carries its run's id (started()), and reconcile() settles the trials a killed session
-    left running from the results rows their runs wrote."""
+def optuna_storage(where: str):
+    """A database URL as Optuna takes it, or a journal file (what several processes on one
+    machine, or a shared filesystem, share safely)."""
+    import optuna
 
-    def __init__(self, space: dict, storage: Path, study_name: str, seed: int | None = None,
-                 log=lambda event, **fields: None):  # fmt: skip
+    if "://" in where:
+        return where
+    Path(where).parent.mkdir(parents=True, exist_ok=True)
+    backend = optuna.storages.journal.JournalFileBackend(where)
+    return optuna.storages.JournalStorage(backend)
+
+
+class OptunaProposer:
+    """TPE over train.py's flags, in a study any number of workers share through its storage (a
+    journal file, or a database for several machines), so an interrupted sweep resumes and workers
+    never run one parameter set twice. Each trial carries its run's id (started()) and its owner
+    (the worker that asked for it); reconcile() settles only the owner's trials that a killed
+    session left running, from the results rows their runs wrote."""
+
+    def __init__(self, space: dict, storage: str, study_name: str, owner: str = "",
+                 seed: int | None = None, log=lambda event, **fields: None):  # fmt: skip
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.space = space
-        self.log = log
-        storage.parent.mkdir(parents=True, exist_ok=True)
+        self.space, self.owner, self.log = space, owner, log
         self.study = optuna.create_study(
             study_name=study_name,
-            storage=f"sqlite:///{storage}",
+            storage=optuna_storage(storage),
             direction="minimize",
             load_if_exists=True,
         )
@@ -657,26 +674,27 @@ class OptunaProposer:
         )
         self.pending: dict[int, object] = {}
 
-    def _ran(self) -> dict[tuple, int]:
-        """Parameter sets that already ran (or run now) -> the trial that ran them."""
+    def _repeat_of(self, trial) -> int | None:
+        """Another trial with the same parameters that ran, runs, or may run (any worker's), or
+        None. Read after this trial's parameters are stored, so of two workers that drew one set
+        at once, at least the later reader sees the other: one runs it, or neither."""
         from optuna.trial import TrialState
 
-        ran = {}
-        for trial in self.study.get_trials(deepcopy=False):
-            if (
-                trial.state in (TrialState.COMPLETE, TrialState.RUNNING)
-                or "run_id" in trial.user_attrs
-            ):
-                ran.setdefault(_param_key(trial.params), trial.number)
-        return ran
+        key = _param_key(trial.params)
+        for other in self.study.get_trials(deepcopy=False):
+            ran = other.state in (TrialState.COMPLETE, TrialState.RUNNING)
+            if other.number != trial.number and (ran or "run_id" in other.user_attrs):
+                if _param_key(other.params) == key:
+                    return other.number
+        return None
 
     def propose(self, context: Context) -> Proposal:
         from optuna.trial import TrialState
 
-        ran = self._ran()
         for _ in range(MAX_RESAMPLES):
             trial = self.study.ask(self.space)
-            earlier = ran.get(_param_key(trial.params))
+            trial.set_user_attr("owner", self.owner)
+            earlier = self._repeat_of(trial)
             if earlier is None:
                 break
             trial.set_user_attr("repeat_of", earlier)
@@ -718,16 +736,18 @@ class OptunaProposer:
             self.study.tell(self.pending.pop(proposal.trial), state=TrialState.FAIL)
 
     def reconcile(self, frame: pd.DataFrame) -> None:
-        """Settle the trials an earlier session left behind, from results.read()'s rows: a trial
-        still RUNNING gets its run's val_bpb if the run wrote a scored row, else it fails; a trial
-        failed that way whose run scored since (the run outlived the agent) is added again as
-        complete. Trials of this session and trials told their outcome are left alone."""
+        """Settle the trials an earlier session of this owner left behind, from results.read()'s
+        rows: a trial still RUNNING gets its run's val_bpb if the run wrote a scored row, else it
+        fails; a trial failed that way whose run scored since (the run outlived the agent) is
+        added again as complete. Trials of this session, trials told their outcome and other
+        owners' trials are left alone."""
         from optuna.trial import TrialState, create_trial
 
         scores = scored_runs(frame)
         trials = self.study.get_trials(deepcopy=False)
         settled = {t.user_attrs.get("run_id") for t in trials if t.state == TrialState.COMPLETE}
-        for trial in trials:
+        # another worker's trials are its own to settle (and its rows may be on another machine)
+        for trial in [t for t in trials if t.user_attrs.get("owner") == self.owner]:
             run_id = trial.user_attrs.get("run_id")
             if trial.state == TrialState.RUNNING and trial.number not in self.pending:
                 if run_id in scores:

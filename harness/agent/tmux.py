@@ -172,14 +172,14 @@ class Tmux:
 
     def __init__(self, results_command: str, cwd: Path, session_name: str = "autoresearch",
                  socket_name: str | None = None, environment: dict[str, str] | None = None,
-                 log_file: Path | None = None):  # fmt: skip
+                 log_file: Path | None = None, log_window: str = LOG_WINDOW):  # fmt: skip
         self.cwd = cwd
         self.environment = environment  # for the viewer windows
         self.session_name = session_name
         self.server = libtmux.Server(socket_name=socket_name)
         self.viewers = {RESULTS_WINDOW: results_command}
         if log_file is not None:
-            self.viewers[LOG_WINDOW] = f"tail -n +1 -F {shlex.quote(str(log_file))}"
+            self.viewers[log_window] = f"tail -n +1 -F {shlex.quote(str(log_file))}"
         self._ready = False  # viewers (re)made and secrets hidden in the current session
 
     def _env_flags(self, environment: dict[str, str] | None) -> list[str]:

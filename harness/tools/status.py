@@ -177,12 +177,31 @@ def _table(frame: pd.DataFrame, columns: list[str]) -> str:
     return shown.to_string(index=False)
 
 
-def render(path: Path, filters: Filters | None = None, last: int | None = None) -> str:
+def running_now(runs_dir: Path) -> list[str]:
+    """One line per agent (a worker, or a lone agent) with an experiment running now."""
+    from harness.agent.log import agent_logs
+
+    lines = []
+    for name, log in agent_logs(runs_dir).items():
+        started = log.running()
+        if started:
+            since = str(started.get("time", ""))[11:]
+            lines.append(f"  {name}  job {started.get('job')} since {since}: "
+                         f"{started.get('description', '')}"[:160])  # fmt: skip
+    return lines
+
+
+def render(path: Path, filters: Filters | None = None, last: int | None = None,
+           runs_dir: Path | None = None) -> str:  # fmt: skip
+    """The table, the best rows, the front; with `runs_dir`, first what each agent runs now."""
     status = load(path, filters)
     lines = [
         f"{path}: {len(status.rows)} row{'' if len(status.rows) == 1 else 's'}"
         + (f", {status.skipped} malformed or foreign lines skipped" if status.skipped else "")
     ]
+    running = running_now(runs_dir) if runs_dir else []
+    if running:
+        lines += ["running now:", *running]
     if status.rows.empty:
         return "\n".join([*lines, "no rows yet" if not path.exists() else "no rows match"]) + "\n"
     shown = status.rows.tail(last) if last else status.rows
@@ -231,12 +250,13 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-def follow(path: Path, draw: Callable[[], str], interval: float = 2.0) -> Iterator[str]:
-    """Yield draw() at once and again each time `path` changes. Polls: it is one small file,
-    appended a few times an hour."""
+def follow(path: Path, draw: Callable[[], str], interval: float = 2.0,
+           also: Callable[[], list[Path]] = list) -> Iterator[str]:  # fmt: skip
+    """Yield draw() at once and again each time `path` (or a file `also()` names) changes. Polls:
+    they are small files, appended a few times an hour."""
     seen = ()
     while True:
-        signature = _signature(path)
+        signature = [_signature(watched) for watched in [path, *also()]]
         if signature != seen:
             seen = signature
             yield draw()
@@ -281,11 +301,20 @@ def command(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(err, file=sys.stderr)
             return 2
+    runs_dir = paths.runs_dir()
     if not args.follow:
-        sys.stdout.write(render(path, filters, args.last))
+        sys.stdout.write(render(path, filters, args.last, runs_dir))
         return 0
+    from harness.agent.log import agent_logs
+
+    def draw() -> str:
+        return render(path, filters, args.last, runs_dir)
+
+    def agents() -> list[Path]:  # a worker starting or ending a run redraws too
+        return [log.path for log in agent_logs(runs_dir).values()]
+
     try:
-        for text in follow(path, lambda: render(path, filters, args.last), args.interval):
+        for text in follow(path, draw, args.interval, also=agents):
             sys.stdout.write(CLEAR_SCREEN + time.strftime("%H:%M:%S ") + text)
             sys.stdout.flush()
     except KeyboardInterrupt:

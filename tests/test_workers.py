@@ -49,3 +49,39 @@ def test_core_lists_read_as_taskset_writes_them():
     assert cpu_list("0-3,8") == [0, 1, 2, 3, 8] and cpu_list("5") == [5]
     with pytest.raises(Exception, match="core list"):
         cpu_list("a-b")
+
+
+def test_a_workers_proposer_sees_every_workers_rows_and_what_the_others_run_now(runs):
+    from types import SimpleNamespace
+
+    from harness import results
+    from harness.agent.log import AgentLog
+    from harness.agent.loop import Agent, AgentConfig
+    from harness.agent.proposers import build_messages
+
+    me, other = Worker("t", 1, 2), Worker("t", 2, 2)
+    for worker, run_id in ((me, "run-mine"), (other, "run-theirs")):
+        worker.root.mkdir(parents=True)
+        log = AgentLog(worker.root, [])
+        log("start", pid=os.getpid())
+        log("run", run_id=run_id)
+        row = {"commit": "abc1234", "run_id": run_id, "status": "discard", "val_bpb": 1.5,
+               "description": f"{run_id} row"}  # fmt: skip
+        results.append(row, runs / "results.tsv")
+    AgentLog(other.root, [])(
+        "started", job="0002", description="try lr 3e-3", args=["--lr", "3e-3"]
+    )
+    results.append({"commit": "abc1234", "run_id": "run-stranger", "status": "keep",
+                    "val_bpb": 1.4}, runs / "results.tsv")  # fmt: skip
+    train_py = runs / "train.py"
+    train_py.write_text("LR = 5e-4  # the learning rate\n")
+    workspace = SimpleNamespace(path=runs, train_py=train_py)
+    agent = Agent(AgentConfig(tag=me.name), None, AgentLog(me.root, []), workspace,
+                  SimpleNamespace(root=me.root), peers=me.peers())  # fmt: skip
+    agent.results_path = runs / "results.tsv"
+    context = agent.context()
+    assert sorted(context.recent["run_id"]) == ["run-mine", "run-theirs"]  # not a stranger's row
+    assert context.running == ["try lr 3e-3 --lr 3e-3"]
+    prompt = build_messages(context)[1]["content"]
+    assert "run-theirs row" in prompt and "Running now on other workers" in prompt
+    assert "- try lr 3e-3 --lr 3e-3" in prompt

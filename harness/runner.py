@@ -62,6 +62,7 @@ LOG_BYTES = (
     100 << 20
 )  # of train.py's output kept in run.log: a run that prints without end fills no disk
 RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
+PRIVATE_PREFIX = ".runner-"  # runs/.runner-<pid>-<run_id>-*: the runner's files while train.py runs
 
 
 @dataclass
@@ -319,6 +320,27 @@ def _put_in_place(run_dir: Path, name: str, source: Path) -> None:
     os.replace(source, target)  # a link at target is replaced, never followed
 
 
+def _private_dir(runs_dir: Path, run_id: str) -> Path:
+    """The runner's own folder while train.py lives, named by the runner's pid and the run so
+    that a later runner can tell one whose runner was killed outright."""
+    return Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-{run_id}-", dir=runs_dir))
+
+
+def settle_orphans(runs_dir: Path) -> None:
+    """What runners killed outright (SIGKILL) left: the copies of train.py and run.log they kept
+    go into their run's folder, as they would have, and their private folder goes."""
+    for private in runs_dir.glob(f"{PRIVATE_PREFIX}*"):
+        pid, _, rest = private.name.removeprefix(PRIVATE_PREFIX).partition("-")
+        if not pid.isdigit() or sandbox.alive(int(pid)):
+            continue
+        run_dir = runs_dir / rest.rpartition("-")[0]
+        if run_dir.is_dir() and not run_dir.is_symlink():
+            for name in RUNNER_FILES:
+                if (private / name).exists():
+                    _put_in_place(run_dir, name, private / name)
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -348,7 +370,8 @@ def run_experiment(spec: RunSpec) -> RunOutcome:
     run_id = new_run_id()
     run_dir = spec.runs_dir / run_id
     run_dir.mkdir(parents=True)
-    private = Path(tempfile.mkdtemp(prefix=f".runner-{run_id}-", dir=spec.runs_dir))
+    settle_orphans(spec.runs_dir)
+    private = _private_dir(spec.runs_dir, run_id)
     script = spec.train_script.resolve()
     source = script.read_bytes()
     (run_dir / "train.py").write_bytes(source)

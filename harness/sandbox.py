@@ -181,6 +181,17 @@ def bwrap_command(argv: list[str], view: View, env: dict[str, str], cwd: Path) -
     return [*command, "--chdir", str(cwd), "--", *argv]
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def signal_groups(pgids: set[int], sig: int) -> None:
     """Send `sig` to each process group that still exists (popen gives each child its own)."""
     for pgid in pgids:

@@ -137,3 +137,25 @@ def test_an_unprepared_checkout_gets_one_line_and_no_row(harness_env, monkeypatc
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: no ") and "python prepare.py" in done.stderr
     assert not (harness_env / "results.tsv").exists()
+
+
+def test_what_a_runner_killed_outright_kept_goes_into_its_run_folder(tmp_path):
+    """A SIGKILLed runner cannot tidy up: the next runner puts its run.log and train.py copy in
+    the run's folder and removes its private one; a live runner's folder is left alone."""
+    from harness.runner import PRIVATE_PREFIX, settle_orphans
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_id = "20261202-040000-beef"
+    (tmp_path / run_id).mkdir()
+    (tmp_path / run_id / "train.py").write_text("what train.py left there")
+    orphan = tmp_path / f"{PRIVATE_PREFIX}{dead.pid}-{run_id}-x1y2z3"
+    live = tmp_path / f"{PRIVATE_PREFIX}{os.getpid()}-{run_id}-a1b2c3"
+    for private in (orphan, live):
+        private.mkdir()
+        (private / "run.log").write_text("the runner's log")
+        (private / "train.py").write_text("the runner's copy")
+    settle_orphans(tmp_path)
+    assert not orphan.exists() and live.exists()
+    assert (tmp_path / run_id / "run.log").read_text() == "the runner's log"
+    assert (tmp_path / run_id / "train.py").read_text() == "the runner's copy"

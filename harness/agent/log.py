@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import time
 from pathlib import Path
 
+from harness.sandbox import alive
 from harness.text import one_line, printable
 
 LONG_FIELDS = ("text", "train_py", "diff")  # agent.jsonl only (a diff also goes below its line)
@@ -69,7 +69,8 @@ class AgentLog:
         (the last one stopped, or its process is gone) or it is between jobs."""
         events = self.events()
         starts = [e for e in events if e.get("event") == "start"]
-        if not starts or events[-1].get("event") == "stop" or not _alive(starts[-1].get("pid")):
+        pid = starts[-1].get("pid") if starts else None
+        if events[-1].get("event") == "stop" or not isinstance(pid, int) or not alive(pid):
             return None
         return self.unfinished(events)
 
@@ -93,16 +94,6 @@ def diff_lines(before: str, after: str) -> str:
     )[2:]
     more = [f"... {len(lines) - DIFF_LINES} more lines"] if len(lines) > DIFF_LINES else []
     return "\n".join(lines[:DIFF_LINES] + more)
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's: alive
-        pass
-    return True
 
 
 def agent_logs(runs_dir: Path) -> dict[str, AgentLog]:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from harness import integrity, interrupts, paths, results, sandbox
-from harness.budget import BUDGET_ENV, CLOCK_FD_ENV, TIME_BUDGET_SECONDS
+from harness.budget import BUDGET_ENV, CLOCK_FD_ENV, TIME_BUDGET_SECONDS, TORCHRUN_ENV
 from harness.data import PREPARED, DataError, Prepared, atomic_write_json, load_prepared
 from harness.evaluate import EVAL_TOKENS, eval_set_name
 from harness.git import GitError, git
@@ -78,6 +78,7 @@ class RunSpec:
     startup_seconds: float = STARTUP_LIMIT_SECONDS
     export_seconds: float = EXPORT_LIMIT_SECONDS
     echo: bool = True  # also stream train.py's output to this process's stdout
+    nproc: int = 1  # > 1: train.py runs as that many torchrun ranks (one device each)
 
 
 @dataclass
@@ -416,7 +417,17 @@ def _train(run: _Run) -> tuple[str, str, float | None]:
             "TRITON_CACHE_DIR": str(compiled / "triton"),
         }
     )
-    argv = [sys.executable, str(run_dir / "train.py"), *spec.train_args]
+    launcher = [sys.executable]
+    if spec.nproc > 1:  # torchrun is this module; its ranks share the sandbox and its loopback
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={spec.nproc}",
+        ]
+        # torchrun would give each rank one thread; on a CPU they share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // spec.nproc)))
+    argv = [*launcher, str(run_dir / "train.py"), *spec.train_args]
     view = _train_view(run_dir, (cache, compiled), run.private)
     child = _popen_holding(write_end, run.sandbox, argv, view, env, run_dir)
     clock.started = time.monotonic()
@@ -532,6 +543,7 @@ def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: d
         "train_args": spec.train_args,
         "budget_seconds": spec.budget_seconds,
         "sandbox": run.sandbox,
+        "nproc": spec.nproc,
     }
     if reason:
         config["reason"] = reason
@@ -629,6 +641,10 @@ def check_ready(
 
 def main_for_train_script(train_args: list[str]) -> int:
     """`python train.py ARGS` by hand: the same as `python -m harness run -- ARGS`."""
+    if TORCHRUN_ENV in os.environ:
+        print("error: torchrun by hand would start a run per rank; use "
+              "`python -m harness run --nproc K -- ARGS`", file=sys.stderr)  # fmt: skip
+        return 2
     kind = (
         sandbox.SANDBOX_NONE
         if os.environ.get("HARNESS_SANDBOX") == sandbox.SANDBOX_NONE

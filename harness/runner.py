@@ -62,6 +62,9 @@ LOG_BYTES = (
     100 << 20
 )  # of train.py's output kept in run.log: a run that prints without end fills no disk
 RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
+# torchrun --standalone by address: the sandbox has no /etc/hosts, so no "localhost" nor hostname
+TORCHRUN_LOCAL = ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+                  "--local-addr=127.0.0.1"]  # fmt: skip
 
 
 @dataclass
@@ -418,13 +421,14 @@ def _train(run: _Run) -> tuple[str, str, float | None]:
         }
     )
     launcher = [sys.executable]
-    if spec.nproc > 1:  # torchrun is this module; its ranks share the sandbox and its loopback
+    if spec.nproc > 1:  # torchrun is this module; its ranks meet on the sandbox's own loopback
         launcher += [
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN_LOCAL,
             f"--nproc-per-node={spec.nproc}",
         ]
+        env["GLOO_SOCKET_IFNAME"] = "lo"
         # torchrun would give each rank one thread; on a CPU they share the cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // spec.nproc)))
     argv = [*launcher, str(run_dir / "train.py"), *spec.train_args]

@@ -208,14 +208,21 @@ def _pump(stream, sink, echo: bool) -> None:
 
 
 def _stop(child: subprocess.Popen) -> None:
-    """Kill the child's whole process group now (a sandbox takes everything inside it along)."""
+    """Kill the living child's whole process group now (a sandbox takes everything inside it
+    along), and without a sandbox its descendants too: torchrun starts each rank in a session of
+    its own."""
+    stray = _tree(child.pid) - {child.pid}
     sandbox.signal_groups({child.pid}, signal.SIGKILL)
+    for pid in stray:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def _tree_peak_kb(root: int, peak: int) -> int:
-    """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if larger.
-    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see
-    them."""
+def _tree(root: int) -> set[int]:
+    """`root` and its descendants, from /proc: a sandbox's processes are not the runner's
+    children, so wait4 cannot see them."""
     parents = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -228,7 +235,13 @@ def _tree_peak_kb(root: int, peak: int) -> int:
     while grew:
         grown = tree | {pid for pid, parent in parents.items() if parent in tree}
         tree, grew = grown, len(grown) > len(tree)
-    for pid in tree:
+    return tree
+
+
+def _tree_peak_kb(root: int, peak: int) -> int:
+    """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if
+    larger."""
+    for pid in _tree(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -255,7 +268,8 @@ def _supervise(
                 )
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
-                _stop(child)  # stray members of the group (no sandbox) go with the leader
+                # stray members of the group (no sandbox) go with the leader
+                sandbox.signal_groups({child.pid}, signal.SIGKILL)
                 code, why = os.waitstatus_to_exitcode(status), ""
                 break
             when, why = deadline()

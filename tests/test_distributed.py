@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_GROUP, TINY_RUN_FLAGS, named, wait_until_gone
 
-from harness import results
+from harness import results, sandbox
 from harness.runner import RunSpec, run_experiment
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -64,20 +64,20 @@ def one_step(tmp_path, name, launcher, flags, compile_cache):
 
 
 @pytest.mark.parametrize(
-    "flags",
-    [[], ["--compile", "0"], ["--compile", "0", "--fsdp", "1"]],
+    ("flags", "sharded"),
+    [([], []), (["--compile", "0"], []), (["--compile", "0"], ["--fsdp", "1"])],
     ids=["ddp-compiled", "ddp-eager", "fsdp2"],
 )
 def test_one_global_batch_on_two_ranks_is_the_single_process_step(
-    harness_env, compile_cache, flags
+    harness_env, compile_cache, flags, sharded
 ):
     """Ternary QAT with distillation from the live teacher, the default path: the mean of the two
     ranks' losses and the averaged gradients (clipped, as the step clips them) are those of one
     process on the 4 sequences, and so are the weights after the AdamW step. Tolerance rtol 1e-4,
     atol 1e-6: each rank sums its half of the tokens, so float32 additions happen in another
     order (the same bounds as the compiled-vs-eager step)."""
-    single = one_step(harness_env, "single", [sys.executable], flags[:2], compile_cache)
-    ranks = one_step(harness_env, "ranks", TORCHRUN, flags, compile_cache)
+    single = one_step(harness_env, "single", [sys.executable], flags, compile_cache)
+    ranks = one_step(harness_env, "ranks", TORCHRUN, [*flags, *sharded], compile_cache)
     torch.testing.assert_close(ranks["loss"], single["loss"], rtol=1e-5, atol=1e-6)
     assert ranks["grads"].keys() == single["grads"].keys() and len(single["grads"]) > 14
     for kind in ("grads", "params"):
@@ -102,3 +102,22 @@ def test_harness_run_nproc_2_lands_a_verified_row_and_leaves_no_process(harness_
     assert (outcome.run_dir / "loss.csv").read_text().count("\n") == 4  # one writer: header + 3
     log = (outcome.run_dir / "run.log").read_text()
     assert log.count("exported ") == 1 and log.count("step     3 |") == 1  # rank 0 alone speaks
+
+
+@pytest.mark.parametrize("kind", [sandbox.SANDBOX_BWRAP, sandbox.SANDBOX_NONE])
+def test_a_hung_run_on_two_ranks_is_killed_with_every_rank(harness_env, kind):
+    """torchrun starts each rank in a session of its own: killing the run's process group alone
+    would leave them running without a sandbox."""
+    script = harness_env / "hang.py"
+    script.write_text(
+        "import os, time\n"
+        "open(os.path.join(os.environ['HARNESS_RUN_DIR'], 'rank' + os.environ['RANK']), 'w')\n"
+        "time.sleep(300)\n"
+    )
+    spec = RunSpec(train_script=script, echo=False, results_path=harness_env / "results.tsv",
+                   runs_dir=harness_env / "runs", sandbox=kind, startup_seconds=25,
+                   export_seconds=1, nproc=2)  # fmt: skip
+    outcome = run_experiment(spec)
+    assert outcome.status == "invalid" and "no training step" in outcome.reason
+    assert {p.name for p in outcome.run_dir.glob("rank*")} == {"rank0", "rank1"}  # both started
+    assert wait_until_gone(str(harness_env / "runs"), seconds=10) == []

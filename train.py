@@ -7,6 +7,8 @@
     python train.py --lora-rank 16 --lora-at 0.8      # last 20% of the budget: LoRA on fixed codes
     python train.py --baseline fp                     # score the unquantized model (no training)
     python train.py --baseline rtn                    # score the chosen quantizer untrained
+    python -m harness run --nproc 2                   # data parallel on 2 devices (torchrun)
+    python -m harness run --nproc 8 -- --fsdp 1 --compile 0   # parameters sharded (FSDP2)
 
 Every module-level UPPER_CASE name holding a number or a string is a flag (LR -> --lr), wherever
 it is defined: parse_flags() collects them when it runs. Run by hand, this file hands itself to
@@ -18,7 +20,8 @@ behind the choices made here are docs/train-notes.md.
 What the harness, its agent and the tests rely on:
 - each setting is one line, `NAME = value  # comment` (the agent shows and edits them so);
 - main(argv) returns the exit code and starts by calling parse_flags(argv); with HARNESS_RUN_DIR
-  set it writes train.json, loss.csv and artifact/ (export()) there;
+  set it writes train.json, loss.csv and artifact/ (export()) there; under torchrun rank 0 alone
+  writes them and announces steps (harness/budget.py), each counting the whole batch;
 - tests/test_runner.py and tests/test_agent.py edit the lines `cfg = parse_flags(argv)`,
   `return ce, ce` and `layers[name], plain = linear.export()`: each must stay unique;
 - tests/test_train_*.py and bench/ call the functions and classes below by name.

@@ -121,3 +121,13 @@ def test_a_hung_run_on_two_ranks_is_killed_with_every_rank(harness_env, kind):
     assert outcome.status == "invalid" and "no training step" in outcome.reason
     assert {p.name for p in outcome.run_dir.glob("rank*")} == {"rank0", "rank1"}  # both started
     assert wait_until_gone(str(harness_env / "runs"), seconds=10) == []
+
+
+def test_auto_batch_shape_is_4_x_128_on_cpu_and_flags_win():
+    import train
+
+    auto = train.parse_flags([])
+    assert (auto.batch_size, auto.seq_len) == (0, 0)
+    assert train.batch_shape(None, torch.device("cpu"), auto) == (4, 128)
+    given = train.parse_flags(["--batch-size", "6", "--seq-len", "64"])
+    assert train.batch_shape(None, torch.device("cpu"), given) == (6, 64)

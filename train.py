@@ -1692,7 +1692,8 @@ def main(argv: list[str]) -> int:
 
     model = load_student(prepared, cfg, device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model {prepared.model_name}: {n_params:.1f}M params on {device} x {world_size()}")
+    ranks = f" x {world_size()} ranks" if dist.is_initialized() else ""
+    print(f"model {prepared.model_name}: {n_params:.1f}M params on {device}{ranks}")
     if cfg.fsdp:
         shard(model)
     elif dist.is_initialized():

@@ -131,3 +131,17 @@ def test_auto_batch_shape_is_4_x_128_on_cpu_and_flags_win():
     assert train.batch_shape(None, torch.device("cpu"), auto) == (4, 128)
     given = train.parse_flags(["--batch-size", "6", "--seq-len", "64"])
     assert train.batch_shape(None, torch.device("cpu"), given) == (6, 64)
+
+
+def test_a_non_finite_loss_on_the_ranks_is_a_crash_row_with_its_reason(harness_env):
+    text = (ROOT / "train.py").read_text()
+    script = harness_env / "train.py"
+    script.write_text(
+        text.replace("        return ce, ce\n", "        return ce * float('nan'), ce\n")
+    )
+    spec = RunSpec(train_args=[*TINY_RUN_FLAGS, "--distill-weight", "0", "--compile", "0"],
+                   echo=False, train_script=script, results_path=harness_env / "results.tsv",
+                   runs_dir=harness_env / "runs", budget_seconds=60, nproc=2)  # fmt: skip
+    outcome = run_experiment(spec)
+    assert outcome.status == "crash" and "loss is nan at step 0" in outcome.reason
+    assert wait_until_gone(str(harness_env / "runs"), seconds=10) == []

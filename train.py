@@ -7,6 +7,8 @@
     python train.py --lora-rank 16 --lora-at 0.8      # last 20% of the budget: LoRA on fixed codes
     python train.py --baseline fp                     # score the unquantized model (no training)
     python train.py --baseline rtn                    # score the chosen quantizer untrained
+    python -m harness run --nproc 2                   # data parallel on 2 devices (torchrun)
+    python -m harness run --nproc 8 -- --fsdp 1 --compile 0   # parameters sharded (FSDP2)
 
 Every module-level UPPER_CASE name holding a number or a string is a flag (LR -> --lr), wherever
 it is defined: parse_flags() collects them when it runs. Run by hand, this file hands itself to
@@ -18,7 +20,8 @@ behind the choices made here are docs/train-notes.md.
 What the harness, its agent and the tests rely on:
 - each setting is one line, `NAME = value  # comment` (the agent shows and edits them so);
 - main(argv) returns the exit code and starts by calling parse_flags(argv); with HARNESS_RUN_DIR
-  set it writes train.json, loss.csv and artifact/ (export()) there;
+  set it writes train.json, loss.csv and artifact/ (export()) there; under torchrun rank 0 alone
+  writes them and announces steps (harness/budget.py), each counting the whole batch;
 - tests/test_runner.py and tests/test_agent.py edit the lines `cfg = parse_flags(argv)`,
   `return ce, ce` and `layers[name], plain = linear.export()`: each must stay unique;
 - tests/test_train_*.py and bench/ call the functions and classes below by name.
@@ -49,9 +52,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -85,8 +90,8 @@ SWITCHABLE_BITS = ""  # "2,4": steps rotate widths, each with own scales, norms,
 # training
 BASELINE = ""  # "fp" or "rtn": export without training, recorded as a baseline row
 STEPS = 0  # cap on optimizer steps; 0 = the wall-clock budget alone decides
-BATCH_SIZE = 4  # sequences per step
-SEQ_LEN = 128  # tokens per sequence
+BATCH_SIZE = 0  # sequences per step, all ranks together; 0 = auto: 4 on CPU, fit_batch() on CUDA
+SEQ_LEN = 0  # tokens per sequence; 0 = auto: 128 on CPU (where runs are compared), 512 on CUDA
 LR = 5e-4  # peak AdamW learning rate of the latent weights and the quantizer parameters
 WARMUP_STEPS = 10  # linear warm-up, then cosine decay over the budget
 MIN_LR_RATIO = 0.1  # the cosine ends at LR * MIN_LR_RATIO
@@ -120,6 +125,7 @@ RESUME = ""  # "auto" = latest compatible checkpoint, or a path (bit-exact under
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
 SEED = 0  # torch's RNG (adapters, dropout), the batches and the teacher cache's windows
 DEVICE = "auto"  # auto | cpu | cuda | mps
+FSDP = 0  # 1: shard parameters with FSDP2 fully_shard (models that do not fit one device)
 DESCRIPTION = ""  # one line for results.tsv
 
 # settings that do not change what is trained: left out of the checkpoint folder's key
@@ -1250,6 +1256,110 @@ def find_checkpoint(cfg: SimpleNamespace) -> Path | None:
     return found[-1] if found else None
 
 
+# --- several devices (torchrun) ---
+# `harness run --nproc K` starts K ranks. Data parallel by default: each trains on its slice of the
+# step's batch, and average_gradients() does DistributedDataParallel's math by hand, because
+# FakeQuantStep gives the quantized layers their gradients after backward, where DDP's autograd
+# hooks never look. FSDP=1 shards the parameters instead (autograd's own gradients: --compile 0).
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def start_ranks(cfg: SimpleNamespace) -> torch.device:
+    """This process's device, in torchrun's process group when torchrun started several (one GPU
+    each); alone, no process group at all."""
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def same_start(model: nn.Module) -> None:
+    """Rank 0's parameters on every rank, as DDP starts: ranks loading alike surely start alike."""
+    for p in model.parameters():
+        dist.broadcast(p.detach(), 0)
+
+
+def average_gradients(params, bucket_bytes: int = 1 << 26) -> None:
+    """Each gradient replaced by its mean over the ranks, one all-reduce per flattened bucket: with
+    equal slices of the batch, the gradient of the whole batch's mean loss."""
+    buckets, size = [[]], 0
+    for grad in (p.grad for p in params if p.grad is not None):
+        if size >= bucket_bytes:
+            buckets, size = [*buckets, []], 0
+        buckets[-1].append(grad)
+        size += grad.numel() * grad.element_size()
+    for bucket in filter(None, buckets):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for grad, mean in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(mean)
+
+
+def agreed(done: bool, fraction: float, device: torch.device) -> tuple[bool, float]:
+    """Rank 0's budget decision and progress, on every rank: all stop at the same step, and the
+    schedules (lr, lambda, stages) that follow the progress stay in step."""
+    if not dist.is_initialized():
+        return done, fraction
+    shared = torch.tensor([float(done), fraction], dtype=torch.float64, device=device)
+    dist.broadcast(shared, 0)
+    return bool(shared[0]), float(shared[1])
+
+
+def rank_share(batch: tuple) -> tuple:
+    """This rank's equal slice of the step's batch (x, y, teacher_out)."""
+    if not dist.is_initialized():
+        return batch
+    n = batch[0].shape[0] // world_size()
+    part = slice(rank() * n, (rank() + 1) * n)
+    x, y, teacher_out = batch
+    return x[part], y[part], {k: v[part] for k, v in teacher_out.items()}
+
+
+def mean_over_ranks(*values: torch.Tensor) -> list[torch.Tensor]:
+    """The logged losses: the mean of the ranks' means, the whole batch's."""
+    if not dist.is_initialized():
+        return list(values)
+    stacked = torch.stack([v.detach().float() for v in values])
+    dist.all_reduce(stacked)
+    return list(stacked / world_size())
+
+
+def shard(model: nn.Module) -> None:
+    """FSDP2: each decoder layer's parameters split across the ranks and gathered for its forward
+    and backward, then the rest (embeddings, norm, head) as one more unit."""
+    from torch.distributed.fsdp import fully_shard  # only sharded runs pay for the import
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_weights(model: nn.Module, prepared, cfg: SimpleNamespace) -> nn.Module | None:
+    """On rank 0, a plain CPU copy of the sharded model holding the full trained weights (what
+    export() reads); None on the others. Every rank takes part in gathering them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if rank() != 0:
+        return None
+    plain = load_student(prepared, cfg, torch.device("cpu"))
+    plain.load_state_dict(state)
+    return plain
+
+
 # --- training loop ---
 
 
@@ -1273,6 +1383,25 @@ def pick_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def fit_batch(model: nn.Module, device: torch.device, seq_len: int) -> int:
+    """Sequences per CUDA device: the largest power of two, up to 64, whose activations take at most
+    half the memory left free by the loaded models, at an estimated 24 bytes a vocabulary entry
+    (student and teacher logits, softmaxes, gradients) and 48 a hidden unit per layer, a token."""
+    config = model.config
+    per_token = 24 * config.vocab_size + 48 * config.hidden_size * config.num_hidden_layers
+    fits = torch.cuda.mem_get_info(device)[0] // 2 // (per_token * seq_len)
+    return min(64, 2 ** max(0, int(fits).bit_length() - 1))
+
+
+def batch_shape(model: nn.Module, device: torch.device, cfg: SimpleNamespace) -> tuple[int, int]:
+    """(BATCH_SIZE, SEQ_LEN), each 0 (auto) made the device's: 4 x 128 on CPU and MPS; on CUDA
+    fit_batch() sequences of 512 tokens per rank."""
+    cuda = device.type == "cuda"
+    seq_len = cfg.seq_len or (512 if cuda else 128)
+    batch = cfg.batch_size or (fit_batch(model, device, seq_len) * world_size() if cuda else 4)
+    return batch, seq_len
 
 
 def autocast_dtype(device: torch.device, cfg: SimpleNamespace) -> torch.dtype | None:
@@ -1355,6 +1484,8 @@ def train_step(
         scaler.scale(loss).backward()
         if weights is not None:
             weights.backward()
+    if dist.is_initialized() and not cfg.fsdp:
+        average_gradients(trained.values())
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trained.values(), cfg.grad_clip)
@@ -1371,7 +1502,11 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         raise DataError(f"{len(tokens)} training tokens cannot fill one window of {window}")
     cache = None
     if cfg.teacher_cache_k and cfg.distill_weight > 0:
-        cache = load_teacher_cache(build_teacher_cache(prepared, cfg, device))
+        if rank() == 0:
+            build_teacher_cache(prepared, cfg, device)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for rank 0's cache
+        cache = load_teacher_cache(teacher_cache_path(prepared, cfg))
     dtype = autocast_dtype(device, cfg)
     fp16_scaled = dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16_scaled)
@@ -1388,14 +1523,18 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         )
         budget.steps = step
 
-    log = open(run_dir / "loss.csv", "w")
+    main_rank = rank() == 0  # the one that logs (the budget announces its steps alone)
+    log = open(run_dir / "loss.csv" if main_rank else os.devnull, "w")
     log.write("step,loss,ce,lr,lambda,bits,tokens_per_s,train_seconds\n")
     bar_format = "{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}{postfix}]"
-    bar = tqdm(total=100, desc="train", unit="%", mininterval=2.0, bar_format=bar_format)
+    bar = tqdm(total=100, desc="train", unit="%", mininterval=2.0, bar_format=bar_format,
+               disable=not main_rank)  # fmt: skip
     model.train()
     window_started, window_tokens = time.perf_counter(), 0
-    while not budget.done():
-        fraction = budget.fraction
+    while True:
+        done, fraction = agreed(budget.done(), budget.fraction, device)
+        if done:
+            break
         if cfg.progressive_bits and not stage["progressive"] and fraction >= cfg.progressive_at:
             start_progressive_stage(model)
             stage["progressive"] = True
@@ -1414,7 +1553,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        batch = batch_at(step, tokens, cache, cfg, device)
+        batch = rank_share(batch_at(step, tokens, cache, cfg, device))
         try:
             loss, ce = train_step(model, teacher, batch, optimizer, scaler, trained, cfg)
         except LossIsNotFinite as err:
@@ -1430,6 +1569,7 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
         bar.set_postfix_str(f"loss {loss.item():.3f} | {rate:,.0f} tok/s", refresh=False)
         bar.update(0)
         if step % cfg.log_every == 0 or step == 1:
+            loss, ce = mean_over_ranks(loss, ce)
             shown_bits = bits if bits is not None else "-"
             print(
                 f"step {step:5d} | loss {loss.item():.4f} | ce {ce.item():.4f} | lr {lr:.2e} | "
@@ -1444,7 +1584,8 @@ def train(model, teacher, prepared, cfg, device, run_dir: Path) -> Budget:
             log.flush()
             window_started, window_tokens = time.perf_counter(), 0
         # the last step exports instead
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not budget.done():
+        checkpointed = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+        if checkpointed and main_rank and not budget.done():
             rng = {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
@@ -1506,18 +1647,35 @@ def export(model: nn.Module, cfg: SimpleNamespace, model_dir: Path, out_dir: Pat
 # --- main ---
 
 
+def load_student(prepared, cfg: SimpleNamespace, device: torch.device) -> nn.Module:
+    """The model to train: the prepared one, its Linears made QATLinears (but for --baseline fp)."""
+    model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
+    return model if cfg.baseline == "fp" else prepare_qat(model, cfg)
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_flags(argv)
     keep_freed_memory()
     run_dir = Path(os.environ["HARNESS_RUN_DIR"])
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = start_ranks(cfg)
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
     prepared = load_prepared(need_eval=False)  # the sandbox shows train.py no eval split
     if cfg.baseline not in ("", "fp", "rtn"):
         raise SystemExit(f"--baseline must be fp or rtn, not {cfg.baseline!r}")
     for _, fmt, _ in [("", cfg.quant, 0), *module_formats(cfg)]:
         if fmt not in QUANTIZERS and fmt != "none":
             raise SystemExit(f"unknown format {fmt!r}; known: {sorted(QUANTIZERS)} or none")
+    unsharded = {"--compile 1": cfg.compile, "--lora-rank": cfg.lora_rank,
+                 "--progressive-bits": cfg.progressive_bits,
+                 "--checkpoint-every": cfg.checkpoint_every, "--resume": cfg.resume}  # fmt: skip
+    if cfg.fsdp and (world_size() == 1 or any(unsharded.values())):
+        refused = ", ".join(flag for flag, value in unsharded.items() if value)
+        raise SystemExit(
+            "--fsdp 1 shards over several ranks (python -m harness run --nproc K) and trains by "
+            f"eager autograd (--compile 0); it does not support {refused or 'a single rank'}"
+        )
     if cfg.switchable_bits and cfg.bits not in parse_bits(cfg.switchable_bits):
         raise SystemExit(
             f"--bits {cfg.bits} (the exported width) must be one of "
@@ -1529,18 +1687,29 @@ def main(argv: list[str]) -> int:
         "description": cfg.description or default_description,
         "config": {k: v for k, v in vars(cfg).items() if k != "description"},
     }
-    (run_dir / "train.json").write_text(json.dumps(info, indent=1))  # early: a crash names its run
+    if rank() == 0:  # early: a crash names its run
+        (run_dir / "train.json").write_text(json.dumps(info, indent=1))
 
-    model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).to(device)
+    model = load_student(prepared, cfg, device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model {prepared.model_name}: {n_params:.1f}M params on {device}")
-    if cfg.baseline != "fp":
-        prepare_qat(model, cfg)
+    ranks = f" x {world_size()} ranks" if dist.is_initialized() else ""
+    print(f"model {prepared.model_name}: {n_params:.1f}M params on {device}{ranks}")
+    if cfg.fsdp:
+        shard(model)
+    elif dist.is_initialized():
+        same_start(model)
     budget = None
     if not cfg.baseline:
         teacher = None
         if cfg.distill_weight > 0 and not cfg.teacher_cache_k:
             teacher = load_teacher(prepared.model_dir, device, teacher_dtype(device, cfg))
+        cfg.batch_size, cfg.seq_len = batch_shape(model, device, cfg)
+        info["config"].update(batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+        if cfg.batch_size % world_size():
+            raise SystemExit(
+                f"--batch-size {cfg.batch_size} (all ranks together) must divide among "
+                f"{world_size()} ranks"
+            )
         try:
             budget = train(model, teacher, prepared, cfg, device, run_dir)
         except LossIsNotFinite as err:
@@ -1555,11 +1724,18 @@ def main(argv: list[str]) -> int:
         train_tokens=steps * cfg.batch_size * cfg.seq_len,
         train_seconds=budget.elapsed if budget else 0.0,
     )
+    if cfg.fsdp:
+        model = full_weights(model, prepared, cfg)
+    if rank() != 0:
+        dist.destroy_process_group()
+        return 0
     if cfg.lora_rank > 0 and qat_linears(model):
         save_file(lora_tensors(model), str(run_dir / "lora.safetensors"))
     export(model, cfg, prepared.model_dir, run_dir / "artifact")
     (run_dir / "train.json").write_text(json.dumps(info, indent=1))
     print(f"exported {run_dir / 'artifact'} after {steps} steps")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Command line: `python -m harness COMMAND`.
 
 run [--description D] [--budget S] [-- TRAIN_ARGS]   one experiment, sandboxed, scored and logged
+run --nproc K [-- TRAIN_ARGS]                       the same on K devices (torchrun ranks)
 baseline [-- TRAIN_ARGS]                            the FP and round-to-nearest rows
 evaluate ARTIFACT                                   verify and score an exported artifact
 export RUN --hf DIR | --gguf FILE                   a run's verified model: HF folder or GGUF
@@ -74,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
             baseline=baseline,
             sandbox=kind,
             startup_seconds=args.startup_limit,
+            nproc=args.nproc,
         )
         failed += run_experiment(spec).status in ("crash", "invalid")
     return 1 if failed else 0
@@ -131,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             type=float,
             default=STARTUP_LIMIT_SECONDS,
             help="seconds train.py may take before its first step (not charged to the budget)",
+        )
+        sub.add_argument(
+            "--nproc",
+            type=int,
+            default=1,
+            help="train.py as this many torchrun ranks, one device each (data parallel; --fsdp 1)",
         )
         sub.add_argument(
             "--no-sandbox",

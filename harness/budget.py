@@ -5,6 +5,7 @@ and calls `budget.step_done(tokens)` after it. The clock starts when the first s
 loading and the first step's one-off costs (compilation, allocation) are not charged. Each step_done
 also writes one line to the runner's clock pipe (CLOCK_FD_ENV); the runner timestamps those lines
 itself and its figures are the ones recorded: train.py's own clock only tells it when to stop.
+Under torchrun (several ranks) rank 0 alone announces, each step counting the whole batch.
 """
 
 from __future__ import annotations
@@ -16,13 +17,25 @@ from dataclasses import dataclass, field
 TIME_BUDGET_SECONDS = 300.0  # training time per experiment, excluding load, warm-up and export
 BUDGET_ENV = "HARNESS_BUDGET_SECONDS"  # set by the runner: the budget it will hold train.py to
 CLOCK_FD_ENV = "HARNESS_CLOCK_FD"  # the pipe step announcements go to
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in each process it starts
 
 
 def announce_step(tokens: int) -> None:
-    """Tell the runner a step ended (`step <tokens>`); a no-op outside the harness."""
+    """Tell the runner a step ended (`step <tokens>`); a no-op outside the harness and on every
+    torchrun rank but 0, which speaks for all of them."""
     fd = os.environ.get(CLOCK_FD_ENV)
-    if fd:
-        os.write(int(fd), f"step {int(tokens)}\n".encode())
+    if not fd or os.environ.get("RANK", "0") != "0":
+        return
+    line = f"step {int(tokens)}\n".encode()
+    if TORCHRUN_ENV not in os.environ:
+        os.write(int(fd), line)
+        return
+    # torchrun starts its workers with stdio alone: the pipe is its fd, reached through /proc
+    pipe = os.open(f"/proc/{os.getppid()}/fd/{int(fd)}", os.O_WRONLY)
+    try:
+        os.write(pipe, line)
+    finally:
+        os.close(pipe)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from harness import integrity, interrupts, paths, results, sandbox
-from harness.budget import BUDGET_ENV, CLOCK_FD_ENV, TIME_BUDGET_SECONDS
+from harness.budget import BUDGET_ENV, CLOCK_FD_ENV, TIME_BUDGET_SECONDS, TORCHRUN_ENV
 from harness.data import PREPARED, DataError, Prepared, atomic_write_json, load_prepared
 from harness.evaluate import EVAL_TOKENS, eval_set_name
 from harness.git import GitError, git
@@ -63,6 +63,9 @@ LOG_BYTES = (
 )  # of train.py's output kept in run.log: a run that prints without end fills no disk
 RUNNER_FILES = ("train.py", "run.log", "eval.json")  # written by the runner only
 PRIVATE_PREFIX = ".runner-"  # runs/.runner-<pid>-<run_id>-*: the runner's files while train.py runs
+# torchrun --standalone by address: the sandbox has no /etc/hosts, so no "localhost" nor hostname
+TORCHRUN_LOCAL = ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+                  "--local-addr=127.0.0.1"]  # fmt: skip
 
 
 @dataclass
@@ -79,6 +82,7 @@ class RunSpec:
     startup_seconds: float = STARTUP_LIMIT_SECONDS
     export_seconds: float = EXPORT_LIMIT_SECONDS
     echo: bool = True  # also stream train.py's output to this process's stdout
+    nproc: int = 1  # > 1: train.py runs as that many torchrun ranks (one device each)
 
 
 @dataclass
@@ -205,14 +209,21 @@ def _pump(stream, sink, echo: bool) -> None:
 
 
 def _stop(child: subprocess.Popen) -> None:
-    """Kill the child's whole process group now (a sandbox takes everything inside it along)."""
+    """Kill the living child's whole process group now (a sandbox takes everything inside it
+    along), and without a sandbox its descendants too: torchrun starts each rank in a session of
+    its own."""
+    stray = _tree(child.pid) - {child.pid}
     sandbox.signal_groups({child.pid}, signal.SIGKILL)
+    for pid in stray:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def _tree_peak_kb(root: int, peak: int) -> int:
-    """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if larger.
-    Read from /proc: a sandbox's processes are not the runner's children, so wait4 cannot see
-    them."""
+def _tree(root: int) -> set[int]:
+    """`root` and its descendants, from /proc: a sandbox's processes are not the runner's
+    children, so wait4 cannot see them."""
     parents = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -225,7 +236,13 @@ def _tree_peak_kb(root: int, peak: int) -> int:
     while grew:
         grown = tree | {pid for pid, parent in parents.items() if parent in tree}
         tree, grew = grown, len(grown) > len(tree)
-    for pid in tree:
+    return tree
+
+
+def _tree_peak_kb(root: int, peak: int) -> int:
+    """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if
+    larger."""
+    for pid in _tree(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -252,7 +269,8 @@ def _supervise(
                 )
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
-                _stop(child)  # stray members of the group (no sandbox) go with the leader
+                # stray members of the group (no sandbox) go with the leader
+                sandbox.signal_groups({child.pid}, signal.SIGKILL)
                 code, why = os.waitstatus_to_exitcode(status), ""
                 break
             when, why = deadline()
@@ -439,7 +457,19 @@ def _train(run: _Run) -> tuple[str, str, float | None]:
             "TRITON_CACHE_DIR": str(compiled / "triton"),
         }
     )
-    argv = [sys.executable, str(run_dir / "train.py"), *spec.train_args]
+    launcher = [sys.executable]
+    if spec.nproc > 1:  # torchrun is this module; its ranks meet on the sandbox's own loopback
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            *TORCHRUN_LOCAL,
+            f"--nproc-per-node={spec.nproc}",
+        ]
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        # torchrun would give each rank one thread; on a CPU they share the cores (or --cpus')
+        threads = int(env.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        env["OMP_NUM_THREADS"] = str(max(1, threads // spec.nproc))
+    argv = [*launcher, str(run_dir / "train.py"), *spec.train_args]
     view = _train_view(run_dir, (cache, compiled), run.private)
     child = _popen_holding(write_end, run.sandbox, argv, view, env, run_dir)
     clock.started = time.monotonic()
@@ -551,6 +581,7 @@ def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: d
         "train_args": spec.train_args,
         "budget_seconds": spec.budget_seconds,
         "sandbox": run.sandbox,
+        "nproc": spec.nproc,
     }
     if reason:
         config["reason"] = reason
@@ -649,6 +680,10 @@ def check_ready(
 
 def main_for_train_script(train_args: list[str]) -> int:
     """`python train.py ARGS` by hand: the same as `python -m harness run -- ARGS`."""
+    if TORCHRUN_ENV in os.environ:
+        print("error: torchrun by hand would start a run per rank; use "
+              "`python -m harness run --nproc K -- ARGS`", file=sys.stderr)  # fmt: skip
+        return 2
     kind = (
         sandbox.SANDBOX_NONE
         if os.environ.get("HARNESS_SANDBOX") == sandbox.SANDBOX_NONE

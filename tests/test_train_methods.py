@@ -289,7 +289,7 @@ def test_the_teacher_cache_round_trips_and_is_keyed_by_what_it_depends_on(
 
 
 def test_batches_are_a_function_of_seed_and_step(harness_env):
-    tokens, cfg = load_prepared().train.tokens(), cfg_for("--seq-len", "16")
+    tokens, cfg = load_prepared().train.tokens(), cfg_for("--seq-len", "16", "--batch-size", "2")
     first, again, other = (train.batch_at(step, tokens, None, cfg) for step in (3, 3, 4))
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
 

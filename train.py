@@ -125,7 +125,7 @@ RESUME = ""  # "auto" = latest compatible checkpoint, or a path (bit-exact under
 LOG_EVERY = 10  # steps between log lines and loss.csv rows
 SEED = 0  # torch's RNG (adapters, dropout), the batches and the teacher cache's windows
 DEVICE = "auto"  # auto | cpu | cuda | mps
-FSDP = 0  # 1: shard parameters with FSDP2 fully_shard (models that do not fit one device)
+FSDP = 0  # 1: shard parameters, grads, optimizer state with FSDP2 (the teacher is not sharded)
 DESCRIPTION = ""  # one line for results.tsv
 
 # settings that do not change what is trained: left out of the checkpoint folder's key
@@ -1392,7 +1392,10 @@ def fit_batch(model: nn.Module, device: torch.device, seq_len: int) -> int:
     config = model.config
     per_token = 24 * config.vocab_size + 48 * config.hidden_size * config.num_hidden_layers
     fits = torch.cuda.mem_get_info(device)[0] // 2 // (per_token * seq_len)
-    return min(64, 2 ** max(0, int(fits).bit_length() - 1))
+    batch = torch.tensor(min(64, 2 ** max(0, int(fits).bit_length() - 1)), device=device)
+    if dist.is_initialized():  # the fullest GPU decides: every rank slices one and the same batch
+        dist.all_reduce(batch, op=dist.ReduceOp.MIN)
+    return int(batch)
 
 
 def batch_shape(model: nn.Module, device: torch.device, cfg: SimpleNamespace) -> tuple[int, int]:
@@ -1690,7 +1693,8 @@ def main(argv: list[str]) -> int:
     if rank() == 0:  # early: a crash names its run
         (run_dir / "train.json").write_text(json.dumps(info, indent=1))
 
-    model = load_student(prepared, cfg, device)
+    # sharded: loaded in host memory, then fully_shard moves each rank's shard to its device
+    model = load_student(prepared, cfg, torch.device("cpu") if cfg.fsdp else device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     ranks = f" x {world_size()} ranks" if dist.is_initialized() else ""
     print(f"model {prepared.model_name}: {n_params:.1f}M params on {device}{ranks}")

@@ -200,7 +200,9 @@ def append(row: dict, path: Path, decided_here: bool = False) -> None:
     already there, so two runs ending together cannot both be kept over the same best."""
 
     def line_for(data: bytes) -> str:
+        nonlocal decided_here
         if decided_here:
+            decided_here = False  # once: the side file gets the same status
             frame = _frame(_parse(data.decode(errors="replace"))[0])
             row["status"] = decide(row["val_bpb"], row["bpw"], row["eval_set"], row["model"], frame)
         return format_row(row)
@@ -218,7 +220,7 @@ def append(row: dict, path: Path, decided_here: bool = False) -> None:
     )
     side = unrecorded_path(path)
     try:
-        _write(side, lambda _: line_for(_read_bytes(path)), checked=False)
+        _write(side, lambda _: line_for(_read_bytes(path)), checked=False)  # decided if not yet
     except (ResultsError, OSError) as err:
         raise kind(
             f"{reason}; nor could {side} ({err}): the row, unrecorded: {format_row(row).rstrip()}"

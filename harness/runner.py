@@ -351,7 +351,12 @@ def settle_orphans(runs_dir: Path) -> None:
         pid, _, rest = private.name.removeprefix(PRIVATE_PREFIX).partition("-")
         if not pid.isdigit() or sandbox.alive(int(pid)):
             continue
-        run_dir = runs_dir / rest.rpartition("-")[0]
+        claimed = private.with_name(f"{private.name}.settling-{os.getpid()}")
+        try:  # runners starting together: the one whose rename succeeds settles it
+            private.rename(claimed)
+        except OSError:
+            continue
+        private, run_dir = claimed, runs_dir / rest.rpartition("-")[0]
         if run_dir.is_dir() and not run_dir.is_symlink():
             for name in RUNNER_FILES:
                 if (private / name).exists():
@@ -582,6 +587,7 @@ def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: d
         "budget_seconds": spec.budget_seconds,
         "sandbox": run.sandbox,
         "nproc": spec.nproc,
+        "cpus": len(os.sched_getaffinity(0)),  # a worker's share of the machine (--cpus)
     }
     if reason:
         config["reason"] = reason
@@ -608,6 +614,9 @@ def _finish(run: _Run, *, status: str, reason: str, train_info: dict, verdict: d
         results.append(row, spec.results_path, decided_here=decided_here)
     except results.ResultsError as err:
         print(f"warning: {err}", file=sys.stderr, flush=True)
+        if row["status"] == "valid":  # neither file could be opened to decide under its lock
+            row["status"] = results.decide(row["val_bpb"], row["bpw"], eval_set, model,
+                                           results.read(spec.results_path))  # fmt: skip
     status = row["status"]
     summary = format_summary(row, reason, time.time() - run.started)
     print(summary, flush=True)

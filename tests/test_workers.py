@@ -40,9 +40,13 @@ def test_workers_split_the_experiments_the_cores_and_the_devices(runs):
         assert sum(map(len, slices)) == len({c for s in slices for c in s})
 
 
-def test_a_cuda_device_is_the_only_one_a_run_sees():
+def test_a_cuda_device_is_the_only_one_a_run_sees(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert device_environment("cuda:1") == {"CUDA_VISIBLE_DEVICES": "1"}
-    assert device_environment("cpu") == {} and device_environment(None) == {}
+    assert device_environment("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_environment(None) == {}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # the job's GPUs, as SLURM gives them
+    assert device_environment("cuda:1") == {"CUDA_VISIBLE_DEVICES": "5"}
 
 
 def test_core_lists_read_as_taskset_writes_them():
@@ -85,3 +89,14 @@ def test_a_workers_proposer_sees_every_workers_rows_and_what_the_others_run_now(
     prompt = build_messages(context)[1]["content"]
     assert "run-theirs row" in prompt and "Running now on other workers" in prompt
     assert "- try lr 3e-3 --lr 3e-3" in prompt
+
+
+def test_a_peer_without_a_log_yet_is_no_running_experiment(runs):
+    """Workers start in turn: the first one proposes before the last has written a line."""
+    from harness.agent.log import AgentLog
+
+    peer = Worker("t", 2, 2).root
+    assert AgentLog(peer, []).running() is None  # no folder at all
+    peer.mkdir(parents=True)
+    (peer / "agent.jsonl").write_text("")
+    assert AgentLog(peer, []).running() is None  # an empty log

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -209,10 +208,13 @@ def _proposer(args: argparse.Namespace, api_key: str | None, log, workspace, wor
             context_tokens=args.context_tokens)  # fmt: skip
         return proposer
     space_file = args.search_space or workspace.train_py.parent / SEARCH_SPACE_FILE
-    storage = args.storage or str(worker.group_root / "optuna.journal")
+    legacy = worker.group_root / "optuna.db"  # a lone agent's study before journals: resumed
+    storage = args.storage or str(
+        legacy if legacy.exists() else worker.group_root / "optuna.journal"
+    )
     seed = None if args.seed is None else args.seed + 1000 * worker.index  # workers differ
     proposer = OptunaProposer(load_search_space(space_file), storage, study_name=args.tag,
-                              owner=f"{socket.gethostname()}:{worker.name}", seed=seed,
+                              owner=worker.owner(), seed=seed,
                               log=log)  # fmt: skip
     log("proposer", kind="optuna", search_space=str(space_file), storage=storage,
         trials_so_far=len(proposer.study.trials))  # fmt: skip
@@ -246,7 +248,7 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
         root, secrets=[api_key] if api_key else [], name=worker.name if worker.index else None
     )
     uncommitted = git(["status", "--porcelain", "--", str(train_rel)], repo) != ""
-    with in_turn(worker):
+    with in_turn():
         workspace = Workspace(repo, train_rel, root, worker.branch)
     proposer = _proposer(args, api_key, log, workspace, worker)
     start_point(workspace, script, train_rel, uncommitted, args.from_checkout, log)

@@ -78,11 +78,17 @@ def run_environment(train_py: Path) -> dict[str, str]:
 
 
 def device_environment(device: str | None) -> dict[str, str]:
-    """What a run on `device` (--devices) needs: that CUDA device is the only one its process
-    sees, so train.py's DEVICE=auto picks it. None or cpu: nothing."""
-    if device and device.startswith("cuda"):
-        return {"CUDA_VISIBLE_DEVICES": device.partition(":")[2] or "0"}
-    return {}
+    """What a run on `device` (a --devices entry) needs: that CUDA device the only one its process
+    sees, so train.py's DEVICE=auto picks it; cpu: no CUDA device at all; None: nothing. cuda:K
+    counts among the devices this process may use (CUDA_VISIBLE_DEVICES, as under SLURM)."""
+    if device is None:
+        return {}
+    if not device.startswith("cuda"):
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    index = int(device.partition(":")[2] or 0)
+    allowed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = allowed.split(",") if allowed else None
+    return {"CUDA_VISIBLE_DEVICES": visible[index] if visible else str(index)}
 
 
 def _row_reason(row: dict) -> str:

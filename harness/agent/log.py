@@ -70,7 +70,9 @@ class AgentLog:
         events = self.events()
         starts = [e for e in events if e.get("event") == "start"]
         pid = starts[-1].get("pid") if starts else None
-        if events[-1].get("event") == "stop" or not isinstance(pid, int) or not alive(pid):
+        if not starts or events[-1].get("event") == "stop" or not isinstance(pid, int):
+            return None
+        if not alive(pid):
             return None
         return self.unfinished(events)
 
@@ -101,7 +103,7 @@ def agent_logs(runs_dir: Path) -> dict[str, AgentLog]:
     found = {}
     for events in sorted(runs_dir.glob("agent-*/agent.jsonl")):
         found[events.parent.name.removeprefix("agent-")] = AgentLog(events.parent, [])
-    for events in sorted(runs_dir.glob("agent-*/w*/agent.jsonl")):
+    for events in sorted(runs_dir.glob("agent-*/w[0-9]*/agent.jsonl")):
         tag = events.parent.parent.name.removeprefix("agent-")
         found[f"{tag}-{events.parent.name[1:]}"] = AgentLog(events.parent, [])
     return found

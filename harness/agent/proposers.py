@@ -644,6 +644,8 @@ def optuna_storage(where: str):
 
     if "://" in where:
         return where
+    if where.endswith(".db"):  # SQLite: one process at a time; workers need a journal or a server
+        return f"sqlite:///{where}"
     Path(where).parent.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(where)
     return optuna.storages.JournalStorage(backend)
@@ -669,8 +671,9 @@ class OptunaProposer:
             load_if_exists=True,
         )
         # a sampler seeded as in the last session would propose that session's trials again
+        # constant liar: the trials other workers run now count as bad, so TPE samples elsewhere
         self.study.sampler = optuna.samplers.TPESampler(
-            seed=None if seed is None else seed + len(self.study.trials)
+            seed=None if seed is None else seed + len(self.study.trials), constant_liar=True
         )
         self.pending: dict[int, object] = {}
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,6 +54,15 @@ class Worker:
     def root(self) -> Path:
         return self.group_root if self.index == 0 else self.group_root / f"w{self.index}"
 
+    def owner(self) -> str:
+        """Who this worker is in a shared study: kept in its folder, so that a restart (even in a
+        new container, under another hostname) is the same owner, and a worker elsewhere never."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        file = self.root / "owner"
+        if not file.exists():
+            file.write_text(f"{socket.gethostname()}:{self.name}:{secrets.token_hex(4)}\n")
+        return file.read_text().strip()
+
     def peers(self) -> list[Path]:
         """Every worker's root, this one's included: whose rows and runs the proposer sees."""
         if self.index == 0:
@@ -83,11 +94,11 @@ class Worker:
 
 
 @contextmanager
-def in_turn(worker: Worker) -> Iterator[None]:
-    """One worker at a time inside: `git worktree add` and `prune` are not safe to run at once in
-    one repository."""
-    worker.group_root.mkdir(parents=True, exist_ok=True)
-    with open(worker.group_root / "worktrees.lock", "a") as lock:
+def in_turn() -> Iterator[None]:
+    """One agent at a time inside (any tag's): `git worktree add` and `prune` are not safe to run
+    at once in one repository."""
+    paths.runs_dir().mkdir(parents=True, exist_ok=True)
+    with open(paths.runs_dir() / ".worktrees.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -107,7 +118,8 @@ def supervise(argv: list[str], count: int, api_key: str | None) -> int:
                     workers.append(subprocess.Popen(
                         command, env=env, start_new_session=True,
                         preexec_fn=lambda: die_with_parent(signal.SIGTERM)))  # fmt: skip
-            return max(worker.wait() for worker in workers)
+            # a worker killed by a signal (-9: the OOM killer) counts as that signal's exit
+            return max(code if code >= 0 else 128 - code for code in (w.wait() for w in workers))
         except KeyboardInterrupt as error:
             stop = interrupts.interrupted(error)
     with interrupts.ignoring():  # passed on once: each worker stops and records its own run

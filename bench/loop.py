@@ -1,10 +1,10 @@
 """Where an experiment's wall-clock goes besides training: each phase of a real `harness run`.
 
-    python bench/loop.py [--budget 60] [--out bench/out/loop.json]
+    python bench/loop.py [--budget 60] [--out bench/out/loop.json] [-- TRAIN_ARGS]
 
 Runs `python -m harness run` on the prepared model twice, in a scratch runs folder of its own
 (results.tsv, teacher and compile caches; the sandbox as always): a cold run on an empty compile
-cache (a short budget and eval: only its start-up is of interest), then a warm run on the cache the
+cache (a short eval: only its start-up is of interest), then a warm run on the cache the
 cold one left, with --budget and the full eval. Each piece of output (a line, or a progress bar's
 redraw) is timestamped as it arrives; the phases are the gaps between the lines every run prints:
 
@@ -19,6 +19,7 @@ redraw) is timestamped as it arrives; the phases are the gaps between the lines 
     evaluation -> the `eval:` bar's last redraw  the exact fp32 eval (its tokens/s)
     finish     -> exit                           verdict, row, summary
 
+Each run's timestamped output goes beside --out (loop-cold.log, loop-warm.log).
 overhead_s = total - training - evaluation; experiments_per_hour is what the warm run's phases
 imply at the default budget: 3600 / (overhead + TIME_BUDGET_SECONDS + evaluation).
 
@@ -47,13 +48,14 @@ sys.path.insert(0, str(ROOT))
 from harness.budget import TIME_BUDGET_SECONDS  # noqa: E402
 from harness.evaluate import EVAL_BATCH, EVAL_CONTEXT, EVAL_TOKENS  # noqa: E402
 
-# phase -> the output that ends it (a regular expression on one line or progress-bar redraw)
+# phase -> the output that ends it (a regular expression searched in each line or progress-bar
+# redraw; train.py's own lines may follow a bar's last redraw on the same line)
 MARKS = {
     "runner": r"^run \S+: python ",
-    "load": r"^model \S+: [\d.]+M params",
+    "load": r"model \S+: [\d.]+M params",
     "prepare": r"^train:",
-    "first_step": r"^step +1 \|",
-    "exported": r"^exported ",
+    "first_step": r"step +1 \| loss",
+    "exported": r"exported \S+ after",
     "eval_start": r"^eval:",
     "summary": r"^---$",
 }
@@ -65,23 +67,34 @@ def timed_lines(command: list[str], env: dict[str, str]) -> tuple[list[tuple[flo
     started = time.monotonic()
     child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)  # fmt: skip
-    pieces, pending = [], b""
+    pieces, pending, since = [], b"", 0.0
     for chunk in iter(lambda: child.stdout.read1(65536), b""):
         now = time.monotonic() - started
-        parts = re.split(rb"[\r\n]", pending + chunk)
-        pending = parts.pop()
-        pieces += [(now, part.decode(errors="replace").strip()) for part in parts if part.strip()]
+        *done, rest = re.split(rb"[\r\n]", chunk)
+        if not pending:
+            since = now
+        if done:  # a piece's time is when its first byte came (a bar redraw is \r, then text)
+            parts = [(since, pending + done[0]), *((now, part) for part in done[1:])]
+            pieces += [(t, part.decode(errors="replace").strip()) for t, part in parts
+                       if part.strip()]  # fmt: skip
+            pending, since = b"", now
+        pending += rest
+    if pending.strip():
+        pieces.append((since, pending.decode(errors="replace").strip()))
     if child.wait() != 0:
-        tail = "\n".join(text for _, text in pieces[-20:])
-        raise SystemExit(f"the run failed ({child.returncode}):\n{tail}")
+        raise SystemExit(f"the run failed ({child.returncode}):\n{shown(pieces[-20:])}")
     return pieces, time.monotonic() - started
+
+
+def shown(pieces: list[tuple[float, str]]) -> str:
+    return "\n".join(f"{t:8.2f} {text[:160]}" for t, text in pieces)
 
 
 def first(pieces: list[tuple[float, str]], mark: str, after: float = 0.0) -> float:
     pattern = re.compile(MARKS[mark])
     found = next((t for t, text in pieces if t >= after and pattern.search(text)), None)
     if found is None:
-        raise SystemExit(f"no output matching {MARKS[mark]!r}: has the run's output changed?")
+        raise SystemExit(f"no output matching {MARKS[mark]!r}; the run printed:\n{shown(pieces)}")
     return found
 
 
@@ -106,13 +119,16 @@ def phases(pieces: list[tuple[float, str]], total: float, row: dict, eval_tokens
     }
     result["overhead_s"] = total - training - result["evaluation_s"]
     result["eval_tokens"] = eval_tokens
-    result["eval_tokens_per_s"] = eval_tokens / result["evaluation_s"]
+    result["eval_tokens_per_s"] = (
+        eval_tokens / result["evaluation_s"] if result["evaluation_s"] > 0 else None
+    )
     result["steps"] = row["steps"]
     return result
 
 
-def run_once(scratch: Path, budget: float, eval_tokens: int, extra: list[str]) -> dict:
-    """One `harness run` in `scratch` (its runs, results and caches) -> its phases and row."""
+def run_once(scratch: Path, budget: float, eval_tokens: int, extra: list[str], log: Path) -> dict:
+    """One `harness run` in `scratch` (its runs, results and caches) -> its phases; its
+    timestamped output goes to `log`."""
     env = {
         **os.environ,
         "HARNESS_RUNS_DIR": str(scratch / "runs"),
@@ -121,6 +137,8 @@ def run_once(scratch: Path, budget: float, eval_tokens: int, extra: list[str]) -
     command = [sys.executable, "-m", "harness", "run", "--budget", str(budget)]
     command += ["--eval-tokens", str(eval_tokens), "--description", "bench/loop.py", *extra]
     pieces, total = timed_lines(command, env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(shown(pieces) + "\n")
     summary = summary_of(pieces)
     if summary["status"] in ("crash", "invalid"):
         raise SystemExit(f"the run ended {summary['status']}: {summary.get('reason')}")
@@ -184,8 +202,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds, warm run")
-    parser.add_argument("--cold-budget", type=float, default=10.0)
-    parser.add_argument("--cold-eval-tokens", type=int, default=4 * EVAL_CONTEXT)
+    parser.add_argument("--cold-budget", type=float, default=60.0)
+    parser.add_argument("--cold-eval-tokens", type=int, default=2 * EVAL_BATCH * EVAL_CONTEXT)
     parser.add_argument("--compare-tokens", type=int, default=2 * EVAL_BATCH * EVAL_CONTEXT)
     parser.add_argument("--rounds", type=int, default=2, help="of the in-process comparison")
     parser.add_argument("--no-sandbox", action="store_true", help="passed on to harness run")
@@ -196,9 +214,12 @@ def main() -> int:
     extra += ["--", *args.train_args] if args.train_args else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as scratch:
-        cold = run_once(Path(scratch), args.cold_budget, args.cold_eval_tokens, extra)
+        logs = {
+            name: args.out.with_name(f"{args.out.stem}-{name}.log") for name in ("cold", "warm")
+        }
+        cold = run_once(Path(scratch), args.cold_budget, args.cold_eval_tokens, extra, logs["cold"])
         print(json.dumps({"cold": cold}, indent=1), flush=True)
-        warm = run_once(Path(scratch), args.budget, EVAL_TOKENS, extra)
+        warm = run_once(Path(scratch), args.budget, EVAL_TOKENS, extra, logs["warm"])
         print(json.dumps({"warm": warm}, indent=1), flush=True)
         artifact = Path(scratch) / "runs" / warm["run_id"] / "artifact"
         compared = compare_eval(artifact, args.compare_tokens, args.rounds)

@@ -444,6 +444,19 @@ def _popen_holding(
         os.close(fd)
 
 
+def compile_cache_env(compiled: Path) -> dict[str, str]:
+    """torch.compile's on-disk caches in the harness's folder, which runs share: Inductor's FX
+    graph cache and the AOTAutograd cache (on by name, whatever torch's defaults) key each graph by
+    what it computes, so a run of an unchanged train.py skips the compile and an edited one
+    compiles its changed graphs anew."""
+    return {
+        "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"),
+        "TRITON_CACHE_DIR": str(compiled / "triton"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
+
+
 def _train(run: _Run) -> tuple[str, str, float | None]:
     """Run train.py to its end -> ("valid" | "crash" | "invalid", reason, peak GB)."""
     spec, run_dir, clock = run.spec, run.run_dir, run.clock
@@ -458,8 +471,7 @@ def _train(run: _Run) -> tuple[str, str, float | None]:
             "HARNESS_CACHE_DIR": str(cache),
             BUDGET_ENV: str(spec.budget_seconds),
             CLOCK_FD_ENV: str(write_end),
-            "TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"),
-            "TRITON_CACHE_DIR": str(compiled / "triton"),
+            **compile_cache_env(compiled),
         }
     )
     launcher = [sys.executable]

@@ -212,7 +212,7 @@ def _stop(child: subprocess.Popen) -> None:
     """Kill the living child's whole process group now (a sandbox takes everything inside it
     along), and without a sandbox its descendants too: torchrun starts each rank in a session of
     its own."""
-    stray = _tree(child.pid) - {child.pid}
+    stray = sandbox.descendants(child.pid)
     sandbox.signal_groups({child.pid}, signal.SIGKILL)
     for pid in stray:
         try:
@@ -221,28 +221,10 @@ def _stop(child: subprocess.Popen) -> None:
             pass
 
 
-def _tree(root: int) -> set[int]:
-    """`root` and its descendants, from /proc: a sandbox's processes are not the runner's
-    children, so wait4 cannot see them."""
-    parents = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat_file.parent.name)] = int(
-                stat_file.read_text().rpartition(")")[2].split()[1]
-            )
-        except (OSError, ValueError, IndexError):
-            continue
-    tree, grew = {root}, True
-    while grew:
-        grown = tree | {pid for pid, parent in parents.items() if parent in tree}
-        tree, grew = grown, len(grown) > len(tree)
-    return tree
-
-
 def _tree_peak_kb(root: int, peak: int) -> int:
     """The largest VmHWM (peak resident set) among `root` and its descendants, or `peak` if
     larger."""
-    for pid in _tree(root):
+    for pid in [root, *sandbox.descendants(root)]:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):

@@ -192,6 +192,24 @@ def alive(pid: int) -> bool:
     return True
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid`, from /proc: a sandbox's are not its caller's children (wait4
+    cannot see them), and torchrun's ranks are in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:  # the command name, in parentheses, may hold spaces
+            parent = int(stat_file.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat_file.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def signal_groups(pgids: set[int], sig: int) -> None:
     """Send `sig` to each process group that still exists (popen gives each child its own)."""
     for pgid in pgids:

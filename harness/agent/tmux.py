@@ -28,7 +28,7 @@ from pathlib import Path
 import libtmux
 from libtmux.exc import LibTmuxException
 
-from harness.sandbox import SECRET_ENV, signal_groups
+from harness.sandbox import SECRET_ENV, descendants, signal_groups
 
 RESULTS_WINDOW = "results"
 LOG_WINDOW = "agent"
@@ -39,29 +39,6 @@ POLL_SECONDS = 0.5
 TRAPPED = "trap : INT TERM HUP"  # a shell with a trap waits for its foreground child, then goes on
 # the pane's command, run without a shell of tmux's choosing: $0 is job.sh, $1 the exit file
 WRAPPER = f'{TRAPPED}; bash "$0"; echo $? > "$1.tmp" && mv "$1.tmp" "$1"'
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the command name may hold spaces
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    tree, found, todo = _children_map(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _pgid(pid: int) -> int | None:

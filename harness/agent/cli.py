@@ -171,10 +171,14 @@ def _supervise(args: argparse.Namespace, api_key: str | None) -> int:
 
     if _not_ready(args):
         return 2
-    socket_flag = f"-L {args.socket} " if args.socket else ""
-    print(f"[agent] {args.workers} workers; watch them: tmux {socket_flag}attach -t {args.session} "
-          "(windows: results, w<k>-agent: worker k's log, w<k>-exp<N>: its runs)")  # fmt: skip
+    _watch_hint(args, f"{args.workers} workers; watch them",
+                "results, w<k>-agent: worker k's log, w<k>-exp<N>: its runs")  # fmt: skip
     return supervise(args.argv, args.workers, api_key)
+
+
+def _watch_hint(args: argparse.Namespace, what: str, windows: str) -> None:
+    socket_flag = f"-L {args.socket} " if args.socket else ""
+    print(f"[agent] {what}: tmux {socket_flag}attach -t {args.session} (windows: {windows})")
 
 
 def _not_ready(args: argparse.Namespace) -> bool:
@@ -262,10 +266,8 @@ def _main(args: argparse.Namespace, api_key: str | None) -> int:
                 socket_name=args.socket, environment=run_environment(workspace.train_py),
                 log_file=log.human, log_window=worker.window(LOG_WINDOW))  # fmt: skip
     tmux.session()
-    if not worker.index:
-        socket_flag = f"-L {args.socket} " if args.socket else ""
-        print(f"[agent] watch it: tmux {socket_flag}attach -t {args.session} "
-              "(windows: results, agent: this log, exp<N>: runs)")  # fmt: skip
+    if not worker.index:  # a worker's supervisor has said where to watch
+        _watch_hint(args, "watch it", "results, agent: this log, exp<N>: runs")
     jobs = Jobs(config, tmux, root, workspace.train_py, log, window=worker.window)
     with interrupts.raising():
         return Agent(config, proposer, log, workspace, jobs, peers=worker.peers()).loop()

@@ -61,18 +61,18 @@ class AgentLog:
                 found.append(record)
         return found
 
-    def run_ids(self) -> list[str]:
-        return [e["run_id"] for e in self.events() if e.get("event") == "run" and e.get("run_id")]
+    def run_ids(self, events: list[dict] | None = None) -> list[str]:
+        """The runs this agent ran, from `events` (already read) or the file."""
+        events = self.events() if events is None else events
+        return [e["run_id"] for e in events if e.get("event") == "run" and e.get("run_id")]
 
-    def running(self) -> dict | None:
+    def running(self, events: list[dict] | None = None) -> dict | None:
         """The "started" event of the job a live session runs now; None when no session runs
         (the last one stopped, or its process is gone) or it is between jobs."""
-        events = self.events()
+        events = self.events() if events is None else events
         starts = [e for e in events if e.get("event") == "start"]
         pid = starts[-1].get("pid") if starts else None
-        if not starts or events[-1].get("event") == "stop" or not isinstance(pid, int):
-            return None
-        if not alive(pid):
+        if not isinstance(pid, int) or events[-1].get("event") == "stop" or not alive(pid):
             return None
         return self.unfinished(events)
 

@@ -68,14 +68,15 @@ class Agent:
         ran, the dynamics of those runs, the last crash here, what the other workers run now."""
         program = self.workspace.path / PROGRAM_FILE
         frame = results.read(self.results_path)
-        run_ids = {*self.run_ids, *(run_id for peer in self.peers for run_id in peer.run_ids())}
+        run_ids, running = set(self.run_ids), []
+        for peer in self.peers:
+            events = peer.events()  # read once: a log holds every proposal's train.py
+            run_ids.update(peer.run_ids(events))
+            if started := peer.running(events):
+                args = " ".join(started.get("args", []))
+                running.append(one_line(f"{started.get('description', '')} {args}"))
         recent = frame[frame["run_id"].isin(run_ids)]
         dynamics = dynamics_summary([self.runs_dir / run_id for run_id in recent["run_id"]])
-        running = [
-            one_line(f"{started.get('description', '')} {' '.join(started.get('args', []))}")
-            for peer in self.peers
-            if (started := peer.running())
-        ]
         return Context(train_py=self.workspace.train_py.read_text(),
                        program=program.read_text() if program.exists() else "",
                        recent=recent, crash_log=self.crash_log, dynamics=dynamics,

@@ -149,6 +149,9 @@ def test_what_a_runner_killed_outright_kept_goes_into_its_run_folder(tmp_path):
     run_id = "20261202-040000-beef"
     (tmp_path / run_id).mkdir()
     (tmp_path / run_id / "train.py").write_text("what train.py left there")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not train.py's to write")
+    (tmp_path / run_id / "run.log").symlink_to(outside)  # a link train.py planted: replaced
     orphan = tmp_path / f"{PRIVATE_PREFIX}{dead.pid}-{run_id}-x1y2z3"
     live = tmp_path / f"{PRIVATE_PREFIX}{os.getpid()}-{run_id}-a1b2c3"
     for private in (orphan, live):
@@ -159,3 +162,5 @@ def test_what_a_runner_killed_outright_kept_goes_into_its_run_folder(tmp_path):
     assert not orphan.exists() and live.exists()
     assert (tmp_path / run_id / "run.log").read_text() == "the runner's log"
     assert (tmp_path / run_id / "train.py").read_text() == "the runner's copy"
+    assert not (tmp_path / run_id / "run.log").is_symlink()
+    assert outside.read_text() == "not train.py's to write"
